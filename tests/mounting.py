@@ -1,0 +1,75 @@
+"""Mount helpers shared by the tests: real mounts, always cleaned up.
+
+Every helper is a context manager whose exit unmounts even when the body
+raised, falling back to a lazy unmount so a wedged FUSE daemon never leaves a
+mount behind to hang later tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from typing import Iterator, Sequence
+
+
+def is_mounted(path: str) -> bool:
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            if line.split()[4] == path:
+                return True
+    return False
+
+
+def force_unmount(path: str) -> None:
+    """Best-effort unmount of whatever is at *path* (FUSE or not)."""
+    for cmd in (["fusermount3", "-u", "-q", path], ["umount", path], ["umount", "-l", path]):
+        if not is_mounted(path):
+            return
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 5
+    while is_mounted(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def unionfs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "unionfs", *args]
+
+
+@contextlib.contextmanager
+def kernel_overlay(lowers: Sequence[str], upper: str, work: str, mnt: str,
+                   extra: str = "redirect_dir=on,index=on") -> Iterator[str]:
+    opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+    if extra:
+        opts += "," + extra
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        force_unmount(mnt)
+
+
+@contextlib.contextmanager
+def unionfs_mount(lowers: Sequence[str], upper: str | None, mnt: str, workdir: str | None = None,
+                  options: Sequence[str] = ()) -> Iterator[str]:
+    """Mount with the real CLI (daemonising form) and unmount with `unionfs umount`."""
+    args = ["mount"]
+    if workdir:
+        args += ["--workdir", workdir]
+    if options:
+        args += ["-o", ",".join(options)]
+    args += [":".join(lowers)]
+    if upper is not None:
+        args += [upper]
+    args += [mnt]
+    proc = subprocess.run(unionfs_cmd(*args), capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        force_unmount(mnt)
+        raise RuntimeError(f"unionfs mount failed ({proc.returncode}): {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(unionfs_cmd("umount", mnt), capture_output=True, timeout=60)
+        force_unmount(mnt)
