@@ -5,7 +5,10 @@ daemon and the tests can all build one directly.
 """
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
+from typing import Iterable
 
 
 @dataclass
@@ -30,3 +33,276 @@ class MountConfig:
     @property
     def writable(self) -> bool:
         return self.upper is not None and not self.readonly
+
+
+# ---------------------------------------------------------------------------
+# Mount options and validation (used by the CLI; no side effects here, so a
+# bad request can be rejected before anything on disk is touched).
+# ---------------------------------------------------------------------------
+
+FSTYPE = "fuse.unionfs"          # what /proc/self/mountinfo shows for our mounts
+SUBTYPE = "unionfs"
+DEV_FUSE_ENV = "UNIONFS_DEV_FUSE"  # tests point this at a missing path
+
+
+class ConfigError(ValueError):
+    """A mistake in the mount request, reported to the user as one line."""
+
+
+# Flags libfuse turns into kernel mount flags (verified against libfuse 3.14);
+# we pass them through so `noexec` etc. in fstab behave as on any filesystem.
+KERNEL_FLAGS = frozenset({"exec", "noexec", "sync", "async", "dirsync", "atime", "noatime"})
+
+# Accepted and ignored: mount(8)/fstab bookkeeping, atime variants libfuse
+# cannot pass on (FUSE mounts are relatime anyway), and kernel-overlayfs
+# tuning options whose on-disk effect the core decides by itself.
+IGNORED_FLAGS = frozenset({
+    "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
+    "_netdev", "nofail", "loud", "silent", "relatime", "norelatime",
+    "strictatime", "nostrictatime", "diratime", "nodiratime", "lazytime",
+    "nolazytime", "symfollow", "nosymfollow",
+})
+IGNORED_VALUED = {
+    "redirect_dir": {"on", "off", "follow", "nofollow"},
+    "index": {"on", "off"},
+    "xino": {"on", "off", "auto"},
+    "nfs_export": {"on", "off"},
+    "uuid": {"on", "off", "null", "auto"},
+    "metacopy": {"off"},
+}
+UNSUPPORTED = {
+    "metacopy": "metacopy=on is not supported",
+    "volatile": "volatile is not supported (use fsync=0 to skip fsync on copy-up)",
+    "userxattr": "userxattr is not supported",
+}
+
+
+@dataclass
+class MountOptions:
+    """The parsed `-o` list. Later options override earlier ones, as in mount(8)."""
+
+    lowerdir: list[str] | None = None
+    upperdir: str | None = None
+    workdir: str | None = None
+    readonly: bool = False
+    allow_other: bool = False
+    dev: bool = False
+    suid: bool = False
+    fsync: bool = True
+    debug: bool = False
+    fsname: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def split_escaped(text: str, sep: str) -> list[str]:
+    """Split on *sep* unless backslash-escaped (overlayfs allows `\\:` in lowerdir)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    chars = iter(text)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            cur.append(nxt if nxt in (sep, "\\") else ch + nxt)
+        elif ch == sep:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def split_lowers(text: str) -> list[str]:
+    """`L1:L2:...` → paths; empty entries are an error, not silently dropped."""
+    lowers = split_escaped(text, ":")
+    if lowers == [""]:
+        raise ConfigError("the lower layer list is empty")
+    if "" in lowers:
+        raise ConfigError(f"empty path in lower layer list '{text}'")
+    return lowers
+
+
+def parse_options(option_strings: Iterable[str]) -> MountOptions:
+    """Parse mount(8)-style comma lists; unknown options are errors, never ignored."""
+    opts = MountOptions()
+    for option_string in option_strings:
+        for item in split_escaped(option_string, ","):
+            if item:
+                _apply_option(opts, item)
+    return opts
+
+
+def _apply_option(opts: MountOptions, item: str) -> None:
+    name, has_value, value = item.partition("=")
+    flags = {"ro": ("readonly", True), "rw": ("readonly", False),
+             "dev": ("dev", True), "nodev": ("dev", False),
+             "suid": ("suid", True), "nosuid": ("suid", False),
+             "allow_other": ("allow_other", True), "debug": ("debug", True),
+             "default_permissions": (None, True)}
+    paths = {"upperdir", "workdir", "lowerdir", "fsname"}
+    if name in UNSUPPORTED and (name != "metacopy" or value != "off"):
+        raise ConfigError(UNSUPPORTED[name])
+    if name in flags or name in KERNEL_FLAGS or name in IGNORED_FLAGS:
+        if has_value:
+            raise ConfigError(f"mount option '{name}' takes no value")
+        attr, val = flags.get(name, (None, True))
+        if attr:
+            setattr(opts, attr, val)
+        elif name in KERNEL_FLAGS or name in IGNORED_FLAGS:
+            opts.extra[name] = ""
+        return
+    if name in paths or name == "fsync" or name in IGNORED_VALUED:
+        if not value:
+            raise ConfigError(f"mount option '{name}' needs a value")
+        if name == "lowerdir":
+            opts.lowerdir = split_lowers(value)
+        elif name == "fsync":
+            if value not in ("0", "1"):
+                raise ConfigError(f"fsync must be 0 or 1, not '{value}'")
+            opts.fsync = value == "1"
+        elif name in paths:
+            setattr(opts, name, value)
+        elif value not in IGNORED_VALUED[name]:
+            raise ConfigError(f"unsupported value in mount option '{item}'")
+        else:
+            opts.extra[name] = value
+        return
+    if name.startswith("x-") or name == "comment":
+        opts.extra[name] = value
+        return
+    raise ConfigError(f"unknown mount option '{item}'")
+
+
+def fuse_mount_flags(config: MountConfig) -> set[str]:
+    """Options the daemon's fuse_options() should add for this config.
+
+    fsname/subtype make the mount recognisable (`unionfs umount` checks the
+    fstype), `ro` lets the kernel refuse writes early, and the KERNEL_FLAGS
+    from the command line are passed on. Commas in fsname are escaped for
+    libfuse's option parser.
+    """
+    fsname = config.fsname.replace("\\", "\\\\").replace(",", "\\,")
+    flags = {f"fsname={fsname}", f"subtype={SUBTYPE}", "default_permissions"}
+    flags |= {name for name in config.extra if name in KERNEL_FLAGS}
+    flags.add("ro" if not config.writable else "rw")
+    flags.add("dev" if config.dev else "nodev")
+    flags.add("suid" if config.suid else "nosuid")
+    if config.allow_other:
+        flags.add("allow_other")
+    return flags
+
+
+def default_workdir(upper: str) -> str:
+    """Beside the upper (same filesystem, usually) but never inside it."""
+    parent, base = os.path.split(upper.rstrip("/") or "/")
+    return os.path.join(parent, f".{base}.unionfs-work")
+
+
+def _within(path: str, top: str) -> bool:
+    """True if *path* is *top* or below it (both resolved)."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _resolve_dir(what: str, path: str) -> tuple[str, os.stat_result]:
+    if not path:
+        raise ConfigError(f"{what} path is empty")
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} '{path}' does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"{what} '{path}': {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{what} '{path}' is not a directory")
+    return real, st
+
+
+def build_config(lowers: list[str], upper: str | None, mountpoint: str,
+                 opts: MountOptions, workdir: str | None = None,
+                 foreground: bool = False, debug: bool = False) -> tuple[MountConfig, bool]:
+    """Validate a mount request without touching the disk.
+
+    Returns the config and whether its workdir still has to be created (the
+    default one is made by the caller only after every check passed).
+    """
+    if not lowers:
+        raise ConfigError("the lower layer list is empty")
+    layers: list[tuple[str, str, os.stat_result]] = []   # (role, realpath, stat)
+    for lower in lowers:
+        real, st = _resolve_dir("lower layer", lower)
+        layers.append(("lower layer", real, st))
+    if upper is not None:
+        real, st = _resolve_dir("upper layer", upper)
+        layers.append(("upper layer", real, st))
+    mnt, mnt_st = _resolve_dir("mountpoint", mountpoint)
+
+    for i, (role_a, a, st_a) in enumerate(layers):
+        for role_b, b, st_b in layers[i + 1:]:
+            if a == b or (st_a.st_dev, st_a.st_ino) == (st_b.st_dev, st_b.st_ino):
+                raise ConfigError(f"directory '{a}' is used twice as a layer")
+            if _within(a, b) or _within(b, a):
+                inner, outer = (a, b) if _within(a, b) else (b, a)
+                raise ConfigError(f"layers overlap: '{inner}' is inside '{outer}'")
+        if _within(mnt, a):
+            raise ConfigError(f"mountpoint '{mnt}' is inside {role_a} '{a}'"
+                              if mnt != a else f"mountpoint '{mnt}' is also the {role_a}")
+        if _within(a, mnt):
+            raise ConfigError(f"{role_a} '{a}' is inside the mountpoint '{mnt}'")
+
+    work, create = _check_workdir(layers, upper, mnt, opts.workdir, workdir)
+    config = MountConfig(
+        lowers=[real for role, real, _ in layers if role == "lower layer"],
+        upper=layers[-1][1] if upper is not None else None,
+        workdir=work, mountpoint=mnt, readonly=opts.readonly,
+        allow_other=opts.allow_other, dev=opts.dev, suid=opts.suid, fsync=opts.fsync,
+        foreground=foreground, debug=debug or opts.debug,
+        fsname=opts.fsname or MountConfig.fsname, extra=dict(opts.extra))
+    return config, create
+
+
+def _check_workdir(layers: list[tuple[str, str, os.stat_result]], upper: str | None,
+                   mnt: str, from_opts: str | None, from_flag: str | None) -> tuple[str | None, bool]:
+    if from_opts and from_flag and os.path.realpath(from_opts) != os.path.realpath(from_flag):
+        raise ConfigError("workdir given twice with different values (--workdir and -o workdir=)")
+    given = from_flag or from_opts
+    if upper is None:
+        if given:
+            raise ConfigError("a workdir needs an upper layer")
+        return None, False
+    upper_real, upper_st = layers[-1][1], layers[-1][2]
+    if given:
+        work, work_st = _resolve_dir("workdir", given)
+        create = False
+    else:
+        work = default_workdir(upper_real)
+        try:
+            work_st = os.stat(work)
+            create = False
+        except FileNotFoundError:
+            work_st = os.stat(os.path.dirname(work))
+            create = True
+        except OSError as e:
+            raise ConfigError(f"workdir '{work}': {e.strerror}") from None
+        if not create and not stat.S_ISDIR(work_st.st_mode):
+            raise ConfigError(f"workdir '{work}' is not a directory")
+    for role, layer, _ in layers:
+        if _within(work, layer) or _within(layer, work):
+            raise ConfigError(f"workdir '{work}' overlaps {role} '{layer}'")
+    if _within(mnt, work) or _within(work, mnt):
+        raise ConfigError(f"workdir '{work}' overlaps the mountpoint '{mnt}'")
+    if work_st.st_dev != upper_st.st_dev:
+        hint = "" if given else " (use --workdir)"
+        raise ConfigError(f"workdir '{work}' is not on the same filesystem as the upper layer{hint}")
+    return work, create
+
+
+def check_dev_fuse() -> None:
+    """Fail early and clearly when FUSE is unavailable (no module, no device)."""
+    path = os.environ.get(DEV_FUSE_ENV, "/dev/fuse")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"cannot use FUSE: {path}: {e.strerror}") from None
+    if not stat.S_ISCHR(st.st_mode):
+        raise ConfigError(f"cannot use FUSE: {path} is not a character device")

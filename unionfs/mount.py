@@ -1,0 +1,416 @@
+"""Running and stopping the FUSE daemon.
+
+Only this module and the core (unionfs.fs) import pyfuse3. `start` returns
+only once the mount is live (or raised MountError with one line of reason),
+so scripts, mount(8) and fstab can use the mount right after we exit.
+`unmount` waits until the daemon is gone, so a following mount of the same
+layers cannot race with a daemon that is still flushing.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import logging.handlers
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import IO, Iterator
+
+from .config import FSTYPE, MountConfig
+
+log = logging.getLogger("unionfs")
+
+MAX_TASKS = 32          # concurrent request handlers in the trio loop
+LOG_NAME = "unionfs.log"
+UMOUNT_TIMEOUT_ENV = "UNIONFS_UMOUNT_TIMEOUT"
+RUNDIR_ENV = "UNIONFS_RUNDIR"
+MNT_DETACH = 2
+
+
+class MountError(Exception):
+    """A failure to mount or unmount, reported to the user as one line."""
+
+
+# --------------------------------------------------------------------------
+# /proc helpers
+# --------------------------------------------------------------------------
+
+@dataclass
+class MountEntry:
+    """One line of /proc/self/mountinfo (only the fields we use)."""
+
+    devno: str        # "major:minor", unique among live mounts
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_entries() -> list[MountEntry]:
+    entries = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.rstrip("\n").partition(" - ")
+            fields, tail = pre.split(), post.split()
+            entries.append(MountEntry(fields[2], _unescape(fields[4]), tail[0], _unescape(tail[1])))
+    return entries
+
+
+def top_mount(path: str) -> MountEntry | None:
+    """The mount visible at *path* (the last one stacked there), if any."""
+    found = None
+    for entry in mount_entries():
+        if entry.mountpoint == path:
+            found = entry
+    return found
+
+
+def _proc_state(pid: int) -> tuple[str, str] | None:
+    """(state, starttime) of *pid*, or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return fields[0], fields[19]
+
+
+def _alive(pid: int, starttime: str | None) -> bool:
+    """Running and the same process (start time guards against pid reuse); zombies count as gone."""
+    state = _proc_state(pid)
+    if state is None or state[0] in ("Z", "X"):
+        return False
+    return starttime is None or state[1] == starttime
+
+
+# --------------------------------------------------------------------------
+# pid files: <rundir>/<major>:<minor>.pid, keyed by the mount's device number
+# so they work for read-only unions (no workdir) and stacked mounts alike.
+# --------------------------------------------------------------------------
+
+def rundir() -> str:
+    if RUNDIR_ENV in os.environ:
+        return os.environ[RUNDIR_ENV]
+    if os.geteuid() == 0:
+        return "/run/unionfs"
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/unionfs-{os.getuid()}", "unionfs")
+
+
+def _pidfile(devno: str) -> str:
+    return os.path.join(rundir(), devno + ".pid")
+
+
+def _write_pidfile(devno: str, mountpoint: str) -> str:
+    path = _pidfile(devno)
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    state = _proc_state(os.getpid())
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()} {state[1] if state else '-'}\n{mountpoint}\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _read_pidfile(devno: str) -> tuple[int, str | None] | None:
+    try:
+        with open(_pidfile(devno)) as f:
+            pid, start = f.readline().split()
+        return int(pid), (None if start == "-" else start)
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------
+# Starting
+# --------------------------------------------------------------------------
+
+def start(config: MountConfig, created_workdir: bool = False) -> None:
+    """Mount *config*; in the foreground this serves until unmounted.
+
+    If the mount fails and we created the workdir for it, the workdir is
+    removed again so a failed mount leaves nothing behind.
+    """
+    try:
+        if config.foreground:
+            _setup_logging(config, logging.StreamHandler(sys.stderr))
+            session = _prepare(config)
+        else:
+            _daemonize(config)
+            return
+    except BaseException:
+        if created_workdir and config.workdir:
+            shutil.rmtree(config.workdir, ignore_errors=True)
+        raise
+    _serve(config, session)
+
+
+def _is_our_mount(path: str) -> bool:
+    entry = top_mount(path)
+    return entry is not None and entry.fstype == FSTYPE
+
+
+def _daemonize(config: MountConfig) -> None:
+    """Fork; the child mounts and reports readiness (or the error) through a pipe."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        os.close(read_fd)
+        code = 1
+        try:
+            os.setsid()
+            code = _daemon_child(config, write_fd)
+        except BaseException:  # noqa: BLE001 - the daemon must not unwind into the CLI
+            with contextlib.suppress(BaseException):
+                log.exception("daemon failed")
+        finally:
+            with contextlib.suppress(BaseException):
+                logging.shutdown()
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    while chunk := os.read(read_fd, 4096):
+        chunks.append(chunk)
+    os.close(read_fd)
+    message = b"".join(chunks).decode(errors="replace").strip()
+    if message == "ok":
+        return
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    raise MountError(message or "the daemon exited before the mount was ready")
+
+
+def _daemon_child(config: MountConfig, ready_fd: int) -> int:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    logfile = os.path.join(config.workdir, LOG_NAME) if config.workdir else None
+    out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if logfile else devnull
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    if out != devnull:
+        os.close(out)
+    os.close(devnull)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    if logfile:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.ident = f"unionfs[{os.getpid()}]: "
+    else:
+        handler = logging.NullHandler()
+    _setup_logging(config, handler)
+    try:
+        session = _prepare(config)
+    except MountError as e:
+        log.error("mount of %s failed: %s", config.mountpoint, e)
+        os.write(ready_fd, str(e).encode())
+        os.close(ready_fd)
+        return 1
+    os.write(ready_fd, b"ok")
+    os.close(ready_fd)
+    _serve(config, session)
+    return 0
+
+
+def _setup_logging(config: MountConfig, handler: logging.Handler) -> None:
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    log.setLevel(logging.DEBUG if config.debug else logging.INFO)
+
+
+@dataclass
+class _Session:
+    """What _serve needs from _prepare: the pid file to remove and the locks to hold."""
+
+    pidfile: str | None
+    locks: list[int]
+
+
+def _prepare(config: MountConfig) -> _Session:
+    """Everything up to a live mount; raises MountError with one line."""
+    _raise_nofile_limit()
+    os.umask(0)       # the kernel already applied the caller's umask to modes
+    os.chdir("/")     # do not keep the caller's cwd busy
+    locks = [_lock_dir(path, what) for path, what in
+             ((config.upper, "upper layer"), (config.workdir, "workdir")) if path]
+    try:
+        from . import fs  # the core; imported late so CLI errors never need pyfuse3
+        import pyfuse3
+    except ImportError as e:
+        raise MountError(f"the filesystem core is not available ({e})") from None
+    try:
+        ops = fs.make_operations(config)
+        options = set(fs.fuse_options(config))
+    except (OSError, ValueError) as e:
+        raise MountError(f"cannot open the layers: {_describe(e)}") from None
+    with _captured_stderr() as captured:
+        try:
+            pyfuse3.init(ops, config.mountpoint, options)
+        except Exception as e:  # pyfuse3 raises RuntimeError; libfuse says why on stderr
+            detail = captured.read().strip().splitlines()
+            reason = detail[-1].removeprefix("fuse: ") if detail else str(e)
+            raise MountError(f"cannot mount on '{config.mountpoint}': {reason}") from None
+    entry = top_mount(config.mountpoint)
+    pidfile = None
+    if entry is not None:
+        with contextlib.suppress(OSError):
+            pidfile = _write_pidfile(entry.devno, config.mountpoint)
+    log.info("mounted %s (pid %d)", config.mountpoint, os.getpid())
+    return _Session(pidfile, locks)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e) or type(e).__name__
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[IO[str]]:
+    """Collect what libfuse writes to fd 2, to turn it into our one-line error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield tmp
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read()
+            tmp.seek(0)
+            if text:
+                log.debug("libfuse: %s", text.strip())
+
+
+def _lock_dir(path: str, what: str) -> int:
+    """Hold an exclusive lock for the daemon's life, like overlayfs' "in-use" check."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MountError(f"{what} '{path}' is in use by another unionfs mount") from None
+    return fd
+
+
+def _raise_nofile_limit() -> None:
+    """The core keeps a descriptor per open file and layer; allow as many as we may."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _serve(config: MountConfig, session: _Session) -> None:
+    """Run the request loop until unmounted or signalled, then clean up."""
+    import pyfuse3
+    import trio
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(terminate_on_signal, signals)
+                await pyfuse3.main(max_tasks=MAX_TASKS)
+                nursery.cancel_scope.cancel()
+
+    async def terminate_on_signal(signals: trio.abc.ReceiveChannel) -> None:  # type: ignore[name-defined]
+        async for signum in signals:
+            log.info("got %s, unmounting %s", signal.Signals(signum).name, config.mountpoint)
+            pyfuse3.terminate()
+            return
+
+    try:
+        trio.run(run)
+    except Exception as e:
+        log.exception("request loop failed; unmounting %s", config.mountpoint)
+        raise MountError(f"request loop failed: {_describe(e)} (see the log)") from None
+    finally:
+        with contextlib.suppress(Exception):
+            pyfuse3.close(unmount=True)
+        if session.pidfile:
+            with contextlib.suppress(OSError):
+                os.unlink(session.pidfile)
+        log.info("unmounted %s", config.mountpoint)
+
+
+# --------------------------------------------------------------------------
+# Stopping
+# --------------------------------------------------------------------------
+
+def unmount(path: str) -> None:
+    """Unmount the unionfs at *path* and wait for its daemon to exit."""
+    mnt = os.path.realpath(os.path.abspath(path))
+    entry = top_mount(mnt)
+    if entry is None:
+        raise MountError(f"'{path}' is not a unionfs mount (nothing is mounted there)")
+    if entry.fstype != FSTYPE:
+        raise MountError(f"'{path}' is not a unionfs mount (it is {entry.fstype})")
+    owner = _read_pidfile(entry.devno)
+    dead = owner is not None and not _alive(*owner)
+    _umount(mnt, lazy=False, dead=dead)
+    if owner is not None:
+        _wait_for_exit(*owner)
+    with contextlib.suppress(OSError):
+        os.unlink(_pidfile(entry.devno))
+
+
+def _umount(mnt: str, lazy: bool, dead: bool) -> None:
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.umount2(os.fsencode(mnt), MNT_DETACH if lazy else 0) == 0:
+            return
+        err = ctypes.get_errno()
+    else:
+        cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), mnt]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            return
+        err = errno.EBUSY if "busy" in proc.stderr else errno.EPERM
+    if err == errno.EINVAL and not _is_our_mount(mnt):
+        return  # someone else unmounted it meanwhile
+    if err == errno.EBUSY and dead and not lazy:
+        return _umount(mnt, lazy=True, dead=dead)
+    raise MountError(f"cannot unmount '{mnt}': {os.strerror(err)}")
+
+
+def _wait_for_exit(pid: int, starttime: str | None) -> None:
+    """Wait for the daemon; nudge it with SIGTERM, then SIGKILL, if it lingers."""
+    timeout = float(os.environ.get(UMOUNT_TIMEOUT_ENV, "30"))
+    for sig, wait in ((None, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if sig is not None and _alive(pid, starttime):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while _alive(pid, starttime):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        else:
+            return
