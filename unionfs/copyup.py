@@ -1,0 +1,226 @@
+"""Copy-up: bring a lower object into the upper before anything changes it.
+
+Order and atomicity follow overlayfs: parents first (directories are metadata
+only, so they never wait), then the object is built complete in the work
+directory (data by reflink or copy_file_range, then owner, mode, xattrs,
+times) and renamed into place. The parent's times are put back afterwards,
+since a copy-up is not a change the user made to the parent.
+
+Identity: the upper copy carries ``trusted.unionfs.ino`` with the st_ino the
+lower object had in the view, so inode numbers survive copy-up and remounts.
+
+Hard links: when the lower object has several names (st_nlink > 1), every
+other name that still shows the same lower object is linked to the new upper
+inode at once, so the names stay one inode (what overlayfs needs index=on
+for), and a kernel overlayfs mount of the same upper sees the same.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Awaitable, Callable
+
+import trio
+
+from . import syscalls
+from .layers import OWN_INO, Layer, is_private_xattr
+from .merge import Entry, Resolver
+from .nodes import Node
+from .workdir import WorkDir
+
+Blocking = Callable[..., Awaitable[object]]
+
+
+def copy_xattrs(src_fd: int, src_name: bytes, dst_fd: int, dst_name: bytes) -> None:
+    """Copy every xattr but the union's own markers (opaque, redirect, ino, ...)."""
+    for attr in syscalls.listxattr(src_fd, src_name):
+        if is_private_xattr(attr):
+            continue
+        value = syscalls.getxattr(src_fd, src_name, attr)
+        if value is None:
+            continue
+        try:
+            syscalls.setxattr(dst_fd, dst_name, attr, value)
+        except OSError as e:
+            # e.g. security.* refused by an LSM, user.* on a symlink: not fatal for a copy
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
+                raise
+
+
+def copy_meta(st: os.stat_result, src_fd: int, src_name: bytes, dst_fd: int, dst_name: bytes,
+              ino: int) -> None:
+    """Owner, then mode (chown clears set-id bits), xattrs, identity, then times last."""
+    syscalls.chown_at(dst_fd, dst_name, st.st_uid, st.st_gid)
+    if not stat.S_ISLNK(st.st_mode):
+        syscalls.chmod_at(dst_fd, dst_name, stat.S_IMODE(st.st_mode))
+    copy_xattrs(src_fd, src_name, dst_fd, dst_name)
+    syscalls.setxattr(dst_fd, dst_name, OWN_INO, str(ino).encode())
+    syscalls.utimens_at(dst_fd, dst_name, st.st_atime_ns, st.st_mtime_ns)
+
+
+class AliasIndex:
+    """Per lower layer: inode number → every path naming it (only for st_nlink > 1).
+
+    Built on the first copy-up of a hard-linked file in that layer, never at
+    mount time; lower layers do not change under a mount, so it stays right.
+    """
+
+    def __init__(self) -> None:
+        self._layers: dict[int, dict[int, list[bytes]]] = {}
+
+    def paths(self, layer: Layer, ino: int) -> list[bytes]:
+        index = self._layers.get(layer.index)
+        if index is None:
+            index = self._layers[layer.index] = self._build(layer)
+        return index.get(ino, [])
+
+    @staticmethod
+    def _build(layer: Layer) -> dict[int, list[bytes]]:
+        index: dict[int, list[bytes]] = {}
+        stack: list[tuple[int, bytes]] = [(os.open(syscalls.proc_path(layer.fd),
+                                                   os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), b"")]
+        while stack:
+            fd, rel = stack.pop()
+            try:
+                with os.scandir(fd) as it:
+                    for de in it:
+                        name = os.fsencode(de.name)
+                        path = rel + b"/" + name if rel else name
+                        if de.is_dir(follow_symlinks=False):
+                            try:
+                                stack.append((syscalls.open_dir_at(fd, name, os.O_RDONLY), path))
+                            except OSError:
+                                pass
+                            continue
+                        st = de.stat(follow_symlinks=False)
+                        if st.st_nlink > 1:
+                            index.setdefault(st.st_ino, []).append(path)
+            finally:
+                os.close(fd)
+        return index
+
+
+class CopyUp:
+    def __init__(self, resolver: Resolver, upper: Layer, work: WorkDir, fsync: bool,
+                 blocking: Blocking) -> None:
+        self.r = resolver
+        self.upper = upper
+        self.work = work
+        self.fsync = fsync
+        self.blocking = blocking
+        self.aliases = AliasIndex()
+        # set by the owner: resolves a view path to (parent node, entry), for hard-link aliases
+        self.entry_at: Callable[[bytes], tuple[Node, Entry] | None] = lambda path: None
+
+    # -- directories (metadata only: never awaits) ---------------------------------
+
+    def dir(self, node: Node) -> None:
+        """Make sure directory *node* and all its ancestors exist in the upper."""
+        if node.upper:
+            return
+        chain = [node]
+        for anc in node.ancestors():
+            if anc.upper:
+                break
+            chain.append(anc)
+        for d in reversed(chain):
+            self._one_dir(d)
+
+    def _one_dir(self, node: Node) -> None:
+        assert node.parent is not None and node.lowers
+        layer, path = node.lowers[0]
+        sfd, sname = self.r.lower_loc(layer, path)
+        st = syscalls.stat_at(sfd, sname)
+        tmp = self.work.tmpname()
+        os.mkdir(tmp, 0o700, dir_fd=self.work.fd)
+        try:
+            copy_meta(st, sfd, sname, self.work.fd, tmp, node.id)
+            self._place(node, tmp)
+        except BaseException:
+            self.work.remove_tree(tmp)
+            raise
+        node.upper = True
+
+    def _place(self, node: Node, tmp: bytes) -> None:
+        """Rename a finished temporary into the parent's upper dir, keeping the parent's times."""
+        assert node.parent is not None
+        pfd = self.r.upper_fd(node.parent)
+        pst = os.stat(pfd)
+        syscalls.renameat2(self.work.fd, tmp, pfd, node.name, syscalls.RENAME_NOREPLACE)
+        syscalls.utimens_at(pfd, b"", pst.st_atime_ns, pst.st_mtime_ns)
+
+    # -- everything else -----------------------------------------------------------
+
+    async def file(self, node: Node, data: bool = True) -> None:
+        """Copy a non-directory up; *data* False when it is about to be truncated to 0."""
+        if node.upper:
+            return
+        layer, path = node.lowers[0]
+        sfd, sname = self.r.lower_loc(layer, path)
+        st = syscalls.stat_at(sfd, sname)
+        tmp = self.work.tmpname()
+        try:
+            if stat.S_ISREG(st.st_mode):
+                dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                              dir_fd=self.work.fd)
+                try:
+                    if data and st.st_size:
+                        src = syscalls.open_at(sfd, sname, os.O_RDONLY)
+                        try:
+                            await self.blocking(syscalls.copy_data, src, dst, st.st_size)
+                        finally:
+                            os.close(src)
+                    if self.fsync:
+                        await self.blocking(os.fdatasync, dst)
+                finally:
+                    os.close(dst)
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(syscalls.readlink_at(sfd, sname), tmp, dir_fd=self.work.fd)
+            else:
+                os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=self.work.fd)
+            copy_meta(st, sfd, sname, self.work.fd, tmp, node.id)
+            # the await above may have let other requests run: check the node is still named
+            if node.upper:
+                raise _AlreadyUp()
+            if node.parent is None:
+                raise OSError(errno.ENOENT, "copy-up of a removed file")
+            self.dir(node.parent)
+            self._place(node, tmp)
+        except _AlreadyUp:
+            self.work.remove_tree(tmp)
+            return
+        except BaseException:
+            self.work.remove_tree(tmp)
+            raise
+        node.upper = True
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            self._link_aliases(node, layer, path, st)
+
+    def _link_aliases(self, node: Node, layer: Layer, path: bytes, st: os.stat_result) -> None:
+        assert node.parent is not None
+        src_fd = self.r.upper_fd(node.parent)
+        for alias in self.aliases.paths(layer, st.st_ino):
+            if alias == path:
+                continue
+            found = self.entry_at(b"/" + alias)
+            if found is None:
+                continue
+            parent, entry = found
+            if entry.upper or not entry.lowers or entry.lowers[0] != (layer, alias):
+                continue  # that name now shows something else (whiteout, shadow, replaced)
+            self.dir(parent)
+            try:
+                os.link(node.name, entry.name, src_dir_fd=src_fd,
+                        dst_dir_fd=self.r.upper_fd(parent), follow_symlinks=False)
+            except FileExistsError:
+                pass
+
+
+class _AlreadyUp(Exception):
+    pass
+
+
+async def run_in_thread(fn: Callable[..., object], *args: object) -> object:
+    """Run a blocking call off the trio loop (copy-up data, fsync)."""
+    return await trio.to_thread.run_sync(fn, *args)

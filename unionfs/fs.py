@@ -1,0 +1,303 @@
+"""The pyfuse3 Operations: a protocol adapter only.
+
+Every handler turns a request into a call on union.Union and the answer into
+pyfuse3 types; OSError becomes FUSEError here and nowhere else. Lookup counts
+rise where the protocol says (lookup, create, mkdir, mknod, symlink, link,
+readdirplus entries) and fall only in forget.
+
+Caching: lower layers never change under a mount and every change to the
+upper passes through this daemon, so the kernel may keep entries, negative
+entries, attributes and page cache for a long time; inode numbers survive
+copy-up, so nothing the kernel cached goes stale when an object moves up.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import pyfuse3
+import trio
+
+from .config import MountConfig
+from .nodes import Node
+from .union import Caller, SetAttr, Union
+
+log = logging.getLogger("unionfs")
+
+TIMEOUT = 86400.0  # seconds the kernel may trust an entry or attributes
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def fuse_errors(fn: F) -> F:
+    """The one place where OSError turns into FUSEError (and a bug into EIO, not a crash)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: "Operations", *args: Any) -> Any:
+        if self.debug:
+            log.debug("%s%r", fn.__name__, args[:-1] if args and _is_ctx(args[-1]) else args)
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            if self.debug:
+                log.debug("%s -> %s", fn.__name__, errno.errorcode.get(e.errno or 0, e.errno))
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _is_ctx(obj: object) -> bool:
+    return isinstance(obj, pyfuse3.RequestContext)
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid)
+
+
+class Operations(pyfuse3.Operations):
+    enable_writeback_cache = True
+    supports_dot_lookup = True
+
+    def __init__(self, union: Union, debug: bool = False) -> None:
+        super().__init__()
+        self.u = union
+        self.debug = debug
+        self._dirs: dict[int, tuple[Node, list[bytes]]] = {}
+        self._next_dh = 1
+
+    # -- attributes --------------------------------------------------------------------
+
+    def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.id
+        a.generation = 0
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        a.st_mode = st.st_mode
+        a.st_nlink = st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def _entry(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that hands the kernel a reference: counts it."""
+        node = self.u.nodes.ref(node)
+        return self._attrs(node, st if st is not None else self.u.stat(node))
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext):
+        parent = self.u.node(parent_inode)
+        node, st = self.u.lookup(parent, name)
+        if node is None:
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = TIMEOUT
+            return neg
+        return self._entry(node, st)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.u.nodes.forget(inode, count)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):
+        node = self.u.node(inode)
+        return self._attrs(node, self.u.stat(node))
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext):
+        node = self.u.node(inode)
+        req = SetAttr(
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        if all(v is None for v in vars(req).values()):
+            return self._attrs(node, self.u.stat(node))
+        st = await self.u.setattr(node, req, fh)
+        return self._attrs(node, st)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.u.readlink(self.u.node(inode))
+
+    # -- namespace -----------------------------------------------------------------------
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext):
+        node = self.u.mknod(self.u.node(parent_inode), name, mode, rdev, _caller(ctx))
+        return self._entry(node)
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext):
+        node = self.u.mkdir(self.u.node(parent_inode), name, mode, _caller(ctx))
+        return self._entry(node)
+
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext):
+        node = self.u.symlink(self.u.node(parent_inode), name, target, _caller(ctx))
+        return self._entry(node)
+
+    @fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext):
+        node = self.u.node(inode)
+        st = await self.u.link(node, self.u.node(new_parent_inode), new_name)
+        return self._entry(node, st)
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.u.unlink(self.u.node(parent_inode), name)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.u.rmdir(self.u.node(parent_inode), name)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        await self.u.rename(self.u.node(parent_inode_old), name_old,
+                            self.u.node(parent_inode_new), name_new, flags)
+
+    # -- files -----------------------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext):
+        fh = await self.u.open(self.u.node(inode), flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext):
+        node, fh = self.u.create(self.u.node(parent_inode), name, mode, flags, _caller(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self.u.handle(fh).fd, size, off)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return os.pwrite(self.u.handle(fh).fd, buf, off)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        pass
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        self.u.release(fh)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self.u.handle(fh).fd
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+
+    # -- directories -------------------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.u.node(inode)
+        names = [b".", b".."] + self.u.list_dir(node)
+        dh = self._next_dh
+        self._next_dh += 1
+        self._dirs[dh] = (node, names)
+        return dh
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        node, names = self._dirs[fh]
+        for i in range(start_id, len(names)):
+            name = names[i]
+            child, st = self.u.lookup(node, name)
+            if child is None or st is None:
+                continue  # gone since opendir
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), i + 1):
+                return
+            if name not in (b".", b".."):
+                self.u.nodes.ref(child)
+
+    @fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        node, _ = self._dirs[fh]
+        if node.upper:
+            dfd, name = self.u.loc(node)
+            fd = os.open(name or b".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd) if name else \
+                os.open(b"/proc/self/fd/%d" % dfd, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                await trio.to_thread.run_sync(os.fsync, fd)
+            finally:
+                os.close(fd)
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext):
+        sv = self.u.statfs()
+        out = pyfuse3.StatvfsData()
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                  "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, f, getattr(sv, f))
+        return out
+
+    # -- xattrs ------------------------------------------------------------------------------
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.u.getxattr(self.u.node(inode), name)
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext):
+        return self.u.listxattr(self.u.node(inode))
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext):
+        await self.u.setxattr(self.u.node(inode), name, value)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext):
+        await self.u.removexattr(self.u.node(inode), name)
+
+    @fuse_errors
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return True  # default_permissions: the kernel has already checked
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    """pyfuse3.init options for a mount described by *config*."""
+    opts = {"default_permissions", f"fsname={config.fsname}", "subtype=unionfs"}
+    if config.allow_other:
+        opts.add("allow_other")
+    opts.add("dev" if config.dev else "nodev")
+    opts.add("suid" if config.suid else "nosuid")
+    if not config.writable:
+        opts.add("ro")
+    return opts
+
+
+def make_operations(config: MountConfig) -> Operations:
+    """Open the layers and build the Operations for a mount (raises OSError/ValueError)."""
+    return Operations(Union(config), debug=config.debug)

@@ -1,0 +1,107 @@
+"""One layer directory, and a bounded cache of open directory fds.
+
+A Layer is a root directory fd plus its place in the stack. Nothing here
+knows about union rules or FUSE: it reads (and, for the upper, writes) one
+directory tree fd-relatively.
+
+Directory fds are what make every syscall "dir fd + one name", but a large
+tree has more directories than a process may hold fds (the hard limit here is
+20,000), so they live in an LRU: a hit costs a dict lookup, a miss re-opens
+the directory from its parent's fd and one name.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from typing import Callable, Hashable
+
+from . import syscalls
+
+# The xattr names of the kernel overlayfs on-disk format, and our own.
+OVL_OPAQUE = b"trusted.overlay.opaque"
+OVL_REDIRECT = b"trusted.overlay.redirect"
+OVL_PREFIX = b"trusted.overlay."
+OWN_PREFIX = b"trusted.unionfs."
+OWN_INO = b"trusted.unionfs.ino"   # st_ino a copied-up object keeps from its origin
+
+OCI_WHITEOUT = b".wh."
+OCI_OPAQUE = b".wh..wh..opq"
+
+
+def is_private_xattr(name: bytes) -> bool:
+    """Xattrs that belong to the union format, never shown or accepted through the mount."""
+    return name.startswith(OVL_PREFIX) or name.startswith(OWN_PREFIX)
+
+
+class Layer:
+    """One directory of the stack: index 0 is the upper (if any), then lowers top-most first."""
+
+    __slots__ = ("path", "index", "writable", "fd", "dev")
+
+    def __init__(self, path: str, index: int, writable: bool) -> None:
+        self.path = path
+        self.index = index
+        self.writable = writable
+        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dev = os.fstat(self.fd).st_dev
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __repr__(self) -> str:
+        return f"Layer({self.path!r}, {self.index})"
+
+
+class FdCache:
+    """LRU of O_PATH directory fds, keyed by anything hashable.
+
+    Callers use an fd only until their next await, and an operation touches at
+    most a handful of directories, so a capacity of thousands can never evict
+    an fd still in use.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._fds: collections.OrderedDict[Hashable, int] = collections.OrderedDict()
+
+    def get(self, key: Hashable, opener: Callable[[], int]) -> int:
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+            return fd
+        fd = opener()
+        self._fds[key] = fd
+        if len(self._fds) > self.capacity:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def drop(self, key: Hashable) -> None:
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+
+    def clear(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+
+def walk_dir(layer: Layer, cache: FdCache, path: bytes) -> int:
+    """fd of directory *path* (relative, b"" for the root) in a read-only layer.
+
+    Lower layers never change under a mount, so (layer, path) is a stable key.
+    Each miss opens one component below its (cached) parent, never following
+    symlinks, so a symlink in a layer cannot lead out of it.
+    """
+    if not path:
+        return layer.fd
+
+    def opener() -> int:
+        parent, _, name = path.rpartition(b"/")
+        return syscalls.open_dir_at(walk_dir(layer, cache, parent), name)
+
+    return cache.get((layer.index, path), opener)

@@ -1,0 +1,294 @@
+"""The union rules: lookup through layers, whiteouts, opaque dirs, redirects, readdir.
+
+Resolution reads layers only (no FUSE, no writes). Given a parent node's
+stack (its upper directory, then the lower directories that merge into it)
+and one name, it finds what the view shows at that name:
+
+* the upper wins; a whiteout there (char device 0/0) hides everything below;
+* otherwise each lower, top-most first; a kernel whiteout or an OCI
+  ``.wh.NAME`` in a lower hides the name in that layer and all below;
+* a directory merges with the directories of the same name below it until an
+  opaque one (``trusted.overlay.opaque=y`` or an OCI ``.wh..wh..opq`` inside)
+  or a non-directory stops the stack;
+* a directory with ``trusted.overlay.redirect`` takes its lower stack from the
+  redirect path instead of its own name (how a renamed directory keeps its
+  lower contents).
+"""
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from . import syscalls
+from .layers import (OCI_OPAQUE, OCI_WHITEOUT, OVL_OPAQUE, OVL_REDIRECT, OWN_INO, FdCache, Layer,
+                     walk_dir)
+from .nodes import Node, make_ino
+
+NAME_MAX = 255
+
+
+@dataclass
+class Entry:
+    """What one name in one directory resolves to."""
+
+    name: bytes
+    st: os.stat_result | None = None           # the top object (None: nothing visible)
+    upper: bool = False                          # the top object is in the upper
+    lowers: list[tuple[Layer, bytes]] = field(default_factory=list)
+    opaque: bool = False
+    whiteout: bool = False                       # the upper holds a whiteout at this name
+    hidden: bool = False                         # a whiteout was met in some layer
+    ino: int = 0
+
+    @property
+    def exists(self) -> bool:
+        return self.st is not None
+
+
+def child_path(dirpath: bytes, name: bytes) -> bytes:
+    return dirpath + b"/" + name if dirpath else name
+
+
+def _lower_opaque(fd: int, name: bytes) -> bool:
+    """A lower directory is opaque by the kernel xattr or by an OCI marker inside it."""
+    if syscalls.getxattr(fd, name, OVL_OPAQUE) == b"y":
+        return True
+    try:
+        sub = syscalls.open_dir_at(fd, name)
+    except OSError:
+        return False
+    try:
+        return syscalls.lstat_at(sub, OCI_OPAQUE) is not None
+    finally:
+        os.close(sub)
+
+
+def _oci_whiteout(fd: int, name: bytes) -> bool:
+    wh = OCI_WHITEOUT + name
+    return len(wh) <= NAME_MAX and syscalls.lstat_at(fd, wh) is not None
+
+
+def valid_redirect(value: bytes) -> bool:
+    """Redirects are layer-relative paths: no empty, '.' or '..' components, no NULs."""
+    if not value or b"\0" in value:
+        return False
+    parts = value.strip(b"/").split(b"/")
+    return all(p and p not in (b".", b"..") for p in parts)
+
+
+class Resolver:
+    """Resolves names against the layers; shared by the filesystem and offline tools."""
+
+    def __init__(self, upper: Layer | None, lowers: list[Layer], cache: FdCache) -> None:
+        self.upper = upper
+        self.lowers = lowers
+        self.cache = cache
+
+    # -- fds -------------------------------------------------------------------------
+
+    def upper_fd(self, node: Node) -> int:
+        """fd of a directory node's upper directory (it must exist there)."""
+        assert self.upper is not None
+        if node.parent is None:
+            return self.upper.fd
+
+        def opener() -> int:
+            return syscalls.open_dir_at(self.upper_fd(node.parent), node.name)
+
+        return self.cache.get(("u", node.id), opener)
+
+    def lower_fd(self, layer: Layer, path: bytes) -> int:
+        return walk_dir(layer, self.cache, path)
+
+    def lower_loc(self, layer: Layer, path: bytes) -> tuple[int, bytes]:
+        """(dir fd, name) of a lower object, for *at calls."""
+        parent, _, name = path.rpartition(b"/")
+        if not name:
+            return layer.fd, b""
+        return self.lower_fd(layer, parent), name
+
+    # -- lookup ----------------------------------------------------------------------
+
+    def resolve(self, parent: Node, name: bytes) -> Entry:
+        """What the view shows at *name* in directory *parent*."""
+        e = Entry(name)
+        redirect: bytes | None = None
+        if parent.upper and self.upper is not None:
+            ufd = self.upper_fd(parent)
+            st = syscalls.lstat_at(ufd, name)
+            if st is not None:
+                if syscalls.is_whiteout(st):
+                    e.whiteout = e.hidden = True
+                    return e
+                e.st, e.upper = st, True
+                own = syscalls.getxattr(ufd, name, OWN_INO)
+                e.ino = int(own) if own and own.isdigit() else make_ino(0, st.st_ino)
+                if not stat.S_ISDIR(st.st_mode):
+                    return e
+                if syscalls.getxattr(ufd, name, OVL_OPAQUE) == b"y":
+                    e.opaque = True
+                    return e
+                rd = syscalls.getxattr(ufd, name, OVL_REDIRECT)
+                if rd is not None and valid_redirect(rd):
+                    redirect = rd
+        if parent.opaque and parent.upper:
+            return e
+        self._scan_lowers(parent, name, redirect, e)
+        return e
+
+    def _scan_lowers(self, parent: Node, name: bytes, redirect: bytes | None, e: Entry) -> None:
+        for layer, dirpath in self._search_dirs(parent, name, redirect):
+            try:
+                fd = self.lower_fd(layer, dirpath)
+            except OSError:
+                continue
+            lname = name if redirect is None else redirect.rstrip(b"/").rpartition(b"/")[2]
+            st = syscalls.lstat_at(fd, lname)
+            if (st is not None and syscalls.is_whiteout(st)) or _oci_whiteout(fd, lname):
+                e.hidden = True
+                return
+            if st is None:
+                continue
+            path = child_path(dirpath, lname)
+            isdir = stat.S_ISDIR(st.st_mode)
+            if e.st is None:
+                e.st = st
+                e.ino = make_ino(layer.index, st.st_ino)
+                e.lowers.append((layer, path))
+                if not isdir:
+                    return
+            elif not stat.S_ISDIR(e.st.st_mode) or not isdir:
+                return
+            else:
+                e.lowers.append((layer, path))
+            if _lower_opaque(fd, lname):
+                return
+            rd = syscalls.getxattr(fd, lname, OVL_REDIRECT)
+            if rd is not None and valid_redirect(rd):
+                redirect = rd
+                # the remaining layers are searched at the redirect target
+                return self._scan_redirect(layer, redirect, e)
+
+    def _search_dirs(self, parent: Node, name: bytes, redirect: bytes | None):
+        """(layer, directory path) pairs in which to look for the lower objects of a name."""
+        if redirect is not None and redirect.startswith(b"/"):
+            dirpath = redirect.strip(b"/").rpartition(b"/")[0]
+            return [(layer, dirpath) for layer in self.lowers]
+        return list(parent.lowers)
+
+    def _scan_redirect(self, after: Layer, redirect: bytes, e: Entry) -> None:
+        target = redirect.strip(b"/")
+        if not redirect.startswith(b"/"):
+            base = e.lowers[-1][1].rpartition(b"/")[0]
+            target = child_path(base, target)
+        dirpath, _, lname = target.rpartition(b"/")
+        for layer in self.lowers:
+            if layer.index <= after.index:
+                continue
+            try:
+                fd = self.lower_fd(layer, dirpath)
+            except OSError:
+                continue
+            st = syscalls.lstat_at(fd, lname)
+            if (st is not None and syscalls.is_whiteout(st)) or _oci_whiteout(fd, lname):
+                return
+            if st is None:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                return
+            e.lowers.append((layer, target))
+            if _lower_opaque(fd, lname):
+                return
+
+    def redirect_stack(self, redirect: bytes) -> list[tuple[Layer, bytes]]:
+        """The lower stack an absolute redirect points at (used when a rename sets one)."""
+        e = Entry(b"")
+        root = Node(0, stat.S_IFDIR, None, b"")
+        root.lowers = [(layer, b"") for layer in self.lowers]
+        self._scan_lowers(root, b"", redirect, e)
+        return e.lowers
+
+    def lower_positive(self, parent: Node, name: bytes) -> bool:
+        """Does any lower layer show something at *name* in *parent*?
+
+        This decides whether removing or renaming the name must leave a
+        whiteout behind, the way overlayfs's ovl_lower_positive does.
+        """
+        if parent.opaque and parent.upper:
+            return False
+        for layer, dirpath in parent.lowers:
+            try:
+                fd = self.lower_fd(layer, dirpath)
+            except OSError:
+                continue
+            st = syscalls.lstat_at(fd, name)
+            if (st is not None and syscalls.is_whiteout(st)) or _oci_whiteout(fd, name):
+                return False
+            if st is not None:
+                return True
+        return False
+
+    # -- readdir ---------------------------------------------------------------------
+
+    def list_names(self, node: Node) -> list[bytes]:
+        """Names the merged directory shows: upper ones, then unshadowed lower ones."""
+        seen: set[bytes] = set()
+        out: list[bytes] = []
+        if node.upper and self.upper is not None:
+            ufd = self.upper_fd(node)
+            for name, dtype in _scan(ufd):
+                seen.add(name)
+                if dtype == stat.S_IFCHR or dtype is None:
+                    st = syscalls.lstat_at(ufd, name)
+                    if st is None or syscalls.is_whiteout(st):
+                        continue
+                out.append(name)
+            if node.opaque:
+                return out
+        for layer, path in node.lowers:
+            try:
+                fd = self.lower_fd(layer, path)
+            except OSError:
+                continue
+            hidden: list[bytes] = []
+            for name, dtype in _scan(fd):
+                if name.startswith(OCI_WHITEOUT):
+                    if name != OCI_OPAQUE:
+                        hidden.append(name[len(OCI_WHITEOUT):])
+                    continue
+                if name in seen:
+                    continue
+                seen.add(name)
+                if dtype == stat.S_IFCHR or dtype is None:
+                    st = syscalls.lstat_at(fd, name)
+                    if st is None or syscalls.is_whiteout(st):
+                        continue
+                out.append(name)
+            seen.update(hidden)
+        return out
+
+
+_DT_TO_IFMT = {
+    1: stat.S_IFIFO, 2: stat.S_IFCHR, 4: stat.S_IFDIR, 6: stat.S_IFBLK,
+    8: stat.S_IFREG, 10: stat.S_IFLNK, 12: stat.S_IFSOCK,
+}
+
+
+def _scan(dirfd: int) -> list[tuple[bytes, int | None]]:
+    """(name, S_IFMT or None) for each entry of a directory, from one getdents pass."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
+    out: list[tuple[bytes, int | None]] = []
+    with os.scandir(fd) as it:
+        for de in it:
+            name = os.fsencode(de.name)
+            if de.is_symlink():
+                out.append((name, stat.S_IFLNK))
+            elif de.is_dir(follow_symlinks=False):
+                out.append((name, stat.S_IFDIR))
+            elif de.is_file(follow_symlinks=False):
+                out.append((name, stat.S_IFREG))
+            else:
+                out.append((name, None))
+    os.close(fd)
+    return out

@@ -1,0 +1,151 @@
+"""Nodes: what the kernel knows as inodes, with lookup counts and identity.
+
+A Node remembers where its object lives (its resolution), so no operation
+re-walks paths. Identity is the st_ino the node reports, derived from the
+object's origin (layer index + the layer's own inode number) and kept across
+copy-up by an xattr on the upper copy: hard links share it because they are
+one inode below, and a remount derives the same numbers again.
+
+Lifetime: the kernel raises a node's lookup count with lookup/create/readdir
+replies and lowers it with forget. A node also stays while a registered child
+names it as its parent, so a parent looked up again is the same object whose
+state (upper fd, copy-up) the child relies on.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from typing import Iterator
+
+from .layers import Layer
+
+ROOT_ID = 1
+_LAYER_SHIFT = 48
+
+
+def make_ino(layer_index: int, st_ino: int) -> int:
+    """The st_ino a union object reports, unique across layers and stable across mounts."""
+    return ((layer_index + 1) << _LAYER_SHIFT) | (st_ino & ((1 << _LAYER_SHIFT) - 1))
+
+
+class Node:
+    """One object of the merged view."""
+
+    __slots__ = ("id", "kind", "parent", "name", "upper", "lowers", "opaque", "lookups",
+                 "child_refs", "pin", "lock", "registered", "nlink_hint", "__weakref__")
+
+    def __init__(self, node_id: int, kind: int, parent: "Node | None", name: bytes) -> None:
+        self.id = node_id
+        self.kind = kind                    # stat.S_IFMT of the object
+        self.parent = parent                # a directory that names it (one of them, for links)
+        self.name = name
+        self.upper = False                  # the object exists in the upper layer
+        self.lowers: list[tuple[Layer, bytes]] = []  # dirs: merge stack; others: the top lower object
+        self.opaque = False                 # dirs: nothing below the upper merges in
+        self.lookups = 0
+        self.child_refs = 0
+        self.pin: int | None = None         # O_PATH fd, only once no name reaches the object
+        self.lock: object | None = None     # created by the async layer when needed
+        self.registered = False
+        self.nlink_hint = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.kind)
+
+    @property
+    def merged(self) -> bool:
+        """A directory whose view combines the upper and at least one lower."""
+        return self.upper and bool(self.lowers) and not self.opaque
+
+    def path(self) -> bytes:
+        """The node's path in the view (b"/" for the root), for logs and the changes log."""
+        parts: list[bytes] = []
+        node: Node | None = self
+        while node is not None and node.id != ROOT_ID:
+            parts.append(node.name)
+            node = node.parent
+        if node is None:
+            return b""
+        return b"/" + b"/".join(reversed(parts))
+
+    def ancestors(self) -> Iterator["Node"]:
+        node = self.parent
+        while node is not None:
+            yield node
+            node = node.parent
+
+    def __repr__(self) -> str:
+        return f"<Node {self.id:#x} {self.path()!r} upper={self.upper} lowers={len(self.lowers)}>"
+
+
+class NodeTable:
+    """Node ids → nodes, with the kernel's lookup counts.
+
+    Counts rise only in lookup/create/readdir (``ref``) and fall only in
+    forget (``forget``). ``on_drop`` lets the owner release per-node
+    resources (cached fds) when a node leaves the table.
+    """
+
+    def __init__(self, root: Node, on_drop) -> None:
+        self._nodes: dict[int, Node] = {ROOT_ID: root}
+        root.registered = True
+        root.lookups = 1
+        self._on_drop = on_drop
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, node_id: int) -> Node | None:
+        return self._nodes.get(node_id)
+
+    def __getitem__(self, node_id: int) -> Node:
+        return self._nodes[node_id]
+
+    def ref(self, node: Node) -> Node:
+        """Count one more kernel reference, registering the node on its first."""
+        if not node.registered:
+            existing = self._nodes.get(node.id)
+            if existing is not None:
+                node = existing
+            else:
+                self._nodes[node.id] = node
+                node.registered = True
+                if node.parent is not None:
+                    node.parent.child_refs += 1
+        node.lookups += 1
+        return node
+
+    def forget(self, node_id: int, count: int) -> None:
+        node = self._nodes.get(node_id)
+        if node is None or node_id == ROOT_ID:
+            return
+        node.lookups = max(0, node.lookups - count)
+        self._maybe_drop(node)
+
+    def set_parent(self, node: Node, parent: "Node | None", name: bytes) -> None:
+        """Move a node to a new (parent, name), keeping parent references right."""
+        old = node.parent
+        node.parent = parent
+        node.name = name
+        if node.registered:
+            if parent is not None:
+                parent.child_refs += 1
+            if old is not None:
+                old.child_refs -= 1
+                self._maybe_drop(old)
+
+    def _maybe_drop(self, node: Node) -> None:
+        while (node.registered and node.lookups == 0 and node.child_refs == 0
+               and node.id != ROOT_ID):
+            del self._nodes[node.id]
+            node.registered = False
+            self._on_drop(node)
+            if node.pin is not None:
+                os.close(node.pin)
+                node.pin = None
+            parent = node.parent
+            if parent is None:
+                return
+            parent.child_refs -= 1
+            node = parent

@@ -1,0 +1,224 @@
+"""The few Linux syscalls Python's os module lacks, and fd-relative helpers.
+
+Everything here takes a directory fd and a single name (or an fd alone), never
+a joined path, so no caller can be walked out of a layer by a symlink: names
+are resolved with AT_SYMLINK_NOFOLLOW / O_NOFOLLOW, one component at a time.
+Extended attributes have no *at syscalls in Python, so they go through the
+/proc/self/fd magic link of the directory plus one name, with the final
+component never followed.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+
+FICLONE = 0x40049409
+
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.renameat2.restype = ctypes.c_int
+
+
+def _check(ret: int, what: str, name: bytes | None = None) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", name)
+    return ret
+
+
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int = 0) -> None:
+    """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT."""
+    _check(_libc.renameat2(olddirfd, oldname, newdirfd, newname, flags), "renameat2", oldname)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_libc.utimensat.restype = ctypes.c_int
+
+
+def _ts(value: int | None, now: bool) -> _Timespec:
+    if now:
+        return _Timespec(0, UTIME_NOW)
+    if value is None:
+        return _Timespec(0, UTIME_OMIT)
+    return _Timespec(value // 1_000_000_000, value % 1_000_000_000)
+
+
+def utimensat(dirfd: int, name: bytes, atime_ns: int | None, mtime_ns: int | None,
+              atime_now: bool = False, mtime_now: bool = False, follow: bool = False) -> None:
+    """utimensat(2) with per-field OMIT (None) and NOW; a final symlink is not followed."""
+    times = (_Timespec * 2)(_ts(atime_ns, atime_now), _ts(mtime_ns, mtime_now))
+    flags = 0 if follow else AT_SYMLINK_NOFOLLOW
+    _check(_libc.utimensat(dirfd, name, times, flags), "utimensat", name)
+
+
+# --- extended attributes, addressed as (dirfd, name) -------------------------
+
+def proc_path(fd: int) -> bytes:
+    """The magic link that reaches the object an (O_PATH) fd holds, even a symlink itself."""
+    return b"/proc/self/fd/%d" % fd
+
+
+def _xpath(dirfd: int, name: bytes) -> tuple[bytes, bool]:
+    """A path for the xattr syscalls and whether to follow it.
+
+    An empty name means the object *dirfd* itself, reached by following its
+    magic link (which stops at that object even if it is a symlink); any other
+    name is one component below the directory, never followed.
+    """
+    if not name:
+        return proc_path(dirfd), True
+    return b"/proc/self/fd/%d/%s" % (dirfd, name), False
+
+
+def getxattr(dirfd: int, name: bytes, attr: bytes) -> bytes | None:
+    """The value of *attr*, or None when it is not set (or xattrs are unsupported)."""
+    path, follow = _xpath(dirfd, name)
+    try:
+        return os.getxattr(path, attr, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def getxattr_strict(dirfd: int, name: bytes, attr: bytes) -> bytes:
+    path, follow = _xpath(dirfd, name)
+    return os.getxattr(path, attr, follow_symlinks=follow)
+
+
+def setxattr(dirfd: int, name: bytes, attr: bytes, value: bytes, flags: int = 0) -> None:
+    path, follow = _xpath(dirfd, name)
+    os.setxattr(path, attr, value, flags, follow_symlinks=follow)
+
+
+def removexattr(dirfd: int, name: bytes, attr: bytes) -> None:
+    path, follow = _xpath(dirfd, name)
+    os.removexattr(path, attr, follow_symlinks=follow)
+
+
+def listxattr(dirfd: int, name: bytes) -> list[bytes]:
+    path, follow = _xpath(dirfd, name)
+    try:
+        names = os.listxattr(path, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return []
+        raise
+    return [n.encode("utf-8", "surrogateescape") for n in names]
+
+
+# --- small stat helpers -------------------------------------------------------
+
+def stat_at(dirfd: int, name: bytes) -> os.stat_result:
+    """lstat of (dirfd, name); an empty name means the object *dirfd* holds."""
+    if not name:
+        return os.stat(dirfd)
+    return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+
+
+def chown_at(dirfd: int, name: bytes, uid: int, gid: int) -> None:
+    if not name:
+        os.chown(proc_path(dirfd), uid, gid)
+    else:
+        os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+
+
+def utimens_at(dirfd: int, name: bytes, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Set times (None leaves one as it is) without following a final symlink."""
+    if not name:
+        utimensat(AT_FDCWD, proc_path(dirfd), atime_ns, mtime_ns, follow=True)
+    else:
+        utimensat(dirfd, name, atime_ns, mtime_ns)
+
+
+def open_at(dirfd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
+    """open(2) of one name below *dirfd* (or of the object *dirfd* holds), never through a symlink."""
+    if not name:
+        return os.open(proc_path(dirfd), flags | os.O_CLOEXEC, mode)
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+
+
+def readlink_at(dirfd: int, name: bytes) -> bytes:
+    return os.readlink(name, dir_fd=dirfd)
+
+
+def lstat_at(dirfd: int, name: bytes) -> os.stat_result | None:
+    """lstat of (dirfd, name), or None when it does not exist."""
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    """Kernel overlayfs whiteout: a character device with device number 0/0."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def open_dir_at(dirfd: int, name: bytes, flags: int = os.O_PATH) -> int:
+    """Open a directory (never a symlink to one) below *dirfd*."""
+    return os.open(name, flags | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+
+
+def chmod_at(dirfd: int, name: bytes, mode: int) -> None:
+    """fchmodat that refuses to follow a final symlink (symlinks have no mode on Linux)."""
+    if not name:
+        os.chmod(proc_path(dirfd), mode)
+        return
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise OSError(errno.EOPNOTSUPP, "chmod of a symlink", name)
+        os.chmod(b"/proc/self/fd/%d" % fd, mode)
+    finally:
+        os.close(fd)
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Copy *size* bytes between file fds inside the kernel: reflink, else copy_file_range."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError:
+        pass
+    off = 0
+    while off < size:
+        try:
+            n = os.copy_file_range(src, dst, size - off, off, off)
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                _sendfile_rest(src, dst, off, size)
+                return
+            raise
+        if n == 0:
+            break
+        off += n
+
+
+def _sendfile_rest(src: int, dst: int, off: int, size: int) -> None:
+    os.lseek(dst, off, os.SEEK_SET)
+    while off < size:
+        n = os.sendfile(dst, src, off, size - off)
+        if n == 0:
+            break
+        off += n

@@ -1,0 +1,73 @@
+"""The work directory: scratch space for atomic changes, and the mount's private state.
+
+Layout (all private to unionfs, never shown in the view)::
+
+    WORKDIR/work/        temporaries: copy-ups, new opaque dirs, removed trees
+    WORKDIR/lowers       the lower list of the last mount (one path a line)
+    WORKDIR/changes.log  the changes log (see changes.py)
+    WORKDIR/daemon.pid   pid of the running daemon
+
+It must be on the upper's filesystem so a finished temporary reaches the
+upper by rename(2), which is atomic: a crash leaves either nothing or the
+whole object in the view, and anything left in work/ is garbage, removed at
+the next mount.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+
+from . import syscalls
+
+
+class WorkDir:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(os.path.join(path, "work"), mode=0o700, exist_ok=True)
+        self.root_fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.fd = syscalls.open_dir_at(self.root_fd, b"work")
+        self.dev = os.fstat(self.fd).st_dev
+        self._seq = itertools.count()
+        self._prefix = b"t%d." % os.getpid()
+
+    def tmpname(self) -> bytes:
+        """A fresh name in work/ (pid-prefixed, so two mounts' leftovers never clash)."""
+        return self._prefix + str(next(self._seq)).encode()
+
+    def cleanup(self) -> int:
+        """Remove every leftover of an earlier (crashed) mount; returns how many."""
+        count = 0
+        for name in os.listdir(syscalls.proc_path(self.fd)):
+            self.remove_tree(name)
+            count += 1
+        return count
+
+    def remove_tree(self, name: bytes) -> None:
+        """Delete work/NAME and everything under it, fd-relatively, never following symlinks."""
+        remove_tree_at(self.fd, name)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self.root_fd)
+
+
+def remove_tree_at(dirfd: int, name: bytes) -> None:
+    st = syscalls.lstat_at(dirfd, name)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dirfd)
+        return
+    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        for child in os.listdir(sub):
+            remove_tree_at(sub, os.fsencode(child))
+    finally:
+        os.close(sub)
+    try:
+        os.rmdir(name, dir_fd=dirfd)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
