@@ -105,8 +105,19 @@ class Union:
             self.copyup = CopyUp(self.r, self.upper, self.work, config.fsync, run_in_thread)
             self.copyup.entry_at = self.entry_at
             self.journal = Journal(config.workdir)
+            self._record_lowers(config)
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
+
+    @staticmethod
+    def _record_lowers(config: MountConfig) -> None:
+        """Remember the stack in the workdir, so `unionfs diff UPPER` works unmounted."""
+        assert config.workdir is not None
+        path = os.path.join(config.workdir, "lowers")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("".join(p + "\n" for p in config.lowers))
+        os.replace(tmp, path)
 
     def close(self) -> None:
         for h in self.handles.values():
