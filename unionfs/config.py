@@ -173,23 +173,17 @@ def _apply_option(opts: MountOptions, item: str) -> None:
     raise ConfigError(f"unknown mount option '{item}'")
 
 
-def fuse_mount_flags(config: MountConfig) -> set[str]:
-    """Options the daemon's fuse_options() should add for this config.
+def kernel_flag_options(config: MountConfig) -> set[str]:
+    """The KERNEL_FLAGS given with -o (noexec, noatime, ...), for pyfuse3.init."""
+    return {name for name in config.extra if name in KERNEL_FLAGS}
 
-    fsname/subtype make the mount recognisable (`unionfs umount` checks the
-    fstype), `ro` lets the kernel refuse writes early, and the KERNEL_FLAGS
-    from the command line are passed on. Commas in fsname are escaped for
-    libfuse's option parser.
-    """
-    fsname = config.fsname.replace("\\", "\\\\").replace(",", "\\,")
-    flags = {f"fsname={fsname}", f"subtype={SUBTYPE}", "default_permissions"}
-    flags |= {name for name in config.extra if name in KERNEL_FLAGS}
-    flags.add("ro" if not config.writable else "rw")
-    flags.add("dev" if config.dev else "nodev")
-    flags.add("suid" if config.suid else "nosuid")
-    if config.allow_other:
-        flags.add("allow_other")
-    return flags
+
+def escape_fuse_option(option: str) -> str:
+    """libfuse splits option strings at commas; escape them inside a value (e.g. fsname)."""
+    name, eq, value = option.partition("=")
+    if not eq:
+        return option
+    return name + eq + value.replace("\\", "\\\\").replace(",", "\\,")
 
 
 def default_workdir(upper: str) -> str:

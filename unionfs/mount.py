@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Iterator
 
-from .config import FSTYPE, MountConfig
+from .config import FSTYPE, MountConfig, escape_fuse_option, kernel_flag_options
 
 log = logging.getLogger("unionfs")
 
@@ -182,6 +182,8 @@ def _daemonize(config: MountConfig) -> None:
         try:
             os.setsid()
             code = _daemon_child(config, write_fd)
+        except MountError:
+            pass  # already logged by _serve
         except BaseException:  # noqa: BLE001 - the daemon must not unwind into the CLI
             with contextlib.suppress(BaseException):
                 log.exception("daemon failed")
@@ -265,7 +267,8 @@ def _prepare(config: MountConfig) -> _Session:
         raise MountError(f"the filesystem core is not available ({e})") from None
     try:
         ops = fs.make_operations(config)
-        options = set(fs.fuse_options(config))
+        options = set(fs.fuse_options(config)) | kernel_flag_options(config)
+        options = {escape_fuse_option(o) for o in options}
     except (OSError, ValueError) as e:
         raise MountError(f"cannot open the layers: {_describe(e)}") from None
     with _captured_stderr() as captured:
