@@ -1,0 +1,318 @@
+"""Differential testing of unionfs against kernel overlayfs.
+
+One *case* = one seeded op sequence run on two mounts over identical copies of
+the fixture layers:
+
+  side A  kernel overlayfs (redirect_dir=on,index=on), the reference
+  side B  the filesystem under test (unionfs; or kernel overlayfs again, to
+          prove the harness itself has no false divergences)
+
+Stages, each compared with side A's final view, the first divergence wins:
+
+  op               every op's outcome, compared as it runs
+  view             the final views (see view.py)
+  remount          side B unmounted and mounted again on the same upper
+  kernel-on-upper  side B's upper mounted by kernel overlayfs
+
+The kernel-on-upper mount gets a fresh workdir, except that side B's
+`index/` directory (if its workdir has one, in kernel layout) is moved into
+it: with index=on, the index entries are what tie a copied-up lower hard link
+to its other, not-yet-copied-up names, so without them any upper -- the
+kernel's own included -- shows those names stale. If the kernel refuses the
+mount with index=on (e.g. origin / index inconsistencies), it is retried with
+index=off and the case records a note (the test then reports it: an upper the
+kernel cannot mount with index=on is itself a format divergence).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Iterator, Sequence
+
+try:  # tests/ is on sys.path under pytest's default (prepend) import mode
+    from mounting import force_unmount, kernel_overlay, unionfs_mount
+except ImportError:  # pragma: no cover - imported as tests.difftest
+    from tests.mounting import force_unmount, kernel_overlay, unionfs_mount
+
+from .layers import copy_layers
+from .ops import Generator, Op, run_op
+from .view import View, capture, diff_views
+
+STAGES = ("op", "view", "remount", "kernel-on-upper")
+OVL_OPTS = "redirect_dir=on,index=on"
+
+
+class Side:
+    name = "?"
+
+    def mount(self, lowers: Sequence[str], upper: str, work: str, mnt: str) -> ContextManager:
+        raise NotImplementedError
+
+
+class KernelSide(Side):
+    name = "kernel"
+
+    def mount(self, lowers, upper, work, mnt):
+        return kernel_overlay(lowers, upper, work, mnt, OVL_OPTS)
+
+
+class UnionfsSide(Side):
+    name = "unionfs"
+
+    def mount(self, lowers, upper, work, mnt):
+        # allow_other: the unprivileged ops must reach the mount at all (FUSE
+        # refuses other users otherwise); permission checks stay the kernel's
+        # (default_permissions).
+        return unionfs_mount(lowers, upper, mnt, workdir=work, options=["allow_other"])
+
+
+SIDES: dict[str, Side] = {"kernel": KernelSide(), "unionfs": UnionfsSide()}
+
+
+@dataclass
+class Divergence:
+    stage: str
+    detail: str
+    index: int | None = None       # op stage: which op
+    op: Op | None = None
+
+    def headline(self) -> str:
+        if self.stage == "op":
+            return f"stage 'op': op #{self.index} {self.op!r}"
+        return f"stage '{self.stage}'"
+
+
+@dataclass
+class CaseResult:
+    ops: list[Op]
+    divergence: Divergence | None
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _fmt(outcome: Any) -> str:
+    s = repr(outcome)
+    return s if len(s) < 2000 else s[:2000] + "..."
+
+
+def _op_diff(a: Any, b: Any) -> str:
+    lines = [f"    kernel: {_fmt(a)}", f"    other:  {_fmt(b)}"]
+    # Point at the differing fields of the post-states.
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 3:
+        names = ("result", "state(path)", "state(path2)")
+        for n, x, y in zip(names, a, b):
+            if x != y:
+                if isinstance(x, dict) and isinstance(y, dict):
+                    fs = [f"{k}: {x.get(k, '<absent>')!r} != {y.get(k, '<absent>')!r}"
+                          for k in sorted(set(x) | set(y))
+                          if x.get(k, "<absent>") != y.get(k, "<absent>")]
+                    lines.append(f"    differs in {n}: " + "; ".join(fs))
+                else:
+                    lines.append(f"    differs in {n}: {_fmt(x)} != {_fmt(y)}")
+    return "\n".join(lines)
+
+
+def _prepare(pristine: str, base: str) -> dict[str, Any]:
+    os.makedirs(base)
+    d: dict[str, Any] = {"lowers": copy_layers(pristine, os.path.join(base, "lower"))}
+    for sub in ("upper", "work", "mnt", "work3", "mnt3"):
+        d[sub] = os.path.join(base, sub)
+        os.mkdir(d[sub])
+    return d
+
+
+def _kernel_on_upper(b: dict[str, Any], notes: list[str]) -> ContextManager:
+    idx = os.path.join(b["work"], "index")
+    if os.path.isdir(idx):
+        os.rename(idx, os.path.join(b["work3"], "index"))
+
+    @contextlib.contextmanager
+    def cm() -> Iterator[str]:
+        try:
+            ctx = kernel_overlay(b["lowers"], b["upper"], b["work3"], b["mnt3"], OVL_OPTS)
+            mnt = ctx.__enter__()
+        except subprocess.CalledProcessError:
+            notes.append("kernel refused side B's upper with index=on; mounted with index=off")
+            ctx = kernel_overlay(b["lowers"], b["upper"], b["work3"], b["mnt3"],
+                                 "redirect_dir=on,index=off")
+            mnt = ctx.__enter__()
+        try:
+            yield mnt
+        finally:
+            ctx.__exit__(None, None, None)
+
+    return cm()
+
+
+def run_case(pristine: str, base: str, side_b: Side, *, ops: Sequence[Op] | None = None,
+             seed: int | None = None, n_ops: int = 0, upto: str = STAGES[-1]) -> CaseResult:
+    """Run one case in the fresh directory *base* (removed afterwards).
+
+    With *ops*, replay them; otherwise generate *n_ops* from *seed*, choosing
+    each op from side A's tree as it is at that point.
+    """
+    last = STAGES.index(upto)
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    done: list[Op] = []
+    gen = None
+    if ops is None:
+        gen = Generator(seed if seed is not None else 0)
+    try:
+        a = _prepare(pristine, os.path.join(base, "A"))
+        b = _prepare(pristine, os.path.join(base, "B"))
+        timings["copy"] = time.monotonic() - t0
+        with kernel_overlay(a["lowers"], a["upper"], a["work"], a["mnt"], OVL_OPTS) as ma:
+            with side_b.mount(b["lowers"], b["upper"], b["work"], b["mnt"]) as mb:
+                t = time.monotonic()
+                if gen is not None:
+                    gen.refresh(ma)
+                total = n_ops if gen is not None else len(ops)
+                for i in range(total):
+                    op = gen.next() if gen is not None else ops[i]
+                    done.append(op)
+                    oa = run_op(ma, op)
+                    ob = run_op(mb, op)
+                    if oa != ob:
+                        return CaseResult(done, Divergence(
+                            "op", f"  op #{i}: {op!r}\n{_op_diff(oa, ob)}", i, op),
+                            notes, timings)
+                    if gen is not None:
+                        gen.observe(op, oa, ma)
+                timings["ops"] = time.monotonic() - t
+                if last < 1:
+                    return CaseResult(done, None, notes, timings)
+                t = time.monotonic()
+                va = capture(ma)
+                vb = capture(mb)
+                timings["view"] = time.monotonic() - t
+            d = diff_views(va, vb)
+            if d:
+                return CaseResult(done, Divergence("view", "\n".join(d)), notes, timings)
+            if last < 2:
+                return CaseResult(done, None, notes, timings)
+            t = time.monotonic()
+            with side_b.mount(b["lowers"], b["upper"], b["work"], b["mnt"]) as mb:
+                vb = capture(mb)
+            timings["remount"] = time.monotonic() - t
+            d = diff_views(va, vb)
+            if d:
+                return CaseResult(done, Divergence("remount", "\n".join(d)), notes, timings)
+            if last < 3:
+                return CaseResult(done, None, notes, timings)
+            t = time.monotonic()
+            with _kernel_on_upper(b, notes) as m3:
+                vb = capture(m3)
+            timings["kernel-on-upper"] = time.monotonic() - t
+            d = diff_views(va, vb)
+            if notes:
+                d = [f"  note: {n}" for n in notes] + d
+            if d:
+                return CaseResult(done, Divergence("kernel-on-upper", "\n".join(d)), notes,
+                                  timings)
+            return CaseResult(done, None, notes, timings)
+    finally:
+        leftovers = _mounts_under(base)
+        for m in leftovers:
+            force_unmount(m)
+        timings["total"] = time.monotonic() - t0
+        if not os.environ.get("UNIONFS_DIFF_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
+        assert not leftovers, f"mounts left behind: {leftovers}"
+
+
+def _mounts_under(base: str) -> list[str]:
+    base = os.path.realpath(base) + "/"
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4]
+            if mp.startswith(base):
+                out.append(mp)
+    return out
+
+
+# --- shrinking ---------------------------------------------------------------------------
+
+def ddmin(items: list, fails: Callable[[list], list | None], deadline: float) -> list:
+    """Delta debugging (complements, then single items) until *deadline*.
+
+    *fails(candidate)* returns None when the candidate does not reproduce the
+    failure, else the (possibly further truncated) list to continue from.
+    """
+    n = 2
+    while len(items) >= 2 and time.monotonic() < deadline:
+        chunk = math.ceil(len(items) / n)
+        reduced = False
+        for i in range(0, len(items), chunk):
+            if time.monotonic() >= deadline:
+                return items
+            cand = items[:i] + items[i + chunk:]
+            if not cand:
+                continue
+            r = fails(cand)
+            if r is not None:
+                items = r
+                n = max(n - 1, 2)
+                reduced = True
+                break
+        if not reduced:
+            if n >= len(items):
+                break
+            n = min(n * 2, len(items))
+    return items
+
+
+def shrink(pristine: str, base: str, side_b: Side, ops: list[Op], div: Divergence,
+           budget: float) -> tuple[list[Op], Divergence, int, float]:
+    """Shortest op list found within *budget* seconds that still diverges at div.stage."""
+    t0 = time.monotonic()
+    deadline = t0 + budget
+    trials = 0
+    best = (list(ops), div)
+    if div.stage == "op" and div.index is not None:
+        best = (list(ops[: div.index + 1]), div)
+
+    def fails(cand: list[Op]) -> list[Op] | None:
+        nonlocal trials, best
+        trials += 1
+        try:
+            r = run_case(pristine, os.path.join(base, f"shrink-{trials}"), side_b, ops=cand,
+                         upto=div.stage)
+        except Exception:  # noqa: BLE001 - a crash is not "the same" divergence
+            return None
+        d = r.divergence
+        if d is None or d.stage != div.stage:
+            return None
+        cand = r.ops  # op stage: truncated at the diverging op
+        if len(cand) < len(best[0]) or len(cand) == len(best[0]):
+            best = (cand, d)
+        return cand
+
+    ddmin(best[0], fails, deadline)
+    return best[0], best[1], trials, time.monotonic() - t0
+
+
+def report(seed: int, side_b: Side, n_ops: int, result: CaseResult,
+           shrunk: tuple[list[Op], Divergence, int, float] | None) -> str:
+    div = result.divergence
+    assert div is not None
+    lines = [f"seed {seed}: {side_b.name} diverges from kernel overlayfs at {div.headline()}"
+             f" (after {len(result.ops)} of {n_ops} ops)", div.detail]
+    if shrunk is not None:
+        ops, d, trials, secs = shrunk
+        lines.append(f"minimal reproduction ({len(ops)} ops, shrunk from {len(result.ops)} in "
+                     f"{secs:.0f}s / {trials} runs), seed {seed}:")
+        lines += [f"  {i:3d}: {op!r}" for i, op in enumerate(ops)]
+        lines.append(f"which diverges at {d.headline()}:")
+        lines.append(d.detail)
+        lines.append("as Python: ops = [" + ", ".join(
+            f"Op({op.kind!r}, {op.path!r}, {op.path2!r}, {op.args!r}, {op.user!r})"
+            for op in ops) + "]")
+    return "\n".join(lines)

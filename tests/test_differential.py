@@ -1,0 +1,148 @@
+"""Differential test: seeded random op sequences on kernel overlayfs vs unionfs.
+
+See tests/difftest/__init__.py for the stages. Environment knobs:
+
+  UNIONFS_DIFF_SEEDS            number of seeds (default 24): test ids seed-0 ...
+  UNIONFS_DIFF_SEED_LIST        explicit comma-separated seeds (overrides the above)
+  UNIONFS_DIFF_OPS              ops per seed (default 300)
+  UNIONFS_DIFF_SIDE             what side B is: unionfs (default) or kernel
+  UNIONFS_DIFF_SELFTEST_SEEDS   kernel-vs-kernel harness self-test seeds (default 2)
+  UNIONFS_DIFF_SHRINK_SECONDS   time budget to shrink a failing seed (default 60)
+  UNIONFS_DIFF_KEEP             keep the case directories (for debugging)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from difftest import SIDES, ddmin, report, run_case, shrink
+from difftest.layers import build_layers, copy_layers
+from difftest.view import capture, diff_views
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _seeds() -> list[int]:
+    explicit = os.environ.get("UNIONFS_DIFF_SEED_LIST")
+    if explicit:
+        return [int(s) for s in explicit.split(",") if s.strip()]
+    return list(range(_env_int("UNIONFS_DIFF_SEEDS", 24)))
+
+
+N_OPS = _env_int("UNIONFS_DIFF_OPS", 300)
+SHRINK_SECONDS = float(os.environ.get("UNIONFS_DIFF_SHRINK_SECONDS", 60))
+SIDE_B = os.environ.get("UNIONFS_DIFF_SIDE", "unionfs")
+
+
+def _overlay_supported() -> bool:
+    try:
+        with open("/proc/filesystems") as f:
+            if any(line.split()[-1] == "overlay" for line in f if line.strip()):
+                return True
+    except OSError:
+        return False
+    subprocess.run(["modprobe", "overlay"], capture_output=True)
+    with open("/proc/filesystems") as f:
+        return any(line.split()[-1] == "overlay" for line in f if line.strip())
+
+
+def _skip_reason(need_fuse: bool) -> str | None:
+    if os.geteuid() != 0:
+        return "differential test needs root (mounts, trusted.* xattrs, chown)"
+    if not _overlay_supported():
+        return "kernel overlayfs not available"
+    if need_fuse:
+        try:
+            os.close(os.open("/dev/fuse", os.O_RDWR))
+        except OSError as e:
+            return f"/dev/fuse not usable: {e}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def difftest_root(tmp_path_factory):
+    reason = _skip_reason(need_fuse=False)
+    if reason:
+        pytest.skip(reason)
+    # The unionfs CLI runs as `python -m unionfs`: make sure this checkout is importable.
+    pp = os.environ.get("PYTHONPATH", "")
+    if REPO not in pp.split(os.pathsep):
+        os.environ["PYTHONPATH"] = REPO + (os.pathsep + pp if pp else "")
+    root = str(tmp_path_factory.mktemp("difftest"))
+    pristine = os.path.join(root, "pristine")
+    build_layers(pristine)
+    yield root, pristine
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_seed(difftest_root, seed: int, side_name: str) -> None:
+    root, pristine = difftest_root
+    side = SIDES[side_name]
+    base = os.path.join(root, f"{side_name}-seed-{seed}")
+    result = run_case(pristine, base, side, seed=seed, n_ops=N_OPS)
+    if result.divergence is None:
+        return
+    shrunk = None
+    if SHRINK_SECONDS > 0:
+        shrunk = shrink(pristine, os.path.join(root, f"{side_name}-shrink-{seed}"), side,
+                        result.ops, result.divergence, SHRINK_SECONDS)
+    msg = report(seed, side, N_OPS, result, shrunk)
+    print(msg)
+    pytest.fail(msg, pytrace=False)
+
+
+@pytest.mark.parametrize("seed", _seeds(), ids=lambda s: f"seed-{s}")
+def test_differential(difftest_root, seed):
+    reason = _skip_reason(need_fuse=SIDE_B == "unionfs")
+    if reason:
+        pytest.skip(reason)
+    _run_seed(difftest_root, seed, SIDE_B)
+
+
+@pytest.mark.parametrize("seed", [1000 + i for i in range(_env_int("UNIONFS_DIFF_SELFTEST_SEEDS", 2))],
+                         ids=lambda s: f"seed-{s}")
+def test_harness_kernel_vs_kernel(difftest_root, seed):
+    """The harness itself: kernel overlayfs against itself must never diverge."""
+    _run_seed(difftest_root, seed, "kernel")
+
+
+def test_layer_copy_is_faithful(difftest_root):
+    """`cp -a` keeps what the fixture relies on: xattrs (trusted.* too), hard links, nodes."""
+    root, pristine = difftest_root
+    dest = os.path.join(root, "copycheck")
+    try:
+        copies = copy_layers(pristine, dest)
+        for copy in copies:
+            orig = os.path.join(pristine, os.path.basename(copy))
+            a, b = capture(orig), capture(copy)
+            a.pop("<root>"), b.pop("<root>")
+            assert diff_views(a, b) == []
+        mid = os.path.join(dest, "mid")
+        assert os.getxattr(os.path.join(mid, "opq"), "trusted.overlay.opaque") == b"y"
+        st = os.lstat(os.path.join(mid, "gone.txt"))
+        assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (0, 0)
+        assert os.lstat(os.path.join(dest, "bottom", "other/sub/hl_c")).st_nlink == 3
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def test_ddmin_finds_minimal_subset():
+    """The shrinker keeps exactly the ops needed for a synthetic failure."""
+    needed = {3, 17, 42}
+    calls = []
+
+    def fails(c):
+        calls.append(len(c))
+        return c if needed <= set(c) else None
+
+    out = ddmin(list(range(100)), fails, time.monotonic() + 30)
+    assert sorted(out) == sorted(needed)
