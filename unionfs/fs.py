@@ -82,7 +82,7 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = TIMEOUT
         a.attr_timeout = TIMEOUT
         a.st_mode = st.st_mode
-        a.st_nlink = st.st_nlink
+        a.st_nlink = self.u.nlink(node, st)
         a.st_uid = st.st_uid
         a.st_gid = st.st_gid
         a.st_rdev = st.st_rdev

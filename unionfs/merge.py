@@ -16,6 +16,7 @@ and one name, it finds what the view shows at that name:
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from . import syscalls
 from .layers import (OCI_OPAQUE, OCI_WHITEOUT, OVL_OPAQUE, OVL_REDIRECT, OWN_INO, FdCache, Layer,
                      walk_dir)
-from .nodes import Node, make_ino
+from .nodes import ROOT_ID, Node, make_ino
 
 NAME_MAX = 255
 
@@ -90,8 +91,12 @@ class Resolver:
     def upper_fd(self, node: Node) -> int:
         """fd of a directory node's upper directory (it must exist there)."""
         assert self.upper is not None
-        if node.parent is None:
+        if node.id == ROOT_ID:
             return self.upper.fd
+        if node.pin is not None:
+            return node.pin
+        if node.parent is None:
+            raise OSError(errno.ENOENT, "directory was removed")
 
         def opener() -> int:
             return syscalls.open_dir_at(self.upper_fd(node.parent), node.name)

@@ -200,6 +200,14 @@ class Union:
     def stat(self, node: Node) -> os.stat_result:
         return syscalls.stat_at(*self.loc(node))
 
+    @staticmethod
+    def nlink(node: Node, st: os.stat_result) -> int:
+        """st_nlink as overlayfs reports it: 1 for a directory merged from several layers,
+        whose true subdirectory count no single layer knows (find(1) takes 1 as "unknown")."""
+        if node.is_dir and (len(node.lowers) > 1 or node.merged):
+            return 1
+        return st.st_nlink
+
     def lookup(self, parent: Node, name: bytes) -> tuple[Node | None, os.stat_result | None]:
         """Resolve a name; the caller counts the reference (NodeTable.ref)."""
         self._check_name(name)
