@@ -276,10 +276,18 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext):
         await self.u.setxattr(self.u.node(inode), name, value)
+        await self._acl_changed(inode, name)
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext):
         await self.u.removexattr(self.u.node(inode), name)
+        await self._acl_changed(inode, name)
+
+    @staticmethod
+    async def _acl_changed(inode: int, name: bytes) -> None:
+        """An access ACL rewrites the mode on disk behind the kernel's attribute cache."""
+        if name.startswith(b"system.posix_acl"):
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
