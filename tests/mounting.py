@@ -73,3 +73,31 @@ def unionfs_mount(lowers: Sequence[str], upper: str | None, mnt: str, workdir: s
     finally:
         subprocess.run(unionfs_cmd("umount", mnt), capture_output=True, timeout=60)
         force_unmount(mnt)
+
+
+def pid_gone(pid: int) -> bool:
+    """True once *pid* has exited (a zombie nobody reaped counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def daemon_pids(mnt: str) -> list[int]:
+    """Live unionfs daemons serving *mnt*, found by command line (not by pid file)."""
+    mnt = os.path.realpath(mnt)
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if (any(os.path.basename(a) == "unionfs" for a in args) and "umount" not in args
+                and any(a.startswith("/") and os.path.realpath(a) == mnt for a in args)
+                and not pid_gone(int(entry))):
+            pids.append(int(entry))
+    return pids

@@ -1,0 +1,302 @@
+"""The `unionfs` command line: bad input is one line and touches nothing; mounts
+start and stop cleanly, including dead ones. Real mounts, always cleaned up."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(unionfs_cmd(*args), capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env={**os.environ, **(env or {})})
+
+
+def snapshot(root: Path) -> list[tuple[str, int, int, int]]:
+    """Every path under root with type/mode, size and mtime: "nothing changed" means equal."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [".", *dirnames, *filenames]:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            out.append((os.path.relpath(p, root), st.st_mode, st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
+def mounts_under(root: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line for line in f if line.split()[4].startswith(str(root))]
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """l1 (top) and l2 lower layers, an upper, a mountpoint, and things to trip over."""
+    for d in ("l1/sub", "l2", "up/sub", "mnt", "work"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "l1/top.txt").write_text("top\n")
+    (tmp_path / "l2/bottom.txt").write_text("bottom\n")
+    (tmp_path / "l2/top.txt").write_text("shadowed\n")
+    (tmp_path / "afile").write_text("not a directory\n")
+    return tmp_path
+
+
+def bad_cases(t: Path) -> dict[str, tuple[list[str], int, str, dict[str, str]]]:
+    """name → (arguments, exit status, expected part of the message, extra environment)."""
+    l1, l2, up, mnt = str(t / "l1"), str(t / "l2"), str(t / "up"), str(t / "mnt")
+    return {
+        "missing lower": (["mount", f"{l1}:{t}/nope", up, mnt], 1, "does not exist", {}),
+        "lower is a file": (["mount", f"{l1}:{t}/afile", up, mnt], 1, "is not a directory", {}),
+        "missing upper": (["mount", l1, f"{t}/nope", mnt], 1, "does not exist", {}),
+        "upper is a file": (["mount", l1, f"{t}/afile", mnt], 1, "is not a directory", {}),
+        "missing mountpoint": (["mount", l1, up, f"{t}/nope"], 1, "does not exist", {}),
+        "empty lower list": (["mount", "", up, mnt], 1, "lower layer list is empty", {}),
+        "empty lower entry": (["mount", f"{l1}::{l2}", up, mnt], 1, "empty path", {}),
+        "same lower twice": (["mount", f"{l1}:{l2}:{l1}", up, mnt], 1, "used twice", {}),
+        "same lower twice via ..": (["mount", f"{l1}:{t}/l2/../l1", up, mnt], 1, "used twice", {}),
+        "lower is upper": (["mount", f"{l1}:{l2}", l2, mnt], 1, "used twice", {}),
+        "upper inside lower": (["mount", l1, f"{l1}/sub", mnt], 1, "inside", {}),
+        "lower inside upper": (["mount", f"{up}/sub", up, mnt], 1, "inside", {}),
+        "mountpoint inside lower": (["mount", l1, up, f"{l1}/sub"], 1, "inside", {}),
+        "mountpoint is upper": (["mount", l1, up, up], 1, "mountpoint", {}),
+        "mountpoint is lower": (["mount", l1, l1], 1, "mountpoint", {}),
+        "layer inside mountpoint": (["mount", l1, up, str(t)], 1, "inside the mountpoint", {}),
+        "workdir inside upper": (["mount", "--workdir", f"{up}/sub", l1, up, mnt], 1, "overlaps", {}),
+        "workdir is a lower": (["mount", "--workdir", l2, f"{l1}:{l2}", up, mnt], 1, "overlaps", {}),
+        "missing workdir": (["mount", "--workdir", f"{t}/nope", l1, up, mnt], 1, "does not exist", {}),
+        "workdir twice": (["mount", "--workdir", f"{t}/work", "-o", f"workdir={t}/l2", l1, up, mnt],
+                          1, "workdir given twice", {}),
+        "workdir without upper": (["mount", "-o", f"workdir={t}/work", l1, mnt], 1, "needs an upper", {}),
+        "unknown option": (["mount", "-o", "rw,bogus", l1, up, mnt], 1, "unknown mount option 'bogus'", {}),
+        "bad fsync": (["mount", "-o", "fsync=yes", l1, up, mnt], 1, "fsync must be 0 or 1", {}),
+        "unsupported option": (["mount", "-o", "metacopy=on", l1, up, mnt], 1, "not supported", {}),
+        "too few arguments": (["mount", l1], 2, "too few arguments", {}),
+        "no arguments": (["mount"], 2, "too few arguments", {}),
+        "too many arguments": (["mount", l1, up, mnt, mnt], 2, "too many arguments", {}),
+        "lowers given twice": (["mount", "-o", f"lowerdir={l1}", l2, mnt], 2, "only the MOUNTPOINT", {}),
+        "upper given twice": (["mount", "-o", f"upperdir={up}", l1, up, mnt], 2, "upper layer given twice", {}),
+        "unknown flag": (["mount", "--bogus", l1, up, mnt], 2, "unrecognized arguments", {}),
+        "unknown subcommand": (["frobnicate"], 2, "unknown command 'frobnicate'", {}),
+        "no subcommand": ([], 2, "missing command", {}),
+        "helper form without lowerdir": (["src", mnt, "-o", "rw"], 2, "needs -o lowerdir", {}),
+        "umount of a plain directory": (["umount", mnt], 1, "not a unionfs mount", {}),
+        "umount of another filesystem": (["umount", "/"], 1, "not a unionfs mount", {}),
+        "umount of a missing path": (["umount", f"{t}/nope"], 1, "not a unionfs mount", {}),
+        "no /dev/fuse": (["mount", l1, up, mnt], 1, "cannot use FUSE",
+                         {"UNIONFS_DEV_FUSE": f"{t}/no-such-device"}),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(bad_cases(Path("/x"))))
+def test_bad_input_is_one_line_and_changes_nothing(tree: Path, case: str) -> None:
+    args, code, message, env = bad_cases(tree)[case]
+    before = snapshot(tree)
+    proc = run(*args, env=env)
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("unionfs: error: ")
+    assert message in lines[0]
+    assert proc.stdout == ""
+    assert snapshot(tree) == before
+    assert mounts_under(tree) == []
+
+
+def test_workdir_on_another_filesystem(tree: Path) -> None:
+    other = tree / "other"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(other)], check=True)
+    try:
+        before = snapshot(tree)
+        proc = run("mount", "--workdir", str(other), str(tree / "l1"), str(tree / "up"), str(tree / "mnt"))
+        assert proc.returncode == 1
+        assert proc.stderr.count("\n") == 1 and "same filesystem" in proc.stderr
+        assert snapshot(tree) == before
+    finally:
+        force_unmount(str(other))
+
+
+def test_help() -> None:
+    proc = run("--help")
+    assert proc.returncode == 0
+    assert "mount" in proc.stdout and "umount" in proc.stdout
+    proc = run("mount", "--help")
+    assert proc.returncode == 0 and "LOWER[:LOWER...]" in proc.stdout
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("unionfs ")
+
+
+def test_mount_umount_roundtrip(tree: Path) -> None:
+    mnt = tree / "mnt"
+    proc = run("mount", f"{tree}/l1:{tree}/l2", str(tree / "up"), str(mnt))
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == "" and proc.stderr == ""
+        assert is_mounted(str(mnt))  # live as soon as the command returned
+        assert " - fuse.unionfs unionfs " in "".join(mounts_under(mnt))
+        assert (mnt / "top.txt").read_text() == "top\n"
+        assert (mnt / "bottom.txt").read_text() == "bottom\n"
+        (mnt / "new.txt").write_text("new\n")
+        assert (tree / "up/new.txt").read_text() == "new\n"
+        work = tree / ".up.unionfs-work"
+        assert stat.S_IMODE(work.stat().st_mode) == 0o700
+        pids = daemon_pids(str(mnt))
+        assert len(pids) == 1
+    finally:
+        done = run("umount", str(mnt))
+        force_unmount(str(mnt))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
+    assert not is_mounted(str(mnt))
+    assert pid_gone(pids[0]), "umount returned before the daemon exited"
+    assert not (tree / "l1/new.txt").exists() and not (tree / "l2/new.txt").exists()
+
+
+def test_umount_of_a_dead_mount(tree: Path) -> None:
+    mnt = str(tree / "mnt")
+    with unionfs_mount([f"{tree}/l1"], str(tree / "up"), mnt):
+        (pid,) = daemon_pids(mnt)
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: pid_gone(pid))
+        with pytest.raises(OSError) as exc:
+            os.listdir(mnt)
+        assert exc.value.errno == errno.ENOTCONN
+        proc = run("umount", mnt)
+        assert proc.returncode == 0, proc.stderr
+        assert not is_mounted(mnt)
+        assert os.listdir(mnt) == []  # the mountpoint is usable again
+    # and a new mount of the same layers works
+    with unionfs_mount([f"{tree}/l1"], str(tree / "up"), mnt):
+        assert (Path(mnt) / "top.txt").read_text() == "top\n"
+    assert not is_mounted(mnt)
+
+
+def test_umount_of_a_dead_busy_mount_is_lazy(tree: Path) -> None:
+    mnt = str(tree / "mnt")
+    with unionfs_mount([f"{tree}/l1"], None, mnt):
+        holder = subprocess.Popen(["sleep", "60"], cwd=mnt)
+        try:
+            (pid,) = daemon_pids(mnt)
+            os.kill(pid, signal.SIGKILL)
+            assert wait_for(lambda: pid_gone(pid))
+            proc = run("umount", mnt)
+            assert proc.returncode == 0, proc.stderr
+            assert not is_mounted(mnt)
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+def test_umount_of_a_busy_live_mount_fails(tree: Path) -> None:
+    mnt = str(tree / "mnt")
+    with unionfs_mount([f"{tree}/l1"], str(tree / "up"), mnt):
+        holder = subprocess.Popen(["sleep", "60"], cwd=mnt)
+        try:
+            proc = run("umount", mnt)
+            assert proc.returncode == 1
+            assert proc.stderr.count("\n") == 1 and "busy" in proc.stderr
+            assert is_mounted(mnt) and (Path(mnt) / "top.txt").read_text() == "top\n"
+        finally:
+            holder.kill()
+            holder.wait()
+        proc = run("umount", mnt)
+        assert proc.returncode == 0, proc.stderr
+        assert not is_mounted(mnt)
+
+
+def test_read_only_union_without_upper(tree: Path) -> None:
+    mnt = tree / "mnt"
+    before = snapshot(tree)
+    with unionfs_mount([f"{tree}/l1", f"{tree}/l2"], None, str(mnt)):
+        assert sorted(os.listdir(mnt)) == ["bottom.txt", "sub", "top.txt"]
+        with pytest.raises(OSError) as exc:
+            (mnt / "x").write_text("x")
+        assert exc.value.errno == errno.EROFS
+    assert snapshot(tree) == before  # no workdir, no log, nothing
+
+
+def test_ro_option_with_upper(tree: Path) -> None:
+    mnt = tree / "mnt"
+    with unionfs_mount([f"{tree}/l1"], str(tree / "up"), str(mnt), options=["ro"]):
+        with pytest.raises(OSError) as exc:
+            (mnt / "top.txt").write_text("changed")
+        assert exc.value.errno == errno.EROFS
+        with pytest.raises(OSError) as exc:
+            (mnt / "newdir").mkdir()
+        assert exc.value.errno == errno.EROFS
+    assert os.listdir(tree / "up") == ["sub"]
+
+
+def test_options_replace_positional_layers_and_reach_the_kernel(tree: Path) -> None:
+    mnt = str(tree / "mnt")
+    opts = (f"lowerdir={tree}/l1:{tree}/l2,upperdir={tree}/up,workdir={tree}/work,"
+            "noexec,fsname=demo\\,src,noauto,x-systemd.requires=foo,index=on,redirect_dir=on")
+    proc = run("mount", "-o", opts, mnt)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        (line,) = mounts_under(tree)
+        assert " - fuse.unionfs demo,src " in line and "noexec" in line.split()[5]
+        assert (Path(mnt) / "bottom.txt").read_text() == "bottom\n"
+        assert not (tree / ".up.unionfs-work").exists()  # the given workdir is used
+        assert (tree / "work/unionfs.log").exists()
+    finally:
+        run("umount", mnt)
+        force_unmount(mnt)
+
+
+def test_second_mount_of_the_same_upper_is_refused(tree: Path) -> None:
+    other = tree / "mnt2"
+    other.mkdir()
+    with unionfs_mount([f"{tree}/l1"], str(tree / "up"), str(tree / "mnt")):
+        proc = run("mount", f"{tree}/l2", str(tree / "up"), str(other))
+        assert proc.returncode == 1
+        assert proc.stderr.count("\n") == 1 and "in use" in proc.stderr
+        assert not is_mounted(str(other))
+
+
+def test_foreground_mount_stops_on_sigterm(tree: Path) -> None:
+    mnt = str(tree / "mnt")
+    log = tree / "stderr.log"
+    with open(log, "w") as err:
+        daemon = subprocess.Popen(unionfs_cmd("mount", "-f", "--debug", f"{tree}/l1", mnt),
+                                  cwd=REPO, stderr=err)
+    try:
+        assert wait_for(lambda: is_mounted(mnt)), "foreground mount did not come up"
+        assert (Path(mnt) / "top.txt").read_text() == "top\n"
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+        assert not is_mounted(mnt)
+        assert "DEBUG" in log.read_text()  # --debug logs requests to stderr in the foreground
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        force_unmount(mnt)
+
+
+def test_debug_log_goes_to_the_workdir(tree: Path) -> None:
+    mnt = tree / "mnt"
+    with unionfs_mount([f"{tree}/l1"], str(tree / "up"), str(mnt), options=["debug"]):
+        (mnt / "top.txt").read_text()
+    log = (tree / ".up.unionfs-work/unionfs.log").read_text()
+    assert "DEBUG" in log and "lookup" in log
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
