@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import IO, Iterator
+from typing import Any
 
 from .config import FSTYPE, MountConfig, escape_fuse_option, kernel_flag_options
 
@@ -271,13 +271,7 @@ def _prepare(config: MountConfig) -> _Session:
         options = {escape_fuse_option(o) for o in options}
     except (OSError, ValueError) as e:
         raise MountError(f"cannot open the layers: {_describe(e)}") from None
-    with _captured_stderr() as captured:
-        try:
-            pyfuse3.init(ops, config.mountpoint, options)
-        except Exception as e:  # pyfuse3 raises RuntimeError; libfuse says why on stderr
-            detail = captured.read().strip().splitlines()
-            reason = detail[-1].removeprefix("fuse: ") if detail else str(e)
-            raise MountError(f"cannot mount on '{config.mountpoint}': {reason}") from None
+    _init_fuse(pyfuse3, ops, config.mountpoint, options)
     entry = top_mount(config.mountpoint)
     pidfile = None
     if entry is not None:
@@ -293,23 +287,26 @@ def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-@contextlib.contextmanager
-def _captured_stderr() -> Iterator[IO[str]]:
-    """Collect what libfuse writes to fd 2, to turn it into our one-line error."""
+def _init_fuse(pyfuse3: Any, ops: Any, mountpoint: str, options: set[str]) -> None:
+    """pyfuse3.init, with libfuse's complaint on fd 2 turned into our one-line error."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile("w+") as tmp:
-        os.dup2(tmp.fileno(), 2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
         try:
-            yield tmp
+            pyfuse3.init(ops, mountpoint, options)
+            return
+        except Exception as e:  # pyfuse3 raises RuntimeError; libfuse says why on stderr
+            error = e
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-            tmp.seek(0)
-            text = tmp.read()
-            tmp.seek(0)
-            if text:
-                log.debug("libfuse: %s", text.strip())
+        captured.seek(0)
+        said = [line for line in captured.read().decode(errors="replace").splitlines() if line.strip()]
+    for line in said:
+        log.debug("libfuse: %s", line)
+    reason = said[-1].strip().removeprefix("fuse: ") if said else str(error)
+    raise MountError(f"cannot mount on '{mountpoint}': {reason}")
 
 
 def _lock_dir(path: str, what: str) -> int:
