@@ -1,0 +1,505 @@
+"""Resolution rules and namespace operations of unionfs.union.Union, without FUSE.
+
+Each test builds a Union over the fixture layers (see conftest.py) and calls
+its methods directly: lookup/list_dir for the view, and unlink, rmdir, mkdir,
+rename (under trio.run) for what they leave in the upper, which must be in
+kernel overlayfs format.
+"""
+from __future__ import annotations
+
+import errno
+import inspect
+import os
+import stat
+
+import pytest
+import trio
+
+from unionfs.union import Caller
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def do(fn, *args):
+    """Call a Union method, under trio.run when it is a coroutine function."""
+    if inspect.iscoroutinefunction(fn):
+        return trio.run(fn, *args)
+    res = fn(*args)
+    if inspect.iscoroutine(res):
+        async def wait():
+            return await res
+        return trio.run(wait)
+    return res
+
+
+def walk(u, path: str):
+    """Look a view path up component by component, counting references like the kernel."""
+    node = u.root
+    for part in [p for p in path.split("/") if p]:
+        child, _ = u.lookup(node, part.encode())
+        if child is None:
+            raise FileNotFoundError(errno.ENOENT, "not in the view", path)
+        node = u.nodes.ref(child)
+    return node
+
+
+def exists(u, path: str) -> bool:
+    try:
+        walk(u, path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def read(u, path: str) -> bytes:
+    from unionfs import syscalls
+    fd = syscalls.open_at(*u.loc(walk(u, path)), os.O_RDONLY)
+    try:
+        return os.read(fd, 1 << 24)
+    finally:
+        os.close(fd)
+
+
+def ls(u, path: str = "") -> set[str]:
+    out = [n.decode() for n in u.list_dir(walk(u, path))]
+    assert len(out) == len(set(out)), f"duplicate names in {path!r}: {out}"
+    return set(out)
+
+
+def split(u, path: str):
+    parent, _, name = path.rpartition("/")
+    return walk(u, parent), name.encode()
+
+
+def is_whiteout(path: str) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
+
+
+def xattr(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.ENODATA:
+            return None
+        raise
+
+
+def rename(u, old: str, new: str, flags: int = 0) -> None:
+    p1, n1 = split(u, old)
+    p2, n2 = split(u, new)
+    do(u.rename, p1, n1, p2, n2, flags)
+
+
+def work_leftovers(layers) -> list[str]:
+    return os.listdir(os.path.join(layers.work, "work"))
+
+
+ROOT = Caller(0, 0)
+
+
+# -- lookup and readdir -------------------------------------------------------------------
+
+def test_root_lists_merged_names(union):
+    names = ls(union)
+    expected = {"dir", "shadow.txt", "opq", "ociopq", "merged", "hl", "other", "sym_rel",
+                "sym_abs", "sym_dangling", "fifo", "null", "xattr.txt", "owned.txt", "suid.bin",
+                "rootfile.txt", "times.txt", "big.bin", "tmp", "userdir", "emptydir", "wdir",
+                "wdir2"}
+    assert names == expected
+
+
+def test_shadowing_top_most_wins(union):
+    assert read(union, "shadow.txt") == b"top-shadow\n"
+    assert read(union, "dir/b.txt") == b"mid-b\n"
+    assert read(union, "dir/a.txt") == b"bottom-a\n"
+
+
+def test_upper_shadows_lowers(layers, make_union):
+    os.makedirs(layers.u("dir"))
+    with open(layers.u("dir/a.txt"), "w") as f:
+        f.write("upper-a\n")
+    u = make_union()
+    assert read(u, "dir/a.txt") == b"upper-a\n"
+    assert "a.txt" in ls(u, "dir") and "top.txt" in ls(u, "dir")
+
+
+def test_merged_dir_combines_all_layers(union):
+    assert ls(union, "merged") == {"t1.txt", "m1.txt", "o1.txt", "b1.txt"}
+    assert ls(union, "dir") == {"a.txt", "b.txt", "top.txt", "sub", "sym_out"}
+
+
+def test_kernel_whiteout_in_lower_hides(union):
+    assert not exists(union, "gone.txt")
+    assert not exists(union, "dir/gone2.txt")
+    assert "gone.txt" not in ls(union)
+    assert "gone2.txt" not in ls(union, "dir")
+
+
+def test_oci_whiteout_in_lower_hides(union):
+    assert not exists(union, "ocigone.txt")
+    assert not exists(union, "dir/hidden.txt")
+    assert "ocigone.txt" not in ls(union)
+
+
+def test_oci_markers_never_listed_nor_found(union):
+    for d in ("", "dir", "ociopq", "merged"):
+        assert not any(n.startswith(".wh.") for n in ls(union, d)), d
+    assert not exists(union, ".wh.ocigone.txt")
+    assert not exists(union, "ociopq/.wh..wh..opq")
+    assert not exists(union, "dir/.wh.hidden.txt")
+
+
+def test_kernel_opaque_dir_in_lower(union):
+    assert ls(union, "opq") == {"new.txt"}
+    assert not exists(union, "opq/old.txt")
+    assert read(union, "opq/new.txt") == b"mid-opq-new\n"
+
+
+def test_oci_opaque_dir_in_lower(union):
+    assert ls(union, "ociopq") == {"new.txt"}
+    assert not exists(union, "ociopq/old.txt")
+
+
+def test_whiteout_in_upper_hides(layers, make_union):
+    os.mknod(layers.u("shadow.txt"), stat.S_IFCHR, os.makedev(0, 0))
+    os.makedirs(layers.u("dir"))
+    os.mknod(layers.u("dir/a.txt"), stat.S_IFCHR, os.makedev(0, 0))
+    u = make_union()
+    assert not exists(u, "shadow.txt")
+    assert "shadow.txt" not in ls(u)
+    assert not exists(u, "dir/a.txt")
+    assert "a.txt" not in ls(u, "dir")
+
+
+def test_opaque_dir_in_upper(layers, make_union):
+    os.makedirs(layers.u("merged"))
+    os.setxattr(layers.u("merged"), "trusted.overlay.opaque", b"y")
+    with open(layers.u("merged/u.txt"), "w") as f:
+        f.write("u\n")
+    u = make_union()
+    assert ls(u, "merged") == {"u.txt"}
+    assert not exists(u, "merged/b1.txt")
+
+
+def test_opaque_upper_root(layers, make_union):
+    os.setxattr(layers.upper, "trusted.overlay.opaque", b"y")
+    u = make_union()
+    assert ls(u) == set()
+
+
+def test_redirect_absolute(layers, make_union):
+    """A renamed lower dir: the new name carries redirect=/old, the old name a whiteout."""
+    os.makedirs(layers.u("sub"))
+    os.makedirs(layers.u("sub/moved"))
+    os.setxattr(layers.u("sub/moved"), "trusted.overlay.redirect", b"/wdir")
+    os.mknod(layers.u("wdir"), stat.S_IFCHR, os.makedev(0, 0))
+    u = make_union()
+    assert not exists(u, "wdir")
+    assert ls(u, "sub/moved") == {"x", "z.txt"}
+    assert read(u, "sub/moved/x/y.txt") == b"wdir-y\n"
+
+
+def test_redirect_relative(layers, make_union):
+    os.makedirs(layers.u("wdir-renamed"))
+    os.setxattr(layers.u("wdir-renamed"), "trusted.overlay.redirect", b"wdir")
+    os.mknod(layers.u("wdir"), stat.S_IFCHR, os.makedev(0, 0))
+    u = make_union()
+    assert ls(u, "wdir-renamed") == {"x", "z.txt"}
+    assert read(u, "wdir-renamed/z.txt") == b"wdir-z\n"
+
+
+def test_redirect_to_merged_dir_keeps_all_lower_layers(layers, make_union):
+    os.makedirs(layers.u("m2"))
+    os.setxattr(layers.u("m2"), "trusted.overlay.redirect", b"/merged")
+    u = make_union()
+    assert ls(u, "m2") == {"t1.txt", "m1.txt", "o1.txt", "b1.txt"}
+
+
+def test_invalid_redirect_ignored(layers, make_union):
+    os.makedirs(layers.u("dir"))
+    os.setxattr(layers.u("dir"), "trusted.overlay.redirect", b"../../etc")
+    u = make_union()
+    assert ls(u, "dir") == {"a.txt", "b.txt", "top.txt", "sub", "sym_out"}
+
+
+def test_upper_file_over_lower_dir_stops_merge(layers, make_union):
+    with open(layers.u("merged"), "w") as f:
+        f.write("file now\n")
+    u = make_union()
+    node = walk(u, "merged")
+    assert not node.is_dir
+    assert read(u, "merged") == b"file now\n"
+
+
+def test_lookup_dot_and_dotdot(union):
+    d = walk(union, "dir/sub")
+    node, _ = union.lookup(d, b".")
+    assert node is d
+    node, _ = union.lookup(d, b"..")
+    assert node.id == walk(union, "dir").id
+
+
+def test_lookup_name_too_long(union):
+    with pytest.raises(OSError) as ei:
+        union.lookup(union.root, b"x" * 256)
+    assert ei.value.errno == errno.ENAMETOOLONG
+    node, st = union.lookup(union.root, b"x" * 255)
+    assert node is None and st is None
+
+
+def test_inode_numbers_distinct_and_stable(layers, make_union):
+    u1 = make_union()
+    ids = {p: walk(u1, p).id for p in ("dir", "dir/a.txt", "dir/b.txt", "shadow.txt",
+                                       "merged/t1.txt", "merged/b1.txt", "hl/one", "other/two")}
+    # hard links: one inode
+    assert ids["hl/one"] == ids["other/two"]
+    others = [v for k, v in ids.items() if k != "other/two"]
+    assert len(set(others)) == len(others)
+    u2 = make_union()
+    assert {p: walk(u2, p).id for p in ids} == ids
+
+
+def test_no_upper_is_read_only(make_union):
+    u = make_union(upper=False)
+    assert read(u, "shadow.txt") == b"top-shadow\n"
+    with pytest.raises(OSError) as ei:
+        do(u.ensure_upper, walk(u, "dir/a.txt"))
+    assert ei.value.errno == errno.EROFS
+    with pytest.raises(OSError) as ei:
+        do(u.mkdir, u.root, b"new", 0o755, ROOT)
+    assert ei.value.errno == errno.EROFS
+    with pytest.raises(OSError) as ei:
+        do(u.unlink, walk(u, "dir"), b"a.txt")
+    assert ei.value.errno == errno.EROFS
+
+
+def test_readonly_with_upper(layers, make_union):
+    u = make_union(readonly=True)
+    for call in (lambda: do(u.mkdir, u.root, b"new", 0o755, ROOT),
+                 lambda: do(u.unlink, walk(u, "dir"), b"a.txt"),
+                 lambda: do(u.rmdir, u.root, b"emptydir"),
+                 lambda: do(u.ensure_upper, walk(u, "dir/a.txt")),
+                 lambda: rename(u, "shadow.txt", "s2")):
+        with pytest.raises(OSError) as ei:
+            call()
+        assert ei.value.errno == errno.EROFS
+    assert os.listdir(layers.upper) == []
+
+
+# -- removing names -----------------------------------------------------------------------
+
+def test_unlink_lower_file_leaves_kernel_whiteout(layers, union):
+    do(union.unlink, walk(union, "dir"), b"a.txt")
+    assert is_whiteout(layers.u("dir/a.txt"))
+    assert not exists(union, "dir/a.txt")
+    assert "a.txt" not in ls(union, "dir")
+    assert work_leftovers(layers) == []
+
+
+def test_unlink_upper_only_file_leaves_nothing(layers, union):
+    node, fh = do(union.create, union.root, b"new.txt", 0o644, os.O_WRONLY, ROOT)
+    union.release(fh)
+    do(union.unlink, union.root, b"new.txt")
+    assert not os.path.lexists(layers.u("new.txt"))
+
+
+def test_unlink_copied_up_file_leaves_whiteout(layers, union):
+    do(union.ensure_upper, walk(union, "shadow.txt"))
+    do(union.unlink, union.root, b"shadow.txt")
+    assert is_whiteout(layers.u("shadow.txt"))
+    assert not exists(union, "shadow.txt")
+    assert work_leftovers(layers) == []
+
+
+def test_unlink_directory_is_eisdir(union):
+    with pytest.raises(OSError) as ei:
+        do(union.unlink, union.root, b"dir")
+    assert ei.value.errno == errno.EISDIR
+
+
+def test_unlink_missing_is_enoent(union):
+    for name in (b"nothing", b"gone.txt", b"ocigone.txt"):
+        with pytest.raises(OSError) as ei:
+            do(union.unlink, union.root, name)
+        assert ei.value.errno == errno.ENOENT
+
+
+def test_rmdir_merged_nonempty(union):
+    with pytest.raises(OSError) as ei:
+        do(union.rmdir, union.root, b"merged")
+    assert ei.value.errno == errno.ENOTEMPTY
+
+
+def test_rmdir_not_a_dir(union):
+    with pytest.raises(OSError) as ei:
+        do(union.rmdir, union.root, b"shadow.txt")
+    assert ei.value.errno == errno.ENOTDIR
+
+
+def test_rmdir_lower_empty_dir_leaves_whiteout(layers, union):
+    do(union.rmdir, union.root, b"emptydir")
+    assert is_whiteout(layers.u("emptydir"))
+    assert not exists(union, "emptydir")
+
+
+def test_rmdir_dir_emptied_through_whiteouts(layers, union):
+    """A dir that only holds whiteouts is empty in the view; rmdir works and leaves a whiteout."""
+    do(union.unlink, walk(union, "merged"), b"t1.txt")
+    do(union.unlink, walk(union, "merged"), b"m1.txt")
+    do(union.unlink, walk(union, "merged"), b"o1.txt")
+    do(union.unlink, walk(union, "merged"), b"b1.txt")
+    assert ls(union, "merged") == set()
+    do(union.rmdir, union.root, b"merged")
+    assert is_whiteout(layers.u("merged"))
+    assert work_leftovers(layers) == []
+
+
+def test_rmdir_then_mkdir_is_empty_and_opaque(layers, union):
+    wdir = walk(union, "wdir2")
+    do(union.unlink, wdir, b"q.txt")
+    do(union.rmdir, union.root, b"wdir2")
+    node = do(union.mkdir, union.root, b"wdir2", 0o750, ROOT)
+    assert node.opaque
+    assert xattr(layers.u("wdir2"), "trusted.overlay.opaque") == b"y"
+    assert stat.S_IMODE(os.lstat(layers.u("wdir2")).st_mode) == 0o750
+    assert ls(union, "wdir2") == set()
+    assert os.listdir(layers.u("wdir2")) == []
+    assert work_leftovers(layers) == []
+
+
+def test_mkdir_over_whiteout_in_lower_is_opaque(layers, union):
+    """gone.txt is whited out in a lower: a new dir there must not merge anything below."""
+    do(union.mkdir, union.root, b"gone.txt", 0o755, ROOT)
+    assert stat.S_ISDIR(os.lstat(layers.u("gone.txt")).st_mode)
+    assert ls(union, "gone.txt") == set()
+
+
+def test_mkdir_fresh_name_not_opaque(layers, union):
+    do(union.mkdir, union.root, b"brandnew", 0o755, ROOT)
+    assert xattr(layers.u("brandnew"), "trusted.overlay.opaque") is None
+
+
+def test_mkdir_existing_eexist(union):
+    for name in (b"dir", b"shadow.txt", b"merged"):
+        with pytest.raises(OSError) as ei:
+            do(union.mkdir, union.root, name, 0o755, ROOT)
+        assert ei.value.errno == errno.EEXIST
+
+
+def test_mkdir_owner_is_caller(layers, union):
+    do(union.mkdir, walk(union, "tmp"), b"mine", 0o700, Caller(1000, 1000))
+    st = os.lstat(layers.u("tmp/mine"))
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+    # the parent was copied up with its own metadata
+    pst = os.lstat(layers.u("tmp"))
+    assert stat.S_IMODE(pst.st_mode) == 0o1777
+
+
+def test_mknod_whiteout_device_refused(union):
+    with pytest.raises(OSError) as ei:
+        do(union.mknod, union.root, b"wh", stat.S_IFCHR | 0o644, 0, ROOT)
+    assert ei.value.errno == errno.EPERM
+
+
+def test_create_over_lower_whiteout(layers, union):
+    node, fh = do(union.create, union.root, b"gone.txt", 0o644, os.O_WRONLY, ROOT)
+    union.release(fh)
+    assert exists(union, "gone.txt")
+    assert read(union, "gone.txt") == b""
+    assert stat.S_ISREG(os.lstat(layers.u("gone.txt")).st_mode)
+
+
+# -- rename -------------------------------------------------------------------------------
+
+def test_rename_lower_file(layers, union):
+    rename(union, "dir/a.txt", "dir/a2.txt")
+    assert read(union, "dir/a2.txt") == b"bottom-a\n"
+    assert not exists(union, "dir/a.txt")
+    assert is_whiteout(layers.u("dir/a.txt"))
+    with open(layers.u("dir/a2.txt"), "rb") as f:
+        assert f.read() == b"bottom-a\n"
+    assert work_leftovers(layers) == []
+
+
+def test_rename_lower_dir_sets_redirect(layers, union):
+    rename(union, "wdir", "wdir-moved")
+    assert ls(union, "wdir-moved") == {"x", "z.txt"}
+    assert read(union, "wdir-moved/x/y.txt") == b"wdir-y\n"
+    assert not exists(union, "wdir")
+    assert is_whiteout(layers.u("wdir"))
+    rd = xattr(layers.u("wdir-moved"), "trusted.overlay.redirect")
+    assert rd in (b"/wdir", b"wdir")
+
+
+def test_rename_lower_dir_into_other_dir(layers, union):
+    rename(union, "wdir", "dir/sub/deeper")
+    assert ls(union, "dir/sub/deeper") == {"x", "z.txt"}
+    assert xattr(layers.u("dir/sub/deeper"), "trusted.overlay.redirect") == b"/wdir"
+
+
+def test_rename_renamed_dir_again_keeps_contents(layers, make_union):
+    u = make_union()
+    rename(u, "wdir", "w1")
+    rename(u, "w1", "dir/w2")
+    assert ls(u, "dir/w2") == {"x", "z.txt"}
+    assert not exists(u, "w1") and not exists(u, "wdir")
+    u2 = make_union()   # what is on disk alone says the same
+    assert ls(u2, "dir/w2") == {"x", "z.txt"}
+    assert not exists(u2, "w1") and not exists(u2, "wdir")
+
+
+def test_rename_dir_over_empty_lower_dir(layers, union):
+    rename(union, "wdir", "emptydir")
+    assert ls(union, "emptydir") == {"x", "z.txt"}
+    assert not exists(union, "wdir")
+
+
+def test_rename_dir_over_nonempty_dir_enotempty(union):
+    with pytest.raises(OSError) as ei:
+        rename(union, "wdir", "wdir2")
+    assert ei.value.errno == errno.ENOTEMPTY
+
+
+def test_rename_file_over_dir_eisdir_and_reverse_enotdir(union):
+    with pytest.raises(OSError) as ei:
+        rename(union, "shadow.txt", "emptydir")
+    assert ei.value.errno == errno.EISDIR
+    with pytest.raises(OSError) as ei:
+        rename(union, "emptydir", "shadow.txt")
+    assert ei.value.errno == errno.ENOTDIR
+
+
+def test_rename_noreplace(union):
+    with pytest.raises(OSError) as ei:
+        rename(union, "dir/a.txt", "dir/b.txt", 1)
+    assert ei.value.errno == errno.EEXIST
+    rename(union, "dir/a.txt", "dir/c.txt", 1)
+    assert read(union, "dir/c.txt") == b"bottom-a\n"
+
+
+def test_rename_exchange(layers, union):
+    rename(union, "dir/a.txt", "shadow.txt", 2)
+    assert read(union, "dir/a.txt") == b"top-shadow\n"
+    assert read(union, "shadow.txt") == b"bottom-a\n"
+
+
+def test_rename_exchange_missing_enoent(union):
+    with pytest.raises(OSError) as ei:
+        rename(union, "dir/a.txt", "dir/none", 2)
+    assert ei.value.errno == errno.ENOENT
+
+
+def test_rename_to_whiteout_name(layers, union):
+    rename(union, "shadow.txt", "gone.txt")
+    assert read(union, "gone.txt") == b"top-shadow\n"
+    assert not exists(union, "shadow.txt")
+
+
+def test_rename_keeps_inode_number(union):
+    ino = walk(union, "dir/a.txt").id
+    rename(union, "dir/a.txt", "merged/a.txt")
+    assert walk(union, "merged/a.txt").id == ino
+    dino = walk(union, "wdir").id
+    rename(union, "wdir", "wd")
+    assert walk(union, "wd").id == dino
