@@ -110,6 +110,7 @@ def build_bottom(d: str) -> None:
     # special files
     os.mkfifo(os.path.join(d, "fifo"), 0o644)
     os.mknod(os.path.join(d, "null"), stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.chmod(os.path.join(d, "null"), 0o666)
     # xattrs, owners, modes, times
     _write(d, "xattr.txt", "xattrs\n", xattrs={"user.color": b"blue", "trusted.secret": b"s3"})
     _write(d, "owned.txt", "owned by 1000\n", mode=0o600, uid=OTHER_UID, gid=OTHER_UID)

@@ -1,0 +1,369 @@
+"""Copy-up through unionfs.union.Union, without FUSE.
+
+What a copied-up object must look like in the upper (data, type, mode, owner,
+times to the nanosecond, xattrs), that its parents come up with their own
+metadata and unchanged times, that hard-linked lower files come up as one
+upper inode under all their names, and that copy-up is atomic: nothing left
+in WORKDIR/work, and a failure half-way leaves nothing in the upper.
+"""
+from __future__ import annotations
+
+import errno
+import inspect
+import os
+import stat
+
+import pytest
+import trio
+
+from unionfs import copyup as copyup_mod
+from unionfs import syscalls
+from unionfs.union import Caller, SetAttr
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def do(fn, *args):
+    """Call a Union method, under trio.run when it is a coroutine function."""
+    if inspect.iscoroutinefunction(fn):
+        return trio.run(fn, *args)
+    res = fn(*args)
+    if inspect.iscoroutine(res):
+        async def wait():
+            return await res
+        return trio.run(wait)
+    return res
+
+
+def walk(u, path: str):
+    node = u.root
+    for part in [p for p in path.split("/") if p]:
+        child, _ = u.lookup(node, part.encode())
+        if child is None:
+            raise FileNotFoundError(errno.ENOENT, "not in the view", path)
+        node = u.nodes.ref(child)
+    return node
+
+
+def read(u, path: str) -> bytes:
+    fd = syscalls.open_at(*u.loc(walk(u, path)), os.O_RDONLY)
+    try:
+        return os.read(fd, 1 << 24)
+    finally:
+        os.close(fd)
+
+
+def up(u, path: str):
+    node = walk(u, path)
+    do(u.ensure_upper, node)
+    return node
+
+
+def lower_of(layers, rel: str) -> str:
+    for d in layers.lowers:
+        if os.path.lexists(os.path.join(d, rel)):
+            return os.path.join(d, rel)
+    raise FileNotFoundError(rel)
+
+
+def user_xattrs(path: str) -> dict[str, bytes]:
+    out = {}
+    for name in os.listxattr(path, follow_symlinks=False):
+        if name.startswith(("trusted.overlay.", "trusted.unionfs.")):
+            continue
+        out[name] = os.getxattr(path, name, follow_symlinks=False)
+    return out
+
+
+def work_leftovers(layers) -> list[str]:
+    return os.listdir(os.path.join(layers.work, "work"))
+
+
+def same_meta(a: str, b: str, times: bool = True) -> None:
+    sa, sb = os.lstat(a), os.lstat(b)
+    assert stat.S_IFMT(sa.st_mode) == stat.S_IFMT(sb.st_mode)
+    assert oct(stat.S_IMODE(sa.st_mode)) == oct(stat.S_IMODE(sb.st_mode)), (a, b)
+    assert (sa.st_uid, sa.st_gid) == (sb.st_uid, sb.st_gid), (a, b)
+    if times and not stat.S_ISLNK(sa.st_mode):
+        assert sa.st_mtime_ns == sb.st_mtime_ns, (a, b)
+    if stat.S_ISCHR(sa.st_mode) or stat.S_ISBLK(sa.st_mode):
+        assert sa.st_rdev == sb.st_rdev
+
+
+# -- regular files ------------------------------------------------------------------------
+
+def test_copy_up_regular_file_data(layers, union):
+    up(union, "big.bin")
+    with open(layers.u("big.bin"), "rb") as f:
+        assert f.read() == layers.big
+    same_meta(layers.u("big.bin"), lower_of(layers, "big.bin"))
+    assert work_leftovers(layers) == []
+
+
+def test_copy_up_times_to_the_nanosecond(layers, union):
+    up(union, "times.txt")
+    st = os.lstat(layers.u("times.txt"))
+    assert (st.st_atime_ns, st.st_mtime_ns) == layers.times_ns
+
+
+def test_copy_up_owner_and_mode(layers, union):
+    up(union, "owned.txt")
+    st = os.lstat(layers.u("owned.txt"))
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    with open(layers.u("owned.txt")) as f:
+        assert f.read() == "owned by 1000\n"
+
+
+def test_copy_up_keeps_setuid(layers, union):
+    up(union, "suid.bin")
+    assert stat.S_IMODE(os.lstat(layers.u("suid.bin")).st_mode) == 0o4755
+
+
+def test_copy_up_xattrs(layers, union):
+    up(union, "xattr.txt")
+    assert user_xattrs(layers.u("xattr.txt")) == {"user.color": b"blue", "trusted.secret": b"s3"}
+
+
+def test_copy_up_does_not_copy_overlay_private_xattrs(layers, union):
+    os.setxattr(os.path.join(layers.bottom, "rootfile.txt"), "trusted.overlay.origin", b"junk")
+    up(union, "rootfile.txt")
+    assert "trusted.overlay.origin" not in os.listxattr(layers.u("rootfile.txt"))
+
+
+def test_copy_up_from_middle_layer_takes_top_most(layers, union):
+    up(union, "dir/b.txt")
+    with open(layers.u("dir/b.txt")) as f:
+        assert f.read() == "mid-b\n"
+
+
+def test_copy_up_keeps_view(layers, union):
+    before = walk(union, "dir/a.txt").id
+    node = up(union, "dir/a.txt")
+    assert node.upper
+    assert walk(union, "dir/a.txt").id == before
+    assert read(union, "dir/a.txt") == b"bottom-a\n"
+
+
+def test_copy_up_creates_parents_with_their_metadata(layers, union):
+    up(union, "wdir/x/y.txt")
+    for rel in ("wdir", "wdir/x"):
+        assert stat.S_ISDIR(os.lstat(layers.u(rel)).st_mode)
+        same_meta(layers.u(rel), os.path.join(layers.bottom, rel))
+    # a copied-up dir is neither opaque nor redirected: its lower contents still merge
+    for rel in ("wdir", "wdir/x"):
+        names = os.listxattr(layers.u(rel))
+        assert "trusted.overlay.opaque" not in names and "trusted.overlay.redirect" not in names
+    assert sorted(n.decode() for n in union.list_dir(walk(union, "wdir"))) == ["x", "z.txt"]
+
+
+def test_copy_up_keeps_parent_times(layers, union):
+    """Bringing a child up is not a change to its directory: the parent's times stay."""
+    up(union, "wdir/z.txt")
+    assert os.lstat(layers.u("wdir")).st_mtime_ns == os.lstat(os.path.join(layers.bottom, "wdir")).st_mtime_ns
+    up(union, "wdir/x/y.txt")
+    assert os.lstat(layers.u("wdir")).st_mtime_ns == os.lstat(os.path.join(layers.bottom, "wdir")).st_mtime_ns
+
+
+def test_copy_up_directory_metadata_only(layers, union):
+    up(union, "tmp")
+    st = os.lstat(layers.u("tmp"))
+    assert stat.S_IMODE(st.st_mode) == 0o1777
+    assert os.listdir(layers.u("tmp")) == []
+    assert sorted(n.decode() for n in union.list_dir(walk(union, "tmp"))) == ["rootfile", "userfile"]
+
+
+def test_copy_up_userdir_owner(layers, union):
+    up(union, "userdir/rootowned")
+    st = os.lstat(layers.u("userdir"))
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+
+
+def test_copy_up_symlink(layers, union):
+    up(union, "sym_rel")
+    assert os.readlink(layers.u("sym_rel")) == "dir/a.txt"
+    st = os.lstat(layers.u("sym_rel"))
+    assert stat.S_ISLNK(st.st_mode) and (st.st_uid, st.st_gid) == (1000, 1000)
+    up(union, "dir/sym_out")
+    assert os.readlink(layers.u("dir/sym_out")) == "../../etc/passwd"
+
+
+def test_copy_up_fifo_and_device(layers, union):
+    up(union, "fifo")
+    up(union, "null")
+    assert stat.S_ISFIFO(os.lstat(layers.u("fifo")).st_mode)
+    same_meta(layers.u("fifo"), os.path.join(layers.bottom, "fifo"))
+    st = os.lstat(layers.u("null"))
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert stat.S_IMODE(st.st_mode) == 0o666
+
+
+def test_copy_up_twice_is_noop(layers, union):
+    node = up(union, "dir/a.txt")
+    ino = os.lstat(layers.u("dir/a.txt")).st_ino
+    do(union.ensure_upper, node)
+    assert os.lstat(layers.u("dir/a.txt")).st_ino == ino
+
+
+def test_concurrent_copy_ups_of_one_file(layers, union):
+    node = walk(union, "big.bin")
+
+    async def both():
+        async with trio.open_nursery() as n:
+            for _ in range(4):
+                n.start_soon(union.ensure_upper, node)
+
+    trio.run(both)
+    with open(layers.u("big.bin"), "rb") as f:
+        assert f.read() == layers.big
+    assert work_leftovers(layers) == []
+
+
+# -- hard links ---------------------------------------------------------------------------
+
+HL_NAMES = ("hl/one", "other/two", "other/sub/three")
+
+
+def test_hard_links_copied_up_as_one_inode(layers, union):
+    up(union, "other/two")
+    sts = [os.lstat(layers.u(p)) for p in HL_NAMES]
+    assert len({st.st_ino for st in sts}) == 1, "all names must be one upper inode"
+    assert sts[0].st_nlink == 3
+    for p in HL_NAMES:
+        assert read(union, p) == layers.hl_data
+    assert len({walk(union, p).id for p in HL_NAMES}) == 1
+    assert work_leftovers(layers) == []
+
+
+def test_hard_link_copy_up_keeps_alias_dir_times(layers, union):
+    """Linking the other names in is part of the copy-up: their dirs' times must not change."""
+    up(union, "hl/one")
+    for rel in ("hl", "other", "other/sub"):
+        assert os.lstat(layers.u(rel)).st_mtime_ns == \
+            os.lstat(os.path.join(layers.bottom, rel)).st_mtime_ns, rel
+
+
+def test_hard_link_copy_up_skips_whited_out_name(layers, union):
+    do(union.unlink, walk(union, "other"), b"two")
+    up(union, "hl/one")
+    assert not os.path.lexists(layers.u("other/two")) or \
+        stat.S_ISCHR(os.lstat(layers.u("other/two")).st_mode)
+    assert os.lstat(layers.u("hl/one")).st_ino == os.lstat(layers.u("other/sub/three")).st_ino
+    assert os.lstat(layers.u("hl/one")).st_nlink == 2
+    assert "two" not in [n.decode() for n in union.list_dir(walk(union, "other"))]
+
+
+def test_hard_link_pair_in_one_dir(layers, union):
+    up(union, "hl/p2")
+    assert os.lstat(layers.u("hl/p1")).st_ino == os.lstat(layers.u("hl/p2")).st_ino
+
+
+def test_hard_link_alias_below_renamed_dir(layers, union):
+    p1, p2 = walk(union, ""), walk(union, "")
+    do(union.rename, p1, b"other", p2, b"other-moved", 0)
+    up(union, "hl/one")
+    assert os.lstat(layers.u("hl/one")).st_ino == os.lstat(layers.u("other-moved/two")).st_ino
+    assert read(union, "other-moved/sub/three") == layers.hl_data
+    assert walk(union, "other-moved/two").id == walk(union, "hl/one").id
+
+
+# -- copy-up through the operations -------------------------------------------------------
+
+def test_open_read_only_does_not_copy_up(layers, union):
+    fh = do(union.open, walk(union, "dir/a.txt"), os.O_RDONLY)
+    union.release(fh)
+    assert not os.path.lexists(layers.u("dir/a.txt"))
+
+
+def test_open_for_write_copies_up(layers, union):
+    fh = do(union.open, walk(union, "dir/a.txt"), os.O_WRONLY)
+    union.release(fh)
+    with open(layers.u("dir/a.txt")) as f:
+        assert f.read() == "bottom-a\n"
+
+
+def test_open_trunc_copies_up_empty_with_metadata(layers, union):
+    fh = do(union.open, walk(union, "owned.txt"), os.O_WRONLY | os.O_TRUNC)
+    union.release(fh)
+    st = os.lstat(layers.u("owned.txt"))
+    assert st.st_size == 0 and (st.st_uid, st.st_gid) == (1000, 1000)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_setattr_chmod_copies_up_data(layers, union):
+    do(union.setattr, walk(union, "big.bin"), SetAttr(mode=stat.S_IFREG | 0o600), None)
+    with open(layers.u("big.bin"), "rb") as f:
+        assert f.read() == layers.big
+    assert stat.S_IMODE(os.lstat(layers.u("big.bin")).st_mode) == 0o600
+
+
+def test_setattr_truncate_zero(layers, union):
+    do(union.setattr, walk(union, "big.bin"), SetAttr(size=0), None)
+    assert os.lstat(layers.u("big.bin")).st_size == 0
+
+
+def test_setxattr_copies_up(layers, union):
+    do(union.setxattr, walk(union, "xattr.txt"), b"user.new", b"v")
+    assert user_xattrs(layers.u("xattr.txt")) == {"user.color": b"blue", "trusted.secret": b"s3",
+                                                  "user.new": b"v"}
+
+
+def test_link_copies_up_source(layers, union):
+    do(union.link, walk(union, "dir/a.txt"), walk(union, "merged"), b"a-link")
+    assert os.lstat(layers.u("dir/a.txt")).st_ino == os.lstat(layers.u("merged/a-link")).st_ino
+
+
+def test_mkdir_in_lower_dir_copies_parent_up(layers, union):
+    do(union.mkdir, walk(union, "wdir/x"), b"new", 0o755, Caller(0, 0))
+    same_meta(layers.u("wdir"), os.path.join(layers.bottom, "wdir"))
+
+
+# -- atomicity ----------------------------------------------------------------------------
+
+def test_failure_in_data_copy_leaves_nothing(layers, union, monkeypatch):
+    def boom(src, dst, size):
+        os.write(dst, b"partial")
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(syscalls, "copy_data", boom)
+    with pytest.raises(OSError) as ei:
+        up(union, "big.bin")
+    assert ei.value.errno == errno.EIO
+    assert not os.path.lexists(layers.u("big.bin"))
+    assert work_leftovers(layers) == []
+    monkeypatch.undo()
+    node = up(union, "big.bin")  # and a retry works
+    assert node.upper
+    with open(layers.u("big.bin"), "rb") as f:
+        assert f.read() == layers.big
+
+
+def test_failure_in_metadata_copy_leaves_nothing(layers, union, monkeypatch):
+    def boom(*args):
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(copyup_mod, "copy_xattrs", boom)
+    with pytest.raises(OSError):
+        up(union, "wdir/x/y.txt")
+    assert not os.path.lexists(layers.u("wdir/x/y.txt"))
+    assert work_leftovers(layers) == []
+
+
+def test_failure_in_hard_link_copy_up_leaves_nothing(layers, union, monkeypatch):
+    def boom(*args):
+        raise OSError(errno.ENOSPC, "injected")
+
+    monkeypatch.setattr(syscalls, "copy_data", boom)
+    with pytest.raises(OSError):
+        up(union, "hl/one")
+    for p in HL_NAMES:
+        assert not os.path.lexists(layers.u(p))
+    assert work_leftovers(layers) == []
+
+
+def test_leftovers_of_crashed_mount_removed_at_start(layers, make_union):
+    os.makedirs(os.path.join(layers.work, "work", "t999.1", "deep"))
+    with open(os.path.join(layers.work, "work", "t999.2"), "w") as f:
+        f.write("half a copy")
+    make_union()
+    assert work_leftovers(layers) == []
