@@ -6,7 +6,7 @@ directory (data by reflink or copy_file_range, then owner, mode, xattrs,
 times) and renamed into place. The parent's times are put back afterwards,
 since a copy-up is not a change the user made to the parent.
 
-Identity: the upper copy carries ``trusted.unionfs.ino`` with the st_ino the
+Identity: the upper copy carries ``trusted.overlay.unionfs.ino`` with the st_ino the
 lower object had in the view, so inode numbers survive copy-up and remounts.
 
 Hard links: when the lower object has several names (st_nlink > 1), every
@@ -112,6 +112,7 @@ class CopyUp:
         self.aliases = AliasIndex()
         # set by the owner: resolves a view path to (parent node, entry), for hard-link aliases
         self.entry_at: Callable[[bytes], tuple[Node, Entry] | None] = lambda path: None
+        self.view_paths: Callable[[bytes], list[bytes]] = lambda path: [b"/" + path]
 
     # -- directories (metadata only: never awaits) ---------------------------------
 
@@ -203,18 +204,19 @@ class CopyUp:
         for alias in self.aliases.paths(layer, st.st_ino):
             if alias == path:
                 continue
-            found = self.entry_at(b"/" + alias)
-            if found is None:
-                continue
-            parent, entry = found
-            if entry.upper or not entry.lowers or entry.lowers[0] != (layer, alias):
-                continue  # that name now shows something else (whiteout, shadow, replaced)
-            self.dir(parent)
-            try:
-                os.link(node.name, entry.name, src_dir_fd=src_fd,
-                        dst_dir_fd=self.r.upper_fd(parent), follow_symlinks=False)
-            except FileExistsError:
-                pass
+            for view_path in self.view_paths(alias):
+                found = self.entry_at(view_path)
+                if found is None:
+                    continue
+                parent, entry = found
+                if entry.upper or not entry.lowers or entry.lowers[0] != (layer, alias):
+                    continue  # that name now shows something else (whiteout, shadow, replaced)
+                self.dir(parent)
+                try:
+                    os.link(node.name, entry.name, src_dir_fd=src_fd,
+                            dst_dir_fd=self.r.upper_fd(parent), follow_symlinks=False)
+                except FileExistsError:
+                    pass
 
 
 class _AlreadyUp(Exception):

@@ -168,7 +168,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.u.unlink(self.u.node(parent_inode), name)
+        await self.u.unlink(self.u.node(parent_inode), name)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

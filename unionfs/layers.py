@@ -21,8 +21,10 @@ from . import syscalls
 OVL_OPAQUE = b"trusted.overlay.opaque"
 OVL_REDIRECT = b"trusted.overlay.redirect"
 OVL_PREFIX = b"trusted.overlay."
-OWN_PREFIX = b"trusted.unionfs."
-OWN_INO = b"trusted.unionfs.ino"   # st_ino a copied-up object keeps from its origin
+# Our own markers live inside the overlay namespace, which kernel overlayfs hides
+# from its users too: a kernel mount of our upper looks clean.
+OWN_PREFIX = b"trusted.overlay.unionfs."
+OWN_INO = b"trusted.overlay.unionfs.ino"   # st_ino a copied-up object keeps from its origin
 
 OCI_WHITEOUT = b".wh."
 OCI_OPAQUE = b".wh..wh..opq"
@@ -30,7 +32,7 @@ OCI_OPAQUE = b".wh..wh..opq"
 
 def is_private_xattr(name: bytes) -> bool:
     """Xattrs that belong to the union format, never shown or accepted through the mount."""
-    return name.startswith(OVL_PREFIX) or name.startswith(OWN_PREFIX)
+    return name.startswith(OVL_PREFIX) or name.startswith(b"trusted.unionfs.")
 
 
 class Layer:

@@ -151,8 +151,8 @@ def utimens_at(dirfd: int, name: bytes, atime_ns: int | None, mtime_ns: int | No
 
 def open_at(dirfd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
     """open(2) of one name below *dirfd* (or of the object *dirfd* holds), never through a symlink."""
-    if not name:
-        return os.open(proc_path(dirfd), flags | os.O_CLOEXEC, mode)
+    if not name:  # the magic link must be followed: it leads to the object itself
+        return os.open(proc_path(dirfd), (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC, mode)
     return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
 
 

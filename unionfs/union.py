@@ -104,10 +104,12 @@ class Union:
                 log.info("removed %d leftover work files of an earlier mount", leftovers)
             self.copyup = CopyUp(self.r, self.upper, self.work, config.fsync, run_in_thread)
             self.copyup.entry_at = self.entry_at
+            self.copyup.view_paths = self.view_paths
             self.journal = Journal(config.workdir)
             self._record_lowers(config)
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
+        self._redirects: list[tuple[bytes, bytes]] | None = None  # see view_paths
 
     @staticmethod
     def _record_lowers(config: MountConfig) -> None:
@@ -159,6 +161,39 @@ class Union:
         node.lowers = e.lowers
         node.opaque = e.opaque
         return node
+
+    def view_paths(self, lower_path: bytes) -> list[bytes]:
+        """Where a lower path may show in the view: at itself, and below every renamed
+        directory (upper dir with a redirect) whose lower contents include it."""
+        if self._redirects is None:
+            self._redirects = self._scan_redirects()
+        out = [b"/" + lower_path]
+        for target, view in self._redirects:
+            prefix = target.strip(b"/") + b"/"
+            if lower_path.startswith(prefix):
+                out.append(view + b"/" + lower_path[len(prefix):])
+        return out
+
+    def _scan_redirects(self) -> list[tuple[bytes, bytes]]:
+        """(redirect target, view path) of every redirected upper directory."""
+        assert self.upper is not None
+        found: list[tuple[bytes, bytes]] = []
+        stack = [(os.open(syscalls.proc_path(self.upper.fd), os.O_RDONLY | os.O_DIRECTORY), b"")]
+        while stack:
+            fd, path = stack.pop()
+            try:
+                with os.scandir(fd) as it:
+                    for de in it:
+                        if not de.is_dir(follow_symlinks=False):
+                            continue
+                        name = os.fsencode(de.name)
+                        rd = syscalls.getxattr(fd, name, OVL_REDIRECT)
+                        if rd is not None:
+                            found.append((rd, path + b"/" + name))
+                        stack.append((syscalls.open_dir_at(fd, name, os.O_RDONLY), path + b"/" + name))
+            finally:
+                os.close(fd)
+        return found
 
     def entry_at(self, path: bytes) -> tuple[Node, Entry] | None:
         """Resolve an absolute view path to (parent node, entry), without kernel references."""
@@ -445,7 +480,7 @@ class Union:
             self.nodes.set_parent(node, None, b"")
         self.cache.drop(("u", node.id))
 
-    def unlink(self, parent: Node, name: bytes) -> None:
+    async def unlink(self, parent: Node, name: bytes) -> None:
         self._check_name(name)
         self._writable()
         e = self.r.resolve(parent, name)
@@ -454,6 +489,13 @@ class Union:
         if stat.S_ISDIR(e.st.st_mode):
             raise err(errno.EISDIR)
         node = self.nodes.get(e.ino)
+        if not e.upper and e.st.st_nlink > 1:
+            # as overlayfs with index=on: copy the inode up first, so the names that
+            # stay count one link fewer
+            await self.ensure_upper(node or self._node_for(parent, e))
+            e = self.r.resolve(parent, name)
+            if e.st is None:
+                raise err(errno.ENOENT)
         self._remove(parent, name, e, node)
 
     def rmdir(self, parent: Node, name: bytes) -> None:
@@ -554,6 +596,7 @@ class Union:
             syscalls.renameat2(fd1, n1, fd2, n2, syscalls.RENAME_EXCHANGE)
             self._moved_dir(snode, p2, n2)
             self._moved_dir(dnode, p1, n1)
+            self._redirects = None
             self.nodes.set_parent(snode, p2, n2)
             self.nodes.set_parent(dnode, p1, n1)
             self.journal.record(b"C", self._child_path(p1, n1))
@@ -575,6 +618,7 @@ class Union:
             syscalls.renameat2(fd1, n1, fd2, n2, wh_flag)
         if sdir:
             self._moved_dir(snode, p2, n2)
+            self._redirects = None
         if dnode is not None:
             self._detach(dnode, p2, n2)
         self.nodes.set_parent(snode, p2, n2)
