@@ -127,6 +127,25 @@ def test_workdir_on_another_filesystem(tree: Path) -> None:
         force_unmount(str(other))
 
 
+def test_upper_on_a_read_only_filesystem(tree: Path) -> None:
+    """Failures after validation (workdir creation, the core opening layers) are one line too."""
+    ro = tree / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(ro)], check=True)
+    try:
+        (ro / "up").mkdir()
+        (ro / "work").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        before = snapshot(tree)
+        for extra in ([], ["--workdir", str(ro / "work")]):
+            proc = run("mount", *extra, str(tree / "l1"), str(ro / "up"), str(tree / "mnt"))
+            assert proc.returncode == 1
+            assert proc.stderr.count("\n") == 1 and "Read-only file system" in proc.stderr, proc.stderr
+            assert snapshot(tree) == before and mounts_under(tree / "mnt") == []
+    finally:
+        force_unmount(str(ro))
+
+
 def test_help() -> None:
     proc = run("--help")
     assert proc.returncode == 0
@@ -151,6 +170,14 @@ def test_mount_umount_roundtrip(tree: Path) -> None:
         assert (tree / "up/new.txt").read_text() == "new\n"
         work = tree / ".up.unionfs-work"
         assert stat.S_IMODE(work.stat().st_mode) == 0o700
+        old = os.umask(0)
+        try:  # the daemon's own umask must not bite into modes callers ask for
+            os.close(os.open(mnt / "g.txt", os.O_CREAT | os.O_WRONLY, 0o666))
+            (mnt / "gdir").mkdir(0o777)
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((mnt / "g.txt").stat().st_mode) == 0o666
+        assert stat.S_IMODE((mnt / "gdir").stat().st_mode) == 0o777
         pids = daemon_pids(str(mnt))
         assert len(pids) == 1
     finally:

@@ -121,13 +121,15 @@ def _pidfile(devno: str) -> str:
     return os.path.join(rundir(), devno + ".pid")
 
 
-def _write_pidfile(devno: str, mountpoint: str) -> str:
+def _write_pidfile(devno: str, mountpoint: str, config: MountConfig | None = None) -> str:
     path = _pidfile(devno)
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     state = _proc_state(os.getpid())
     tmp = f"{path}.{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(f"{os.getpid()} {state[1] if state else '-'}\n{mountpoint}\n")
+        if config is not None:  # read by `unionfs diff MOUNTPOINT` (unionfs/diffcmd.py)
+            f.write(f"upper={config.upper or ''}\nworkdir={config.workdir or ''}\n")
     os.replace(tmp, path)
     return path
 
@@ -205,14 +207,41 @@ def _daemonize(config: MountConfig) -> None:
 
 
 def _daemon_child(config: MountConfig, ready_fd: int) -> int:
+    """Detach from the terminal, mount, say "ok" (or why not) on ready_fd, then serve."""
+    try:
+        _detach_stdio(config)
+        session = _prepare(config)
+    except BaseException as e:  # noqa: BLE001 - whatever it is, the parent prints one line
+        message = str(e) if isinstance(e, MountError) else f"internal error: {type(e).__name__}: {e}"
+        log.error("mount of %s failed: %s", config.mountpoint, message, exc_info=not isinstance(e, MountError))
+        os.write(ready_fd, message.encode())
+        os.close(ready_fd)
+        return 1
+    os.write(ready_fd, b"ok")
+    os.close(ready_fd)
+    _serve(config, session)
+    return 0
+
+
+def _detach_stdio(config: MountConfig) -> None:
+    """stdin from /dev/null; stdout, stderr and logging to WORKDIR/unionfs.log or syslog.
+
+    Done first, so nothing the daemon prints reaches the caller's terminal or
+    keeps its pipes open (which would hang `$(unionfs mount ...)`).
+    """
     devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
     logfile = os.path.join(config.workdir, LOG_NAME) if config.workdir else None
-    out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if logfile else devnull
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    if out != devnull:
-        os.close(out)
+    if logfile:
+        try:
+            out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError:
+            logfile = None  # e.g. a read-only workdir: the core will say what is wrong
+        else:
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.close(out)
     os.close(devnull)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
@@ -224,17 +253,6 @@ def _daemon_child(config: MountConfig, ready_fd: int) -> int:
     else:
         handler = logging.NullHandler()
     _setup_logging(config, handler)
-    try:
-        session = _prepare(config)
-    except MountError as e:
-        log.error("mount of %s failed: %s", config.mountpoint, e)
-        os.write(ready_fd, str(e).encode())
-        os.close(ready_fd)
-        return 1
-    os.write(ready_fd, b"ok")
-    os.close(ready_fd)
-    _serve(config, session)
-    return 0
 
 
 def _setup_logging(config: MountConfig, handler: logging.Handler) -> None:
@@ -256,7 +274,7 @@ class _Session:
 def _prepare(config: MountConfig) -> _Session:
     """Everything up to a live mount; raises MountError with one line."""
     _raise_nofile_limit()
-    os.umask(0)       # the kernel already applied the caller's umask to modes
+    os.umask(0o077)   # private state files stay private; the core sets union objects' modes explicitly
     os.chdir("/")     # do not keep the caller's cwd busy
     locks = [_lock_dir(path, what) for path, what in
              ((config.upper, "upper layer"), (config.workdir, "workdir")) if path]
@@ -276,7 +294,7 @@ def _prepare(config: MountConfig) -> _Session:
     pidfile = None
     if entry is not None:
         with contextlib.suppress(OSError):
-            pidfile = _write_pidfile(entry.devno, config.mountpoint)
+            pidfile = _write_pidfile(entry.devno, config.mountpoint, config)
     log.info("mounted %s (pid %d)", config.mountpoint, os.getpid())
     return _Session(pidfile, locks)
 
@@ -354,6 +372,8 @@ def _serve(config: MountConfig, session: _Session) -> None:
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
+        from .changes import close_all  # compact the changes log, mark the stop clean
+        close_all()
         if session.pidfile:
             with contextlib.suppress(OSError):
                 os.unlink(session.pidfile)
