@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
 from .config import FSTYPE, MountConfig, escape_fuse_option, kernel_flag_options
 
@@ -245,13 +245,13 @@ def _detach_stdio(config: MountConfig) -> None:
     os.close(devnull)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
+    handler: logging.Handler = logging.NullHandler()
     if logfile:
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler = logging.StreamHandler(sys.stderr)
     elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler("/dev/log")
-        handler.ident = f"unionfs[{os.getpid()}]: "
-    else:
-        handler = logging.NullHandler()
+        with contextlib.suppress(OSError):  # no syslog daemon listening: no log
+            handler = logging.handlers.SysLogHandler("/dev/log")
+            handler.ident = f"unionfs[{os.getpid()}]: "
     _setup_logging(config, handler)
 
 
@@ -358,7 +358,7 @@ def _serve(config: MountConfig, session: _Session) -> None:
                 await pyfuse3.main(max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
 
-    async def terminate_on_signal(signals: trio.abc.ReceiveChannel) -> None:  # type: ignore[name-defined]
+    async def terminate_on_signal(signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             log.info("got %s, unmounting %s", signal.Signals(signum).name, config.mountpoint)
             pyfuse3.terminate()
