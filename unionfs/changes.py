@@ -1,25 +1,77 @@
 """The changes log: which view paths a mount has changed, for `unionfs diff`.
 
-Format (an interface: other tools may read it): ``WORKDIR/changes.log`` is a
-text file of records, one per line::
+Format (an interface: other tools may read it; see README "unionfs diff")
+------------------------------------------------------------------------
+``WORKDIR/changes.log`` is a text file. The first line is the header
+``# unionfs changes log v1``; every other line is one record::
 
-    <kind> <path>
+    <kind> <time> <path>
 
-where kind is ``A`` (a name was made), ``C`` (an object changed in place:
-data, mode, owner, times, xattrs), ``D`` (a name was removed) or ``T`` (a
-name was made and everything below it is new too: a directory moved there),
-and path is the absolute view path with ``\\``, newline and bytes outside
-printable ASCII escaped as ``\\xHH``. A record is written (write(2) on an
-O_APPEND fd) before the request is answered, so a killed daemon loses none.
+* kind: ``A`` a name was made (nothing was there in the view just before),
+  ``T`` like A, and everything below it is new too (a directory moved there),
+  ``C`` an object changed in place (data, mode, owner, times, xattrs) or was
+  exchanged, ``D`` a name was removed, ``?`` something changed at a path the
+  daemon could not name (e.g. through a hard link whose other name it had
+  forgotten); the path is then ``-`` and a reader must rescan the upper.
+* time: when, as Unix seconds with 6 decimals (``1732390000.123456``).
+* path: the absolute view path; bytes ``\\``, space, control and non-ASCII
+  are written ``\\xHH`` (so a record never contains a space in its path and
+  always fits one line).
 
-The log only says *where* to look; what changed is decided by comparing the
-upper directory with the lowers at those paths, so the upper stays the truth.
+Records are appended (one write(2) on an O_APPEND fd) after the change is made
+and before the request is answered, so a SIGKILLed daemon loses none.
+
+Compaction: the log is a *set of touched paths*. At mount, at unmount and
+whenever it has doubled since the last compaction, it is rewritten (to a
+temporary, then rename(2)) with one record per path, sorted by path, whose
+kind sums up its history: ``A``/``T`` if the first record was A/T (the path
+is new), else ``D`` if the last was D, else ``C``; its time is the last
+record's. A path that was made and then removed again (first A/T, last D)
+and has nothing at it in the upper is dropped, so a file rewritten a million
+times is one record, and so is (none at all) a directory made and removed a
+million times.
+
+Crash safety: at unmount the log is compacted, fsynced, and the marker
+``WORKDIR/changes.clean`` is created; at mount it is removed (durably)
+before anything can change. A mount that finds no marker, no log, or a log
+that does not parse, knows the last stop was unclean (a change may have
+reached the upper without its record) and reconciles: it adds a record for
+every path in the upper directory (whiteouts as D, everything else as C, and
+the old path of every redirected directory) and compacts. `unionfs diff`
+does the same for an unmounted union, and says so.
+
+The log only says *where* to look; *what* changed is decided by comparing the
+upper with the lowers at those paths (unionfs/diff.py), so the upper stays
+the truth and the log can never disagree with it.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
+import re
+import stat
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+log = logging.getLogger("unionfs")
 
 LOG_NAME = "changes.log"
+CLEAN_NAME = "changes.clean"
+LOCK_NAME = "changes.lock"
+HEADER = b"# unionfs changes log v1\n"
+KINDS = b"ACDT?"
+UNKNOWN_PATH = b"-"
+
+WHITEOUT_XATTR_OPAQUE = b"trusted.overlay.opaque"
+REDIRECT_XATTR = b"trusted.overlay.redirect"
+
+# Compact when the log has more than 2 * (records at the last compaction) + SLACK lines.
+SLACK = 1024
+
+_RECORD = re.compile(rb"^([ACDT?]) (\d+\.\d{6}) (/\S*|-)$")
 
 
 def escape(path: bytes) -> bytes:
@@ -33,10 +85,15 @@ def escape(path: bytes) -> bytes:
 
 
 def unescape(text: bytes) -> bytes:
+    """Inverse of escape(); raises ValueError on a malformed escape."""
+    if b"\\" not in text:
+        return text
     out = bytearray()
     i = 0
     while i < len(text):
-        if text[i] == 0x5C and i + 3 < len(text) + 0 and text[i + 1:i + 2] == b"x":
+        if text[i] == 0x5C:
+            if text[i + 1:i + 2] != b"x" or len(text) < i + 4:
+                raise ValueError("bad escape")
             out.append(int(text[i + 2:i + 4], 16))
             i += 4
         else:
@@ -45,23 +102,345 @@ def unescape(text: bytes) -> bytes:
     return bytes(out)
 
 
-class Journal:
-    """Appends change records; a no-op without a workdir (read-only mounts)."""
+def now_stamp() -> bytes:
+    ns = time.time_ns()
+    return b"%d.%06d" % (ns // 1_000_000_000, ns // 1000 % 1_000_000)
 
-    def __init__(self, workdir: str | None) -> None:
+
+def format_record(kind: bytes, path: bytes, stamp: bytes | None = None) -> bytes:
+    return b"%s %s %s\n" % (kind, stamp or now_stamp(), escape(path) if path != UNKNOWN_PATH else path)
+
+
+@dataclass
+class Record:
+    kind: bytes      # one of A C D T ?
+    time: bytes      # seconds.micro as written
+    path: bytes      # unescaped view path, or UNKNOWN_PATH
+
+
+class LogDamaged(Exception):
+    """The log exists but does not parse (a line, or the header, is wrong)."""
+
+
+def parse(data: bytes) -> list[Record]:
+    """Records of a log file's content. A last line without its newline is a write cut short
+    by a crash (or one being appended right now): it is ignored, not an error."""
+    if not data.startswith(HEADER):
+        raise LogDamaged("missing header")
+    lines = data[len(HEADER):].split(b"\n")
+    lines.pop()  # after the last newline: empty, or a partial record
+    out = []
+    for n, line in enumerate(lines, 2):
+        if not line or line.startswith(b"#"):
+            continue
+        m = _RECORD.match(line)
+        if m is None:
+            raise LogDamaged(f"line {n} does not parse")
+        kind, stamp, path = m.groups()
+        if path != UNKNOWN_PATH:
+            try:
+                path = unescape(path)
+            except ValueError:
+                raise LogDamaged(f"line {n}: bad escape") from None
+            if path != b"/" and (path.endswith(b"/") or b"//" in path):
+                raise LogDamaged(f"line {n}: bad path")
+        out.append(Record(kind, stamp, path))
+    return out
+
+
+def read_log(workdir: str) -> list[Record] | None:
+    """The records of WORKDIR/changes.log; None if there is none; LogDamaged if it is bad."""
+    try:
+        with open(os.path.join(workdir, LOG_NAME), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    return parse(data)
+
+
+def is_clean(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, CLEAN_NAME))
+
+
+# --------------------------------------------------------------------------
+# Scanning the upper directory (the truth) into records
+# --------------------------------------------------------------------------
+
+def _getxattr(fd: int, name: str, attr: bytes) -> bytes | None:
+    try:
+        return os.getxattr(f"/proc/self/fd/{fd}/{name}", attr, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def scan_upper(upper: str) -> Iterator[tuple[bytes, bytes]]:
+    """(kind, path) for every object in the upper directory: whiteouts are D, everything else
+    C; a redirected directory also names its old path (D), where its lower contents came from."""
+    root = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    stack: list[tuple[int, bytes]] = [(root, b"")]
+    while stack:
+        fd, rel = stack.pop()
+        try:
+            with os.scandir(fd) as it:
+                entries = list(it)
+            for de in entries:
+                name = os.fsencode(de.name)
+                path = rel + b"/" + name
+                if de.is_dir(follow_symlinks=False):
+                    yield b"C", path
+                    rd = _getxattr(fd, de.name, REDIRECT_XATTR)
+                    if rd:
+                        target = b"/" + rd.strip(b"/") if rd.startswith(b"/") else \
+                            rel + b"/" + rd.strip(b"/")
+                        yield b"D", os.path.normpath(target)
+                    try:
+                        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                      dir_fd=fd)
+                    except OSError:
+                        continue
+                    stack.append((sub, path))
+                    continue
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+                yield (b"D" if whiteout else b"C"), path
+        finally:
+            os.close(fd)
+
+
+def _in_upper(upper_fd: int | None, path: bytes) -> bool:
+    """Is there anything (an object or a whiteout) at view path *path* in the upper?"""
+    if upper_fd is None:
+        return True  # cannot tell: keep the record
+    parts = [p for p in path.split(b"/") if p]
+    if not parts:
+        return True
+    fd = upper_fd
+    opened: list[int] = []
+    try:
+        for part in parts[:-1]:
+            try:
+                fd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError:
+                return False
+            opened.append(fd)
+        try:
+            os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+            return True
+        except OSError:
+            return False
+    finally:
+        for o in opened:
+            os.close(o)
+
+
+def compact(records: Iterable[Record], upper_fd: int | None = None) -> list[Record]:
+    """One record per path (see the module doc), sorted by path."""
+    first: dict[bytes, bytes] = {}
+    last: dict[bytes, Record] = {}
+    unknown: Record | None = None
+    for r in records:
+        if r.path == UNKNOWN_PATH:
+            unknown = r
+            continue
+        first.setdefault(r.path, r.kind)
+        last[r.path] = r
+    out = []
+    for path in sorted(last):
+        f, lr = first[path], last[path]
+        if f in b"AT":
+            if lr.kind == b"D" and not _in_upper(upper_fd, path):
+                continue
+            kind = f
+        else:
+            kind = b"D" if lr.kind == b"D" else b"C"
+        out.append(Record(kind, lr.time, path))
+    if unknown is not None:
+        out.append(unknown)
+    return out
+
+
+def write_log(workdir: str, records: Iterable[Record], sync: bool = True) -> int:
+    """Atomically replace WORKDIR/changes.log; returns the number of records."""
+    path = os.path.join(workdir, LOG_NAME)
+    tmp = path + ".tmp"
+    buf = [HEADER]
+    n = 0
+    for r in records:
+        buf.append(format_record(r.kind, r.path, r.time))
+        n += 1
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        data = b"".join(buf)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if sync:
+        fsync_dir(workdir)
+    return n
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def log_lock(workdir: str) -> Iterator[None]:
+    """Serialises rewrites of the log with appends by other processes (`diff --rescan`)."""
+    fd = os.open(os.path.join(workdir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def rebuild(workdir: str, upper: str, keep: Iterable[Record] = ()) -> list[Record]:
+    """Reconcile: the records to keep plus one for every path in the upper, compacted."""
+    stamp = now_stamp()
+    records = list(keep) + [Record(k, stamp, p) for k, p in scan_upper(upper)]
+    records = [r for r in records if r.path != UNKNOWN_PATH]
+    ufd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return compact(records, ufd)
+    finally:
+        os.close(ufd)
+
+
+def append_records(workdir: str, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+    """Append records from another process than the daemon (under the log lock)."""
+    stamp = now_stamp()
+    with log_lock(workdir):
+        fd = os.open(os.path.join(workdir, LOG_NAME), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            chunk: list[bytes] = []
+            for kind, path in pairs:
+                chunk.append(format_record(kind, path, stamp))
+                if len(chunk) >= 4096:
+                    os.write(fd, b"".join(chunk))
+                    chunk = []
+            if chunk:
+                os.write(fd, b"".join(chunk))
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# The daemon's side
+# --------------------------------------------------------------------------
+
+_OPEN: list["Journal"] = []
+
+
+def close_all() -> None:
+    """Close every open journal of this process cleanly (called by the daemon at unmount)."""
+    for j in list(_OPEN):
+        try:
+            j.close()
+        except Exception:  # noqa: BLE001 - unmount must go on; the next mount reconciles
+            log.exception("closing the changes log failed")
+
+
+class Journal:
+    """Appends change records; a no-op without a workdir (read-only mounts).
+
+    Opening reconciles the log with *upper* if the last stop was unclean (or
+    the log is missing or damaged), compacts it, and clears the clean marker.
+    """
+
+    def __init__(self, workdir: str | None, upper: str | None = None) -> None:
         self.fd: int | None = None
-        if workdir:
-            self.fd = os.open(os.path.join(workdir, LOG_NAME),
-                              os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.workdir = workdir
+        self.upper = upper
+        self.upper_fd: int | None = None
+        if not workdir:
+            return
+        if upper:
+            self.upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        with log_lock(workdir):
+            reason = None
+            try:
+                records = read_log(workdir)
+            except LogDamaged as e:
+                records, reason = None, f"the changes log is damaged ({e})"
+            if reason is None and records is None:
+                reason = "there is no changes log"
+            elif reason is None and not is_clean(workdir):
+                reason = "the last unmount was not clean"
+            elif records and any(r.path == UNKNOWN_PATH for r in records):
+                reason = "a change at an unknown path was recorded"
+            if reason is not None and upper:
+                log.info("%s: rebuilding it from the upper directory", reason)
+                compacted = rebuild(workdir, upper, records or ())
+            else:
+                compacted = compact(records or (), self.upper_fd)
+            self.base = write_log(workdir, compacted)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(workdir, CLEAN_NAME))
+            fsync_dir(workdir)
+            self._open()
+        self.lines = self.base
+        _OPEN.append(self)
+
+    def _open(self) -> None:
+        assert self.workdir is not None
+        self.fd = os.open(os.path.join(self.workdir, LOG_NAME),
+                          os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     def record(self, kind: bytes, path: bytes, tree: bool = False) -> None:
-        if self.fd is None or not path:
+        if self.fd is None:
             return
         if tree and kind == b"A":
             kind = b"T"
-        os.write(self.fd, kind + b" " + escape(path) + b"\n")
+        if not path:
+            kind, path = b"?", UNKNOWN_PATH
+        os.write(self.fd, format_record(kind, path))
+        self.lines += 1
+        if self.lines > 2 * self.base + SLACK:
+            self.compact()
+
+    def compact(self, sync: bool = False) -> None:
+        """Rewrite the log compacted (re-reading it: other processes may have appended)."""
+        assert self.workdir is not None and self.fd is not None
+        with log_lock(self.workdir):
+            try:
+                records = read_log(self.workdir)
+            except LogDamaged:
+                records = None
+            if records is None and self.upper:
+                log.warning("the changes log went missing or was damaged: rebuilding it")
+                compacted = rebuild(self.workdir, self.upper)
+            else:
+                compacted = compact(records or (), self.upper_fd)
+            os.close(self.fd)
+            self.fd = None
+            self.base = self.lines = write_log(self.workdir, compacted, sync=sync)
+            self._open()
 
     def close(self) -> None:
         if self.fd is not None:
+            assert self.workdir is not None
+            self.compact(sync=True)
             os.close(self.fd)
             self.fd = None
+            with open(os.path.join(self.workdir, CLEAN_NAME), "w") as f:
+                f.write(f"clean unmount at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(self.workdir)
+        if self.upper_fd is not None:
+            os.close(self.upper_fd)
+            self.upper_fd = None
+        if self in _OPEN:
+            _OPEN.remove(self)

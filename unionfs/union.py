@@ -105,7 +105,7 @@ class Union:
             self.copyup = CopyUp(self.r, self.upper, self.work, config.fsync, run_in_thread)
             self.copyup.entry_at = self.entry_at
             self.copyup.view_paths = self.view_paths
-            self.journal = Journal(config.workdir)
+            self.journal = Journal(config.workdir, config.upper)
             self._record_lowers(config)
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
