@@ -1,0 +1,1102 @@
+"""Behaviour through a real unionfs mount: one focused test per behaviour.
+
+Fixtures (conftest.py): `mounted` is a live mount over four lowers (one with
+OCI whiteouts) with an upper and an explicit workdir; `pair` is a unionfs
+mount and a kernel overlay mount over two copies of the kernel-compatible
+lowers, for the cases where the kernel's answer is the reference.
+Every mount is unmounted by the helpers in mounting.py, even on failure.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import socket
+import stat
+import subprocess
+import time
+from typing import Callable
+
+import pytest
+
+from mounting import kernel_overlay, unionfs_mount
+
+# -- helpers ------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+def renameat2(old: str, new: str, flags: int) -> None:
+    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), old)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+
+def utimensat(path: str, atime: tuple[int, int], mtime: tuple[int, int]) -> None:
+    times = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
+    if _libc.utimensat(AT_FDCWD, os.fsencode(path), times, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+
+
+class _Dirent(ctypes.Structure):
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
+                ("d_name", ctypes.c_char * 256)]
+
+
+_libc.opendir.argtypes = [ctypes.c_char_p]
+_libc.opendir.restype = ctypes.c_void_p
+_libc.readdir.argtypes = [ctypes.c_void_p]
+_libc.readdir.restype = ctypes.POINTER(_Dirent)
+_libc.closedir.argtypes = [ctypes.c_void_p]
+
+
+def raw_readdir(path: str) -> dict[str, tuple[int, int]]:
+    """name -> (d_ino, d_type) for every entry, '.' and '..' included."""
+    d = _libc.opendir(os.fsencode(path))
+    if not d:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+    out: dict[str, tuple[int, int]] = {}
+    try:
+        while True:
+            ent = _libc.readdir(d)
+            if not ent:
+                break
+            name = os.fsdecode(ent.contents.d_name)
+            assert name not in out, f"{name!r} listed twice in {path}"
+            out[name] = (ent.contents.d_ino, ent.contents.d_type)
+    finally:
+        _libc.closedir(d)
+    return out
+
+
+def errno_of(fn: Callable[[], object]) -> int:
+    """0 if fn() succeeds, else the errno of the OSError it raises."""
+    try:
+        fn()
+    except OSError as e:
+        return e.errno or -1
+    return 0
+
+
+def run_as(fn: Callable[[], object], cwd: str, uid: int = 1000, gid: int = 1000) -> int:
+    """Run fn in a forked child as uid:gid with cwd (entered while still root, since the
+    tmp_path ancestors are 0700); 0 if it returned, else the errno it raised."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(r)
+            os.chdir(cwd)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            fn()
+        except OSError as e:
+            code = e.errno or 255
+        except BaseException:
+            code = 254
+        os.write(w, str(code).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return int(out) if out else 253
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write(path: str, data: bytes, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC) -> None:
+    fd = os.open(path, flags, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def is_whiteout(path: str) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
+
+
+def xattr(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.ENODATA:
+            return None
+        raise
+
+
+def enoent(path: str) -> bool:
+    return errno_of(lambda: os.lstat(path)) == errno.ENOENT
+
+
+def all_names(top: str) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        out += dirnames + filenames
+    return out
+
+
+def other_sees(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=30)
+
+
+ROOT_NAMES = {"dir", "shadow.txt", "opq", "ociopq", "merged", "hl", "other", "sym_rel", "sym_abs",
+              "sym_dangling", "fifo", "null", "xattr.txt", "owned.txt", "suid.bin", "rootfile.txt",
+              "times.txt", "big.bin", "tmp", "userdir", "emptydir", "wdir", "wdir2"}
+
+
+# -- lookup and readdir -------------------------------------------------------------------
+
+def test_lookup_through_layers(mounted):
+    m = mounted.m
+    assert read(m("shadow.txt")) == b"top-shadow\n"
+    assert read(m("dir/b.txt")) == b"mid-b\n"
+    assert read(m("dir/a.txt")) == b"bottom-a\n"
+    assert read(m("dir/top.txt")) == b"top\n"
+    assert read(m("dir/sub/deep.txt")) == b"deep\n"
+    assert read(m("big.bin")) == mounted.big
+
+
+def test_merged_readdir(mounted):
+    assert set(os.listdir(mounted.mnt)) == ROOT_NAMES
+    assert set(os.listdir(mounted.m("merged"))) == {"t1.txt", "m1.txt", "o1.txt", "b1.txt"}
+    assert set(os.listdir(mounted.m("dir"))) == {"a.txt", "b.txt", "top.txt", "sub", "sym_out"}
+
+
+def test_readdir_dot_dotdot_and_d_ino(mounted):
+    for rel, parent in (("dir", ""), ("dir/sub", "dir"), ("merged", ""), ("hl", "")):
+        ents = raw_readdir(mounted.m(rel))
+        assert "." in ents and "..", ents
+        assert ents["."][0] == os.stat(mounted.m(rel)).st_ino, rel
+        assert ents[".."][0] == os.stat(mounted.m(parent)).st_ino, rel
+        for name, (d_ino, d_type) in ents.items():
+            if name in (".", ".."):
+                continue
+            st = os.lstat(os.path.join(mounted.m(rel), name))
+            assert d_ino == st.st_ino, (rel, name)
+            if d_type:  # DT_UNKNOWN allowed, a wrong type is not
+                assert d_type == stat.S_IFMT(st.st_mode) >> 12, (rel, name)
+
+
+def test_root_dot_inode(mounted):
+    ents = raw_readdir(mounted.mnt)
+    assert ents["."][0] == os.stat(mounted.mnt).st_ino
+    assert ".." in ents
+
+
+def test_lower_whiteouts_never_visible(mounted):
+    assert enoent(mounted.m("gone.txt"))
+    assert enoent(mounted.m("dir/gone2.txt"))
+    names = all_names(mounted.mnt)
+    assert "gone.txt" not in names and "gone2.txt" not in names
+
+
+def test_upper_whiteout_never_visible(mounted):
+    os.unlink(mounted.m("dir/a.txt"))
+    assert is_whiteout(mounted.u("dir/a.txt"))
+    assert enoent(mounted.m("dir/a.txt"))
+    assert "a.txt" not in os.listdir(mounted.m("dir"))
+    assert "a.txt" not in raw_readdir(mounted.m("dir"))
+
+
+def test_oci_whiteouts_respected(mounted):
+    assert enoent(mounted.m("ocigone.txt"))
+    assert enoent(mounted.m("dir/hidden.txt"))
+    assert set(os.listdir(mounted.m("ociopq"))) == {"new.txt"}
+    assert enoent(mounted.m("ociopq/old.txt"))
+
+
+def test_oci_markers_never_listed(mounted):
+    assert not [n for n in all_names(mounted.mnt) if n.startswith(".wh.")]
+
+
+def test_oci_markers_not_found_by_name(mounted):
+    for rel in (".wh.ocigone.txt", "dir/.wh.hidden.txt", "ociopq/.wh..wh..opq"):
+        assert enoent(mounted.m(rel)), rel
+
+
+def test_kernel_opaque_dir(mounted):
+    assert os.listdir(mounted.m("opq")) == ["new.txt"]
+    assert enoent(mounted.m("opq/old.txt"))
+
+
+# -- copy-up triggers and what they leave in the upper ------------------------------------
+
+def test_open_read_does_not_copy_up(mounted):
+    read(mounted.m("dir/a.txt"))
+    assert not os.path.lexists(mounted.u("dir/a.txt"))
+
+
+def test_copy_up_on_open_for_write(mounted):
+    fd = os.open(mounted.m("dir/a.txt"), os.O_WRONLY)
+    os.write(fd, b"B")
+    os.close(fd)
+    assert read(mounted.m("dir/a.txt")) == b"Bottom-a\n"
+    assert read(mounted.u("dir/a.txt")) == b"Bottom-a\n"
+    assert read(os.path.join(mounted.bottom, "dir/a.txt")) == b"bottom-a\n"
+
+
+def test_copy_up_on_truncate(mounted):
+    os.truncate(mounted.m("big.bin"), 10)
+    assert read(mounted.m("big.bin")) == mounted.big[:10]
+    assert read(mounted.u("big.bin")) == mounted.big[:10]
+
+
+def test_copy_up_on_chmod(mounted):
+    os.chmod(mounted.m("big.bin"), 0o600)
+    assert stat.S_IMODE(os.lstat(mounted.m("big.bin")).st_mode) == 0o600
+    assert stat.S_IMODE(os.lstat(mounted.u("big.bin")).st_mode) == 0o600
+    assert read(mounted.u("big.bin")) == mounted.big
+
+
+def test_copy_up_on_chown(mounted):
+    os.chown(mounted.m("rootfile.txt"), 1000, 1001)
+    for p in (mounted.m("rootfile.txt"), mounted.u("rootfile.txt")):
+        st = os.lstat(p)
+        assert (st.st_uid, st.st_gid) == (1000, 1001)
+    assert read(mounted.u("rootfile.txt")) == b"root's\n"
+
+
+def test_chown_clears_setuid(mounted):
+    os.chown(mounted.m("suid.bin"), 1000, 1000)
+    assert not os.lstat(mounted.m("suid.bin")).st_mode & stat.S_ISUID
+    assert not os.lstat(mounted.u("suid.bin")).st_mode & stat.S_ISUID
+
+
+def test_copy_up_on_utimens_explicit(mounted):
+    t = (1_500_000_000_111_111_111, 1_600_000_000_222_222_222)
+    os.utime(mounted.m("dir/a.txt"), ns=t)
+    for p in (mounted.m("dir/a.txt"), mounted.u("dir/a.txt")):
+        st = os.lstat(p)
+        assert (st.st_atime_ns, st.st_mtime_ns) == t
+    assert read(mounted.u("dir/a.txt")) == b"bottom-a\n"
+
+
+def test_utimens_now(mounted):
+    before = time.time_ns() - 2_000_000_000
+    os.utime(mounted.m("times.txt"))
+    st = os.lstat(mounted.m("times.txt"))
+    assert st.st_atime_ns >= before and st.st_mtime_ns >= before
+    ust = os.lstat(mounted.u("times.txt"))
+    assert (ust.st_atime_ns, ust.st_mtime_ns) == (st.st_atime_ns, st.st_mtime_ns)
+
+
+def test_utimens_omit_atime(mounted):
+    atime, _ = mounted.times_ns
+    utimensat(mounted.m("times.txt"), (0, UTIME_OMIT), (1_700_000_000, 5))
+    st = os.lstat(mounted.m("times.txt"))
+    assert (st.st_atime_ns, st.st_mtime_ns) == (atime, 1_700_000_000_000_000_005)
+    ust = os.lstat(mounted.u("times.txt"))
+    assert (ust.st_atime_ns, ust.st_mtime_ns) == (atime, 1_700_000_000_000_000_005)
+
+
+def test_utimens_omit_mtime(mounted):
+    _, mtime = mounted.times_ns
+    utimensat(mounted.m("times.txt"), (1_700_000_000, 7), (0, UTIME_OMIT))
+    st = os.lstat(mounted.m("times.txt"))
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_700_000_000_000_000_007, mtime)
+
+
+def test_touch_m_keeps_atime(mounted):
+    atime, mtime = mounted.times_ns
+    subprocess.run(["touch", "-m", mounted.m("times.txt")], check=True)
+    st = os.lstat(mounted.m("times.txt"))
+    assert st.st_atime_ns == atime
+    assert st.st_mtime_ns > mtime
+    assert os.lstat(mounted.u("times.txt")).st_atime_ns == atime
+
+
+def test_touch_a_keeps_mtime(mounted):
+    atime, mtime = mounted.times_ns
+    subprocess.run(["touch", "-a", mounted.m("times.txt")], check=True)
+    st = os.lstat(mounted.m("times.txt"))
+    assert st.st_mtime_ns == mtime
+    assert st.st_atime_ns > atime
+    assert os.lstat(mounted.u("times.txt")).st_mtime_ns == mtime
+
+
+def test_utime_ns_on_lower_dir(mounted):
+    t = (1_234_567_890_123_456_789, 1_234_567_891_987_654_321)
+    os.utime(mounted.m("wdir"), ns=t)
+    st = os.lstat(mounted.m("wdir"))
+    assert (st.st_atime_ns, st.st_mtime_ns) == t
+    assert set(os.listdir(mounted.m("wdir"))) == {"x", "z.txt"}
+
+
+def test_copy_up_on_setxattr(mounted):
+    os.setxattr(mounted.m("xattr.txt"), "user.new", b"v")
+    assert xattr(mounted.u("xattr.txt"), "user.new") == b"v"
+    assert xattr(mounted.u("xattr.txt"), "user.color") == b"blue"
+    assert xattr(mounted.u("xattr.txt"), "trusted.secret") == b"s3"
+    assert read(mounted.u("xattr.txt")) == b"xattrs\n"
+
+
+def test_copy_up_on_link(mounted):
+    os.link(mounted.m("dir/a.txt"), mounted.m("merged/a-link"))
+    assert os.lstat(mounted.u("dir/a.txt")).st_ino == os.lstat(mounted.u("merged/a-link")).st_ino
+    assert read(mounted.m("merged/a-link")) == b"bottom-a\n"
+
+
+def test_copy_up_on_rename(mounted):
+    os.rename(mounted.m("dir/a.txt"), mounted.m("merged/a.txt"))
+    assert read(mounted.m("merged/a.txt")) == b"bottom-a\n"
+    assert read(mounted.u("merged/a.txt")) == b"bottom-a\n"
+    assert enoent(mounted.m("dir/a.txt"))
+    assert is_whiteout(mounted.u("dir/a.txt"))
+
+
+def test_copy_up_keeps_metadata(mounted):
+    os.setxattr(mounted.m("owned.txt"), "user.k", b"v")
+    st = os.lstat(mounted.u("owned.txt"))
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o600)
+    low = os.lstat(os.path.join(mounted.bottom, "owned.txt"))
+    assert st.st_mtime_ns == low.st_mtime_ns
+
+
+def test_copy_up_leaves_nothing_in_work(mounted):
+    os.chmod(mounted.m("big.bin"), 0o600)
+    os.unlink(mounted.m("dir/a.txt"))
+    os.rename(mounted.m("wdir"), mounted.m("wdir-moved"))
+    os.rmdir(mounted.m("emptydir"))
+    assert os.listdir(os.path.join(mounted.work, "work")) == []
+
+
+# -- whiteouts, opaque dirs, redirects in the upper ----------------------------------------
+
+def test_unlink_lower_file_makes_kernel_whiteout(mounted):
+    os.unlink(mounted.m("shadow.txt"))
+    assert is_whiteout(mounted.u("shadow.txt"))
+    assert enoent(mounted.m("shadow.txt"))
+
+
+def test_rmdir_merged_dir_enotempty(mounted):
+    assert errno_of(lambda: os.rmdir(mounted.m("merged"))) == errno.ENOTEMPTY
+    assert errno_of(lambda: os.rmdir(mounted.m("dir"))) == errno.ENOTEMPTY
+
+
+def test_rmdir_then_mkdir_gives_empty_opaque_dir(mounted):
+    for n in os.listdir(mounted.m("merged")):
+        os.unlink(mounted.m("merged/" + n))
+    os.rmdir(mounted.m("merged"))
+    assert is_whiteout(mounted.u("merged"))
+    os.mkdir(mounted.m("merged"))
+    assert os.listdir(mounted.m("merged")) == []
+    assert xattr(mounted.u("merged"), "trusted.overlay.opaque") == b"y"
+
+
+def test_rmdir_empty_lower_dir(mounted):
+    os.rmdir(mounted.m("emptydir"))
+    assert is_whiteout(mounted.u("emptydir"))
+    assert enoent(mounted.m("emptydir"))
+
+
+def test_rename_lower_dir(mounted):
+    os.rename(mounted.m("wdir"), mounted.m("wdir-moved"))
+    assert set(os.listdir(mounted.m("wdir-moved"))) == {"x", "z.txt"}
+    assert read(mounted.m("wdir-moved/x/y.txt")) == b"wdir-y\n"
+    assert enoent(mounted.m("wdir"))
+    assert is_whiteout(mounted.u("wdir"))
+    assert xattr(mounted.u("wdir-moved"), "trusted.overlay.redirect") in (b"/wdir", b"wdir")
+
+
+def test_rename_lower_dir_with_mv_into_subdir(mounted):
+    subprocess.run(["mv", mounted.m("wdir"), mounted.m("dir/sub/")], check=True)
+    assert read(mounted.m("dir/sub/wdir/z.txt")) == b"wdir-z\n"
+    assert xattr(mounted.u("dir/sub/wdir"), "trusted.overlay.redirect") == b"/wdir"
+
+
+def test_renamed_dir_survives_remount(layers):
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        os.rename(layers.m("wdir"), layers.m("w2"))
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        assert set(os.listdir(layers.m("w2"))) == {"x", "z.txt"}
+        assert enoent(layers.m("wdir"))
+
+
+def test_renamed_dir_readable_by_kernel_overlay(layers):
+    """The upper unionfs wrote is kernel overlayfs format: a kernel mount sees the same."""
+    with unionfs_mount(layers.kernel_lowers, layers.upper, layers.mnt, workdir=layers.work):
+        os.rename(layers.m("wdir"), layers.m("w2"))
+        os.unlink(layers.m("dir/a.txt"))
+        os.rmdir(layers.m("emptydir"))
+        os.mkdir(layers.m("emptydir"))
+        for n in os.listdir(layers.m("merged")):
+            os.unlink(layers.m("merged/" + n))
+        os.rmdir(layers.m("merged"))
+        os.mkdir(layers.m("merged"))
+        write(layers.m("merged/new"), b"n")
+        expect = sorted(all_names(layers.mnt))
+    kwork = os.path.join(layers.root, "kwork")
+    os.mkdir(kwork)
+    with kernel_overlay(layers.kernel_lowers, layers.upper, kwork, layers.mnt):
+        assert set(os.listdir(layers.m("w2"))) == {"x", "z.txt"}
+        assert enoent(layers.m("wdir")) and enoent(layers.m("dir/a.txt"))
+        assert os.listdir(layers.m("merged")) == ["new"]
+        assert sorted(all_names(layers.mnt)) == expect
+
+
+def test_rename_noreplace(mounted):
+    assert errno_of(lambda: renameat2(mounted.m("dir/a.txt"), mounted.m("dir/b.txt"),
+                                      RENAME_NOREPLACE)) == errno.EEXIST
+    assert read(mounted.m("dir/b.txt")) == b"mid-b\n"
+    renameat2(mounted.m("dir/a.txt"), mounted.m("dir/new.txt"), RENAME_NOREPLACE)
+    assert read(mounted.m("dir/new.txt")) == b"bottom-a\n"
+    assert enoent(mounted.m("dir/a.txt"))
+
+
+def test_rename_exchange_files(mounted):
+    renameat2(mounted.m("dir/a.txt"), mounted.m("shadow.txt"), RENAME_EXCHANGE)
+    assert read(mounted.m("dir/a.txt")) == b"top-shadow\n"
+    assert read(mounted.m("shadow.txt")) == b"bottom-a\n"
+
+
+def test_rename_exchange_dirs(mounted):
+    renameat2(mounted.m("wdir"), mounted.m("wdir2"), RENAME_EXCHANGE)
+    assert set(os.listdir(mounted.m("wdir"))) == {"q.txt"}
+    assert set(os.listdir(mounted.m("wdir2"))) == {"x", "z.txt"}
+
+
+def test_rename_exchange_missing_enoent(mounted):
+    assert errno_of(lambda: renameat2(mounted.m("dir/a.txt"), mounted.m("dir/none"),
+                                      RENAME_EXCHANGE)) == errno.ENOENT
+
+
+# -- hard links ---------------------------------------------------------------------------
+
+HL = ("hl/one", "other/two", "other/sub/three")
+
+
+def test_link_of_lower_file(mounted):
+    os.link(mounted.m("dir/a.txt"), mounted.m("dir/a2"))
+    a, b = os.lstat(mounted.m("dir/a.txt")), os.lstat(mounted.m("dir/a2"))
+    assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2
+    write(mounted.m("dir/a2"), b"via a2\n")
+    assert read(mounted.m("dir/a.txt")) == b"via a2\n"
+
+
+def test_lower_hard_links_show_one_inode(mounted):
+    sts = [os.lstat(mounted.m(p)) for p in HL]
+    assert len({st.st_ino for st in sts}) == 1
+    assert all(st.st_nlink == 3 for st in sts)
+
+
+def test_lower_hard_links_stay_one_inode_after_copy_up(mounted):
+    ino = os.lstat(mounted.m("other/two")).st_ino
+    with open(mounted.m("other/two"), "ab") as f:
+        f.write(b"more\n")
+    for p in HL:
+        st = os.lstat(mounted.m(p))
+        assert st.st_ino == ino, p
+        assert st.st_nlink == 3, p
+        assert read(mounted.m(p)) == mounted.hl_data + b"more\n", p
+
+
+def test_unlink_one_name_of_lower_hard_link(mounted):
+    os.unlink(mounted.m("hl/one"))
+    for p in HL[1:]:
+        assert os.lstat(mounted.m(p)).st_nlink == 2
+        assert read(mounted.m(p)) == mounted.hl_data
+
+
+def test_fstat_after_unlink_new_file(mounted):
+    p = mounted.m("dir/newfile")
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"data")
+        os.unlink(p)
+        st = os.fstat(fd)
+        assert st.st_nlink == 0
+        assert os.pread(fd, 4, 0) == b"data"
+    finally:
+        os.close(fd)
+
+
+def test_fstat_after_unlink_copied_up_file(mounted):
+    p = mounted.m("dir/a.txt")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.unlink(p)
+        assert os.fstat(fd).st_nlink == 0
+        assert os.pread(fd, 9, 0) == b"bottom-a\n"
+    finally:
+        os.close(fd)
+
+
+# -- identity -----------------------------------------------------------------------------
+
+def test_ino_stable_across_copy_up_rename_remount(layers):
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        ino = os.lstat(layers.m("dir/a.txt")).st_ino
+        dino = os.lstat(layers.m("wdir")).st_ino
+        os.chmod(layers.m("dir/a.txt"), 0o600)
+        assert os.lstat(layers.m("dir/a.txt")).st_ino == ino
+        os.rename(layers.m("dir/a.txt"), layers.m("merged/a.txt"))
+        assert os.lstat(layers.m("merged/a.txt")).st_ino == ino
+        os.rename(layers.m("wdir"), layers.m("w2"))
+        assert os.lstat(layers.m("w2")).st_ino == dino
+        write(layers.m("new.txt"), b"n")
+        nino = os.lstat(layers.m("new.txt")).st_ino
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        assert os.lstat(layers.m("merged/a.txt")).st_ino == ino
+        assert os.lstat(layers.m("w2")).st_ino == dino
+        assert os.lstat(layers.m("new.txt")).st_ino == nino
+
+
+def test_ino_stable_untouched_across_remount(layers):
+    paths = ("dir", "dir/a.txt", "shadow.txt", "hl/one", "merged/b1.txt", "sym_rel")
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        first = {p: os.lstat(layers.m(p)).st_ino for p in paths}
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        assert {p: os.lstat(layers.m(p)).st_ino for p in paths} == first
+
+
+def test_inos_unique(mounted):
+    seen: dict[int, str] = {}
+    for dirpath, dirnames, filenames in os.walk(mounted.mnt):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            if st.st_ino in seen:
+                other = os.lstat(seen[st.st_ino])
+                assert st.st_nlink > 1 and other.st_nlink > 1, (p, seen[st.st_ino])
+            seen[st.st_ino] = p
+
+
+def test_one_st_dev(mounted):
+    write(mounted.m("new.txt"), b"n")
+    os.chmod(mounted.m("dir/b.txt"), 0o600)
+    dev = os.stat(mounted.mnt).st_dev
+    for p in ("new.txt", "dir", "dir/a.txt", "dir/b.txt", "shadow.txt", "merged/b1.txt", "sym_rel",
+              "fifo", "null", "opq/new.txt"):
+        assert os.lstat(mounted.m(p)).st_dev == dev, p
+
+
+# -- symlinks -----------------------------------------------------------------------------
+
+def test_readlink(mounted):
+    assert os.readlink(mounted.m("sym_rel")) == "dir/a.txt"
+    assert os.readlink(mounted.m("sym_abs")) == "/etc/hostname"
+    assert os.readlink(mounted.m("sym_dangling")) == "does/not/exist"
+    assert os.readlink(mounted.m("dir/sym_out")) == "../../etc/passwd"
+    assert read(mounted.m("sym_rel")) == b"bottom-a\n"
+
+
+def test_symlink_out_of_layer_resolved_by_caller(mounted):
+    p = mounted.m("dir/sym_out")
+    assert stat.S_ISLNK(os.lstat(p).st_mode)
+    # mnt/dir/../../etc/passwd is ROOT/etc/passwd, not the layer's neighbour
+    assert read(p) == b"caller-side passwd\n"
+
+
+def test_absolute_symlink_resolved_by_caller(mounted):
+    assert read(mounted.m("sym_abs")) == read("/etc/hostname")
+
+
+def test_dangling_symlink(mounted):
+    assert stat.S_ISLNK(os.lstat(mounted.m("sym_dangling")).st_mode)
+    assert errno_of(lambda: os.stat(mounted.m("sym_dangling"))) == errno.ENOENT
+
+
+def test_symlink_create(mounted):
+    os.symlink("../x/y", mounted.m("dir/newlink"))
+    assert os.readlink(mounted.m("dir/newlink")) == "../x/y"
+    assert os.readlink(mounted.u("dir/newlink")) == "../x/y"
+
+
+def test_symlink_chown_lchown(mounted):
+    os.lchown(mounted.m("sym_abs"), 1000, 1000)
+    st = os.lstat(mounted.m("sym_abs"))
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+    assert os.readlink(mounted.u("sym_abs")) == "/etc/hostname"
+
+
+# -- special files ------------------------------------------------------------------------
+
+def test_mknod_char_device(mounted):
+    os.mknod(mounted.m("mynull"), stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    for p in (mounted.m("mynull"), mounted.u("mynull")):
+        st = os.lstat(p)
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    st = os.lstat(mounted.m("null"))
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+
+
+def test_device_usable_with_dev_option(layers):
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work,
+                       options=("dev",)):
+        os.mknod(layers.m("mynull"), stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        with open(layers.m("mynull"), "r+b", buffering=0) as f:
+            assert f.write(b"xyz") == 3
+            assert f.read() == b""
+        with open(layers.m("null"), "rb") as f:
+            assert f.read() == b""
+
+
+def test_fifo(mounted):
+    os.mkfifo(mounted.m("dir/myfifo"))
+    assert stat.S_ISFIFO(os.lstat(mounted.u("dir/myfifo")).st_mode)
+    for p in (mounted.m("dir/myfifo"), mounted.m("fifo")):
+        assert stat.S_ISFIFO(os.lstat(p).st_mode)
+        fd = os.open(p, os.O_RDWR | os.O_NONBLOCK)
+        try:
+            os.write(fd, b"through the pipe")
+            assert os.read(fd, 100) == b"through the pipe"
+        finally:
+            os.close(fd)
+
+
+def test_unix_socket(mounted):
+    p = mounted.m("dir/sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    cli = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        srv.bind(p)
+        srv.listen(1)
+        assert stat.S_ISSOCK(os.lstat(p).st_mode)
+        assert stat.S_ISSOCK(os.lstat(mounted.u("dir/sock")).st_mode)
+        cli.connect(p)
+        conn, _ = srv.accept()
+        with conn:
+            cli.sendall(b"hello")
+            assert conn.recv(5) == b"hello"
+    finally:
+        cli.close()
+        srv.close()
+
+
+# -- xattrs -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ns", ["user", "trusted", "security"])
+def test_xattr_roundtrip(mounted, ns):
+    p = mounted.m("dir/a.txt")
+    name = f"{ns}.unionfs-test"
+    os.setxattr(p, name, b"value")
+    assert os.getxattr(p, name) == b"value"
+    assert name in os.listxattr(p)
+    assert xattr(mounted.u("dir/a.txt"), name) == b"value"
+    os.setxattr(p, name, b"v2", os.XATTR_REPLACE)
+    assert os.getxattr(p, name) == b"v2"
+    assert errno_of(lambda: os.setxattr(p, name, b"v3", os.XATTR_CREATE)) == errno.EEXIST
+    os.removexattr(p, name)
+    assert errno_of(lambda: os.getxattr(p, name)) == errno.ENODATA
+    assert name not in os.listxattr(p)
+
+
+def test_lower_xattrs_visible(mounted):
+    assert os.getxattr(mounted.m("xattr.txt"), "user.color") == b"blue"
+    assert os.getxattr(mounted.m("xattr.txt"), "trusted.secret") == b"s3"
+    assert {"user.color", "trusted.secret"} <= set(os.listxattr(mounted.m("xattr.txt")))
+
+
+def test_removexattr_of_lower_xattr(mounted):
+    os.removexattr(mounted.m("xattr.txt"), "user.color")
+    assert errno_of(lambda: os.getxattr(mounted.m("xattr.txt"), "user.color")) == errno.ENODATA
+    assert xattr(mounted.u("xattr.txt"), "user.color") is None
+    assert xattr(os.path.join(mounted.bottom, "xattr.txt"), "user.color") == b"blue"
+
+
+def test_removexattr_missing_enodata(mounted):
+    assert errno_of(lambda: os.removexattr(mounted.m("dir/a.txt"), "user.none")) == errno.ENODATA
+    assert not os.path.lexists(mounted.u("dir/a.txt"))
+
+
+def test_overlay_xattrs_hidden(mounted):
+    os.rename(mounted.m("wdir"), mounted.m("w2"))
+    os.rmdir(mounted.m("emptydir"))
+    os.mkdir(mounted.m("emptydir"))
+    for p, name in (("w2", "trusted.overlay.redirect"), ("emptydir", "trusted.overlay.opaque"),
+                    ("opq", "trusted.overlay.opaque")):
+        assert name not in os.listxattr(mounted.m(p)), p
+        assert errno_of(lambda: os.getxattr(mounted.m(p), name)) != 0, p
+    assert xattr(mounted.u("w2"), "trusted.overlay.redirect") is not None
+
+
+def test_overlay_xattrs_not_settable(mounted):
+    p = mounted.m("merged")
+    assert errno_of(lambda: os.setxattr(p, "trusted.overlay.opaque", b"y")) != 0
+    assert set(os.listdir(p)) == {"t1.txt", "m1.txt", "o1.txt", "b1.txt"}
+    assert not os.path.lexists(mounted.u("merged")) or \
+        xattr(mounted.u("merged"), "trusted.overlay.opaque") is None
+    assert errno_of(lambda: os.setxattr(mounted.m("dir/a.txt"), "trusted.overlay.x", b"1")) != 0
+    assert errno_of(lambda: os.removexattr(mounted.m("opq"), "trusted.overlay.opaque")) != 0
+    assert os.listdir(mounted.m("opq")) == ["new.txt"]
+
+
+def test_unionfs_xattrs_hidden(mounted):
+    os.chmod(mounted.m("dir/a.txt"), 0o600)   # copied up: may carry trusted.unionfs.*
+    p = mounted.m("dir/a.txt")
+    own = ("trusted.unionfs.", "trusted.overlay.")
+    private = [n for n in os.listxattr(mounted.u("dir/a.txt")) if n.startswith(own)]
+    assert not [n for n in os.listxattr(p) if n.startswith(own)]
+    for name in private + ["trusted.unionfs.ino", "trusted.overlay.unionfs.ino"]:
+        assert errno_of(lambda: os.getxattr(p, name)) != 0, name
+    ino = os.lstat(p).st_ino
+    saved = {n: xattr(mounted.u("dir/a.txt"), n) for n in private}
+    for name in private + ["trusted.unionfs.ino", "trusted.overlay.unionfs.ino"]:
+        assert errno_of(lambda: os.setxattr(p, name, b"12345")) != 0, name
+        assert errno_of(lambda: os.removexattr(p, name)) != 0, name
+    assert {n: xattr(mounted.u("dir/a.txt"), n) for n in private} == saved
+    assert os.lstat(p).st_ino == ino
+
+
+def test_overlay_xattrs_hidden_like_kernel(pair):
+    """Neither side shows the upper's own trusted.overlay.* xattrs through the mount."""
+    for L in (pair.uf, pair.k):
+        os.rename(L.m("wdir"), L.m("w2"))
+        assert xattr(L.u("w2"), "trusted.overlay.redirect") is not None
+        assert "trusted.overlay.redirect" not in os.listxattr(L.m("w2"))
+        assert "trusted.overlay.opaque" not in os.listxattr(L.m("opq"))
+        assert errno_of(lambda: os.getxattr(L.m("w2"), "trusted.overlay.redirect")) != 0
+        assert errno_of(lambda: os.getxattr(L.m("opq"), "trusted.overlay.opaque")) != 0
+
+
+def test_posix_acl_roundtrip(mounted):
+    p = mounted.m("rootfile.txt")
+    subprocess.run(["setfacl", "-m", "u:1000:rw,g:1000:r", p], check=True)
+    out = subprocess.run(["getfacl", "-cpn", p], capture_output=True, text=True, check=True).stdout
+    assert "user:1000:rw-" in out and "group:1000:r--" in out
+    assert xattr(mounted.u("rootfile.txt"), "system.posix_acl_access") is not None
+    subprocess.run(["setfacl", "-b", p], check=True)
+    out = subprocess.run(["getfacl", "-cpn", p], capture_output=True, text=True, check=True).stdout
+    assert "user:1000" not in out
+
+
+def test_default_acl_on_dir_inherited(mounted):
+    d = mounted.m("dir/acldir")
+    os.mkdir(d)
+    subprocess.run(["setfacl", "-d", "-m", "u:1000:rwx", d], check=True)
+    write(d + "/f", b"x")
+    out = subprocess.run(["getfacl", "-cpn", d + "/f"], capture_output=True, text=True, check=True).stdout
+    assert "user:1000:rw" in out
+
+
+# -- data operations ----------------------------------------------------------------------
+
+def test_truncate_grow_and_ftruncate(mounted):
+    os.truncate(mounted.m("dir/a.txt"), 100)
+    data = read(mounted.m("dir/a.txt"))
+    assert data == b"bottom-a\n" + b"\0" * 91
+    with open(mounted.m("dir/b.txt"), "r+b") as f:
+        os.ftruncate(f.fileno(), 3)
+    assert read(mounted.m("dir/b.txt")) == b"mid"
+
+
+def test_fallocate(mounted):
+    fd = os.open(mounted.m("dir/a.txt"), os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 1 << 20)
+    finally:
+        os.close(fd)
+    assert os.lstat(mounted.m("dir/a.txt")).st_size == 1 << 20
+    assert read(mounted.m("dir/a.txt"))[:9] == b"bottom-a\n"
+
+
+def test_fsync(mounted):
+    fd = os.open(mounted.m("dir/a.txt"), os.O_RDWR)
+    try:
+        os.write(fd, b"X")
+        os.fsync(fd)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    assert read(mounted.u("dir/a.txt")) == b"Xottom-a\n"
+    dfd = os.open(mounted.m("dir"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def test_statfs_reports_upper(mounted):
+    a, b = os.statvfs(mounted.mnt), os.statvfs(mounted.upper)
+    assert (a.f_bsize, a.f_blocks, a.f_files, a.f_namemax) == (b.f_bsize, b.f_blocks, b.f_files, b.f_namemax)
+    assert abs(a.f_bfree - b.f_bfree) < b.f_blocks // 100 + 1024
+
+
+def test_o_append(mounted):
+    fd = os.open(mounted.m("dir/a.txt"), os.O_WRONLY | os.O_APPEND)
+    fd2 = os.open(mounted.m("dir/a.txt"), os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b"one\n")
+        os.write(fd2, b"two\n")
+        os.write(fd, b"three\n")
+    finally:
+        os.close(fd)
+        os.close(fd2)
+    assert read(mounted.m("dir/a.txt")) == b"bottom-a\none\ntwo\nthree\n"
+
+
+def test_o_excl(mounted):
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    assert errno_of(lambda: os.close(os.open(mounted.m("dir/a.txt"), flags))) == errno.EEXIST
+    assert errno_of(lambda: os.close(os.open(mounted.m("sym_dangling"), flags))) == errno.EEXIST
+    os.close(os.open(mounted.m("gone.txt"), flags, 0o640))
+    assert read(mounted.m("gone.txt")) == b""
+    assert stat.S_IMODE(os.lstat(mounted.m("gone.txt")).st_mode) == 0o640
+    os.close(os.open(mounted.m("dir/fresh"), flags))
+    assert errno_of(lambda: os.close(os.open(mounted.m("dir/fresh"), flags))) == errno.EEXIST
+
+
+def test_o_trunc(mounted):
+    fd = os.open(mounted.m("big.bin"), os.O_WRONLY | os.O_TRUNC)
+    os.close(fd)
+    assert os.lstat(mounted.m("big.bin")).st_size == 0
+    assert os.lstat(mounted.u("big.bin")).st_size == 0
+    assert os.lstat(os.path.join(mounted.bottom, "big.bin")).st_size == len(mounted.big)
+
+
+def test_o_directory(mounted):
+    assert errno_of(lambda: os.open(mounted.m("shadow.txt"), os.O_RDONLY | os.O_DIRECTORY)) == errno.ENOTDIR
+    os.close(os.open(mounted.m("merged"), os.O_RDONLY | os.O_DIRECTORY))
+
+
+def test_o_nofollow(mounted):
+    assert errno_of(lambda: os.open(mounted.m("sym_rel"), os.O_RDONLY | os.O_NOFOLLOW)) == errno.ELOOP
+
+
+def test_mmap_read(mounted):
+    with open(mounted.m("big.bin"), "rb") as f:
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            assert mm[:] == mounted.big
+
+
+def test_mmap_write(mounted):
+    with open(mounted.m("big.bin"), "r+b") as f:
+        with mmap.mmap(f.fileno(), 0) as mm:
+            mm[4096:4100] = b"MMAP"
+            mm.flush()
+    expect = mounted.big[:4096] + b"MMAP" + mounted.big[4100:]
+    fd = os.open(mounted.m("big.bin"), os.O_RDONLY)
+    try:
+        assert os.pread(fd, 8, 4094) == expect[4094:4102]
+    finally:
+        os.close(fd)
+    assert read(mounted.m("big.bin")) == expect
+    assert read(mounted.u("big.bin")) == expect
+
+
+def test_read_write_large_offsets(mounted):
+    fd = os.open(mounted.m("big.bin"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"END", len(mounted.big))
+        assert os.pread(fd, 3, len(mounted.big)) == b"END"
+        os.pwrite(fd, b"far", 10 << 20)
+    finally:
+        os.close(fd)
+    assert os.lstat(mounted.m("big.bin")).st_size == (10 << 20) + 3
+
+
+# -- names and errors ---------------------------------------------------------------------
+
+def test_name_too_long(mounted):
+    long = "x" * 256
+    assert errno_of(lambda: os.lstat(mounted.m(long))) == errno.ENAMETOOLONG
+    assert errno_of(lambda: os.open(mounted.m(long), os.O_CREAT | os.O_WRONLY)) == errno.ENAMETOOLONG
+    assert errno_of(lambda: os.mkdir(mounted.m("dir/" + long))) == errno.ENAMETOOLONG
+    assert errno_of(lambda: os.symlink("t", mounted.m(long))) == errno.ENAMETOOLONG
+    ok = "y" * 255
+    write(mounted.m(ok), b"ok")
+    assert read(mounted.m(ok)) == b"ok"
+    assert ok in os.listdir(mounted.mnt)
+
+
+def test_paths_near_path_max(mounted):
+    comp = "d" * 200
+    path = mounted.mnt
+    while len(path) + 1 + 200 + 1 + 200 < 4095:
+        path = os.path.join(path, comp)
+        os.mkdir(path)
+    leaf = "f" * (4095 - len(path) - 1)
+    full = os.path.join(path, leaf)
+    assert len(full) == 4095
+    write(full, b"deep")
+    assert read(full) == b"deep"
+    assert errno_of(lambda: os.lstat(full + "x")) == errno.ENAMETOOLONG
+    # the upper's copy, reached one component at a time (its full path is longer than PATH_MAX)
+    fd = os.open(mounted.upper, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in os.path.relpath(path, mounted.mnt).split("/"):
+            sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        ffd = os.open(leaf, os.O_RDONLY, dir_fd=fd)
+        assert os.read(ffd, 10) == b"deep"
+        os.close(ffd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("case", [
+    "open_dir_for_write", "unlink_dir", "rmdir_file", "lookup_below_file", "mkdir_existing_dir",
+    "mkdir_existing_file", "link_existing", "symlink_existing", "rmdir_nonempty",
+    "rename_dir_over_nonempty", "rename_file_over_dir", "rename_dir_over_file", "link_dir",
+    "rename_dir_into_itself", "rmdir_dot", "mknod_existing", "unlink_whiteouted",
+    "rename_missing", "rmdir_root_file_via_slash", "open_file_slash",
+])
+def test_errno_like_kernel(pair, case):
+    def run(m):
+        return {
+            "open_dir_for_write": lambda: os.open(m("dir"), os.O_WRONLY),
+            "unlink_dir": lambda: os.unlink(m("dir")),
+            "rmdir_file": lambda: os.rmdir(m("shadow.txt")),
+            "lookup_below_file": lambda: os.lstat(m("shadow.txt/x")),
+            "mkdir_existing_dir": lambda: os.mkdir(m("merged")),
+            "mkdir_existing_file": lambda: os.mkdir(m("shadow.txt")),
+            "link_existing": lambda: os.link(m("dir/a.txt"), m("dir/b.txt")),
+            "symlink_existing": lambda: os.symlink("x", m("dir/a.txt")),
+            "rmdir_nonempty": lambda: os.rmdir(m("merged")),
+            "rename_dir_over_nonempty": lambda: os.rename(m("wdir"), m("wdir2")),
+            "rename_file_over_dir": lambda: os.rename(m("shadow.txt"), m("emptydir")),
+            "rename_dir_over_file": lambda: os.rename(m("emptydir"), m("shadow.txt")),
+            "link_dir": lambda: os.link(m("dir"), m("dirlink")),
+            "rename_dir_into_itself": lambda: os.rename(m("wdir"), m("wdir/x/inside")),
+            "rmdir_dot": lambda: os.rmdir(m("emptydir/.")),
+            "mknod_existing": lambda: os.mkfifo(m("dir/a.txt")),
+            "unlink_whiteouted": lambda: os.unlink(m("gone.txt")),
+            "rename_missing": lambda: os.rename(m("nothing"), m("x")),
+            "rmdir_root_file_via_slash": lambda: os.rmdir(m("shadow.txt/")),
+            "open_file_slash": lambda: os.open(m("shadow.txt/"), os.O_RDONLY),
+        }[case]()
+
+    got = errno_of(lambda: run(pair.uf.m))
+    want = errno_of(lambda: run(pair.k.m))
+    assert got == want, f"unionfs {errno.errorcode.get(got, got)}, kernel {errno.errorcode.get(want, want)}"
+    assert want != 0
+
+
+# -- read-only mounts ---------------------------------------------------------------------
+
+WRITES = {
+    "open_write": lambda m: os.close(os.open(m("dir/a.txt"), os.O_WRONLY)),
+    "create": lambda m: os.close(os.open(m("new"), os.O_WRONLY | os.O_CREAT)),
+    "mkdir": lambda m: os.mkdir(m("newdir")),
+    "unlink": lambda m: os.unlink(m("dir/a.txt")),
+    "rmdir": lambda m: os.rmdir(m("emptydir")),
+    "rename": lambda m: os.rename(m("dir/a.txt"), m("dir/z")),
+    "chmod": lambda m: os.chmod(m("dir/a.txt"), 0o600),
+    "utime": lambda m: os.utime(m("dir/a.txt")),
+    "setxattr": lambda m: os.setxattr(m("dir/a.txt"), "user.x", b"1"),
+    "symlink": lambda m: os.symlink("x", m("sl")),
+    "truncate": lambda m: os.truncate(m("dir/a.txt"), 0),
+}
+
+
+@pytest.mark.parametrize("mode", ["ro_option", "no_upper"])
+def test_read_only_mounts_give_erofs(layers, mode):
+    upper = layers.upper if mode == "ro_option" else None
+    kw = dict(workdir=layers.work, options=("ro",)) if mode == "ro_option" else {}
+    with unionfs_mount(layers.lowers, upper, layers.mnt, **kw):
+        assert read(layers.m("shadow.txt")) == b"top-shadow\n"
+        assert set(os.listdir(layers.mnt)) == ROOT_NAMES
+        for what, fn in WRITES.items():
+            assert errno_of(lambda: fn(layers.m)) == errno.EROFS, what
+    assert os.listdir(layers.upper) == []
+
+
+# -- other processes see changes at once --------------------------------------------------
+
+def test_other_process_sees_rename_and_unlink(mounted):
+    os.listdir(mounted.m("dir"))
+    assert other_sees("stat", mounted.m("dir/a.txt")).returncode == 0
+    os.rename(mounted.m("dir/a.txt"), mounted.m("dir/a-renamed"))
+    assert other_sees("stat", mounted.m("dir/a-renamed")).returncode == 0
+    assert other_sees("stat", mounted.m("dir/a.txt")).returncode != 0
+    os.unlink(mounted.m("dir/b.txt"))
+    assert other_sees("stat", mounted.m("dir/b.txt")).returncode != 0
+
+
+def test_other_process_sees_copy_up_and_chmod(mounted):
+    assert other_sees("cat", mounted.m("dir/a.txt")).stdout == "bottom-a\n"
+    with open(mounted.m("dir/a.txt"), "w") as f:
+        f.write("changed\n")
+    assert other_sees("cat", mounted.m("dir/a.txt")).stdout == "changed\n"
+    assert other_sees("stat", "-c", "%a", mounted.m("shadow.txt")).stdout.strip() == "644"
+    os.chmod(mounted.m("shadow.txt"), 0o640)
+    assert other_sees("stat", "-c", "%a", mounted.m("shadow.txt")).stdout.strip() == "640"
+
+
+def test_other_process_sees_new_file_in_listed_dir(mounted):
+    assert "new.txt" not in other_sees("ls", "-a", mounted.m("merged")).stdout.split()
+    write(mounted.m("merged/new.txt"), b"n")
+    assert "new.txt" in other_sees("ls", "-a", mounted.m("merged")).stdout.split()
+    os.rmdir(mounted.m("emptydir"))
+    assert "emptydir" not in other_sees("ls", "-a", mounted.mnt).stdout.split()
+
+
+# -- permissions as a non-root user -------------------------------------------------------
+
+def test_user_cannot_write_root_file(mounted_other):
+    L = mounted_other
+    assert run_as(lambda: os.open("rootfile.txt", os.O_WRONLY), cwd=L.mnt) == errno.EACCES
+    assert run_as(lambda: os.truncate("rootfile.txt", 0), cwd=L.mnt) == errno.EACCES
+    assert run_as(lambda: os.chmod("rootfile.txt", 0o666), cwd=L.mnt) == errno.EPERM
+    assert run_as(lambda: read("rootfile.txt"), cwd=L.mnt) == 0
+    assert not os.path.lexists(L.u("rootfile.txt"))
+
+
+def test_user_cannot_create_in_root_dir(mounted_other):
+    assert run_as(lambda: write("dir/mine", b"x"), cwd=mounted_other.mnt) == errno.EACCES
+    assert enoent(mounted_other.m("dir/mine"))
+
+
+def test_user_sticky_dir(mounted_other):
+    L = mounted_other
+    assert run_as(lambda: os.unlink("tmp/rootfile"), cwd=L.mnt) == errno.EPERM
+    assert os.path.exists(L.m("tmp/rootfile"))
+    assert run_as(lambda: os.rename("tmp/rootfile", "tmp/stolen"), cwd=L.mnt) == errno.EPERM
+    assert run_as(lambda: os.unlink("tmp/userfile"), cwd=L.mnt) == 0
+    assert enoent(L.m("tmp/userfile"))
+    assert run_as(lambda: write("tmp/newfile", b"x"), cwd=L.mnt) == 0
+    st = os.lstat(L.u("tmp/newfile"))
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+
+
+def test_user_own_dir(mounted_other):
+    L = mounted_other
+    assert run_as(lambda: os.unlink("userdir/rootowned"), cwd=L.mnt) == 0
+    assert enoent(L.m("userdir/rootowned"))
+    assert run_as(lambda: os.mkdir("userdir/sub"), cwd=L.mnt) == 0
+    st = os.lstat(L.u("userdir/sub"))
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+
+
+def test_user_private_file(mounted_other):
+    L = mounted_other
+    assert run_as(lambda: read("owned.txt"), cwd=L.mnt) == 0
+    assert run_as(lambda: read("owned.txt"), cwd=L.mnt, uid=1001, gid=1001) == errno.EACCES
+    assert run_as(lambda: os.chmod("owned.txt", 0o644), cwd=L.mnt) == 0
+    assert stat.S_IMODE(os.lstat(L.u("owned.txt")).st_mode) == 0o644
+
+
+def test_user_acl_grants_write(mounted_other):
+    L = mounted_other
+    os.chmod(L.m("rootfile.txt"), 0o640)
+    subprocess.run(["setfacl", "-m", "u:1000:rw", L.m("rootfile.txt")], check=True)
+    assert run_as(lambda: write("rootfile.txt", b"acl\n", os.O_WRONLY), cwd=L.mnt) == 0
+    assert read(L.m("rootfile.txt")) == b"acl\n"
+    assert run_as(lambda: read("rootfile.txt"), cwd=L.mnt, uid=1001, gid=1001) == errno.EACCES
