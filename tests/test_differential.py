@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
+import tempfile
 import time
 
 import pytest
@@ -69,7 +69,7 @@ def _skip_reason(need_fuse: bool) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def difftest_root(tmp_path_factory):
+def difftest_root():
     reason = _skip_reason(need_fuse=False)
     if reason:
         pytest.skip(reason)
@@ -77,11 +77,17 @@ def difftest_root(tmp_path_factory):
     pp = os.environ.get("PYTHONPATH", "")
     if REPO not in pp.split(os.pathsep):
         os.environ["PYTHONPATH"] = REPO + (os.pathsep + pp if pp else "")
-    root = str(tmp_path_factory.mktemp("difftest"))
+    # Our own directory, not tmp_path_factory's: pytest prunes old numbered
+    # dirs at session start, which must never hit a concurrent session's mounts.
+    root = tempfile.mkdtemp(prefix="unionfs-difftest-", dir=os.environ.get("UNIONFS_DIFF_TMP"))
     pristine = os.path.join(root, "pristine")
     build_layers(pristine)
     yield root, pristine
-    shutil.rmtree(root, ignore_errors=True)
+    left = [line.split()[4] for line in open("/proc/self/mountinfo")
+            if line.split()[4].startswith(root + "/")]
+    if not left:
+        shutil.rmtree(root, ignore_errors=True)
+    assert not left, f"differential test left mounts behind: {left}"
 
 
 def _run_seed(difftest_root, seed: int, side_name: str) -> None:
@@ -94,7 +100,8 @@ def _run_seed(difftest_root, seed: int, side_name: str) -> None:
     shrunk = None
     if SHRINK_SECONDS > 0:
         shrunk = shrink(pristine, os.path.join(root, f"{side_name}-shrink-{seed}"), side,
-                        result.ops, result.divergence, SHRINK_SECONDS)
+                        result.ops, result.divergence, SHRINK_SECONDS,
+                        result.outcomes)
     msg = report(seed, side, N_OPS, result, shrunk)
     print(msg)
     pytest.fail(msg, pytrace=False)

@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - imported as tests.difftest
 
 from .layers import copy_layers
 from .ops import Generator, Op, run_op
-from .view import View, capture, diff_views
+from .view import capture, diff_views
 
 STAGES = ("op", "view", "remount", "kernel-on-upper")
 OVL_OPTS = "redirect_dir=on,index=on"
@@ -92,6 +92,7 @@ class CaseResult:
     ops: list[Op]
     divergence: Divergence | None
     notes: list[str] = field(default_factory=list)
+    outcomes: list[Any] = field(default_factory=list)   # side A's, per op
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -161,6 +162,7 @@ def run_case(pristine: str, base: str, side_b: Side, *, ops: Sequence[Op] | None
     timings: dict[str, float] = {}
     notes: list[str] = []
     done: list[Op] = []
+    outs: list[Any] = []
     gen = None
     if ops is None:
         gen = Generator(seed if seed is not None else 0)
@@ -178,34 +180,35 @@ def run_case(pristine: str, base: str, side_b: Side, *, ops: Sequence[Op] | None
                     op = gen.next() if gen is not None else ops[i]
                     done.append(op)
                     oa = run_op(ma, op)
+                    outs.append(oa)
                     ob = run_op(mb, op)
                     if oa != ob:
                         return CaseResult(done, Divergence(
                             "op", f"  op #{i}: {op!r}\n{_op_diff(oa, ob)}", i, op),
-                            notes, timings)
+                            notes, outs, timings)
                     if gen is not None:
                         gen.observe(op, oa, ma)
                 timings["ops"] = time.monotonic() - t
                 if last < 1:
-                    return CaseResult(done, None, notes, timings)
+                    return CaseResult(done, None, notes, outs, timings)
                 t = time.monotonic()
                 va = capture(ma)
                 vb = capture(mb)
                 timings["view"] = time.monotonic() - t
             d = diff_views(va, vb)
             if d:
-                return CaseResult(done, Divergence("view", "\n".join(d)), notes, timings)
+                return CaseResult(done, Divergence("view", "\n".join(d)), notes, outs, timings)
             if last < 2:
-                return CaseResult(done, None, notes, timings)
+                return CaseResult(done, None, notes, outs, timings)
             t = time.monotonic()
             with side_b.mount(b["lowers"], b["upper"], b["work"], b["mnt"]) as mb:
                 vb = capture(mb)
             timings["remount"] = time.monotonic() - t
             d = diff_views(va, vb)
             if d:
-                return CaseResult(done, Divergence("remount", "\n".join(d)), notes, timings)
+                return CaseResult(done, Divergence("remount", "\n".join(d)), notes, outs, timings)
             if last < 3:
-                return CaseResult(done, None, notes, timings)
+                return CaseResult(done, None, notes, outs, timings)
             t = time.monotonic()
             with _kernel_on_upper(b, notes) as m3:
                 vb = capture(m3)
@@ -214,17 +217,25 @@ def run_case(pristine: str, base: str, side_b: Side, *, ops: Sequence[Op] | None
             if notes:
                 d = [f"  note: {n}" for n in notes] + d
             if d:
-                return CaseResult(done, Divergence("kernel-on-upper", "\n".join(d)), notes,
+                return CaseResult(done, Divergence("kernel-on-upper", "\n".join(d)), notes, outs,
                                   timings)
-            return CaseResult(done, None, notes, timings)
+            return CaseResult(done, None, notes, outs, timings)
     finally:
         leftovers = _mounts_under(base)
         for m in leftovers:
             force_unmount(m)
+        stuck = _mounts_under(base)
         timings["total"] = time.monotonic() - t0
-        if not os.environ.get("UNIONFS_DIFF_KEEP"):
+        # Never rmtree through a mount that is still there.
+        if not stuck and not os.environ.get("UNIONFS_DIFF_KEEP"):
             shutil.rmtree(base, ignore_errors=True)
-        assert not leftovers, f"mounts left behind: {leftovers}"
+        if leftovers:
+            raise LeftoverMounts(f"mounts left behind (still mounted after cleanup: {stuck}): "
+                                 f"{leftovers}")
+
+
+class LeftoverMounts(AssertionError):
+    pass
 
 
 def _mounts_under(base: str) -> list[str]:
@@ -269,12 +280,21 @@ def ddmin(items: list, fails: Callable[[list], list | None], deadline: float) ->
     return items
 
 
+READ_ONLY = {"stat", "read", "readdir", "getxattr", "access"}
+
+
+def _failed(outcome: Any) -> bool:
+    res = outcome[0] if isinstance(outcome, tuple) and outcome else outcome
+    return isinstance(res, str) and res.startswith(("E:", "skip", "unsafe"))
+
+
 def shrink(pristine: str, base: str, side_b: Side, ops: list[Op], div: Divergence,
-           budget: float) -> tuple[list[Op], Divergence, int, float]:
+           budget: float, outcomes: Sequence[Any] = ()) -> tuple[list[Op], Divergence, int, float]:
     """Shortest op list found within *budget* seconds that still diverges at div.stage."""
     t0 = time.monotonic()
     deadline = t0 + budget
     trials = 0
+    errors: list[str] = []
     best = (list(ops), div)
     if div.stage == "op" and div.index is not None:
         best = (list(ops[: div.index + 1]), div)
@@ -285,7 +305,10 @@ def shrink(pristine: str, base: str, side_b: Side, ops: list[Op], div: Divergenc
         try:
             r = run_case(pristine, os.path.join(base, f"shrink-{trials}"), side_b, ops=cand,
                          upto=div.stage)
-        except Exception:  # noqa: BLE001 - a crash is not "the same" divergence
+        except LeftoverMounts:
+            raise
+        except Exception as e:  # noqa: BLE001 - a crash is not "the same" divergence
+            errors.append(f"shrink run {trials}: {type(e).__name__}: {e}")
             return None
         d = r.divergence
         if d is None or d.stage != div.stage:
@@ -295,7 +318,26 @@ def shrink(pristine: str, base: str, side_b: Side, ops: list[Op], div: Divergenc
             best = (cand, d)
         return cand
 
+    # Cheap big cuts first: ops that cannot change state (pure reads), then ops
+    # that failed on the kernel side; each kept only if the divergence stays.
+    if div.stage != "op" or len(best[0]) > 1:
+        outs = list(outcomes[: len(best[0])])
+        keep_last = div.stage == "op"
+        for drop in (lambda op, o: op.kind in READ_ONLY,
+                     lambda op, o: _failed(o)):
+            if time.monotonic() >= deadline:
+                break
+            cur = best[0]
+            cand = [op for i, (op, o) in enumerate(zip(cur, outs))
+                    if not drop(op, o) or (keep_last and i == len(cur) - 1)]
+            if len(cand) < len(cur) and fails(cand) is not None:
+                kept = set(map(id, cand))
+                outs = [o for op, o in zip(cur, outs) if id(op) in kept]
     ddmin(best[0], fails, deadline)
+    if errors:
+        best = (best[0], Divergence(best[1].stage, best[1].detail + "\n  (runs that crashed "
+                                    "while shrinking: " + "; ".join(errors[:3]) + ")",
+                                    best[1].index, best[1].op))
     return best[0], best[1], trials, time.monotonic() - t0
 
 

@@ -222,7 +222,10 @@ def _mid(b: _Builder) -> None:
     b.dir("mid")
     b.dir("mid/empty")
     b.symlink("h1", "mid/h1_link")
-    b.whiteout("mid/never_existed")  # whiteout with nothing below it
+    # A whiteout with nothing below it, in a dir that exists in mid only, would be
+    # listed by kernel overlayfs's readdir (the dir is not merged, so it is read
+    # as is) while lstat says ENOENT. Put it in a merged dir instead.
+    b.whiteout("merged/never_existed")
     b.dir("sticky", mode=0o1777)
     b.file("sticky/mid_user_file", "mid, owner 1001\n", uid=1001, gid=1001)
 

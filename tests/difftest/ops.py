@@ -14,7 +14,6 @@ its parent components is not run at all.
 from __future__ import annotations
 
 import ctypes
-import errno
 import hashlib
 import os
 import pickle
@@ -104,6 +103,10 @@ def _p_create(a: str, b: str | None, args: tuple) -> Any:
 
 def _p_creat_trunc(a, b, args):
     mode, tag, n = args
+    try:
+        _not_symlink_or_special(a)   # never open an existing device or fifo
+    except FileNotFoundError:
+        pass
     fd = _open(a, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, mode)
     try:
         return os.write(fd, _data(tag, n))
@@ -390,7 +393,7 @@ def run_op(root: str, op: Op) -> Any:
 # names the fixture never had: both are good targets for creation.
 GHOSTS = ["gone.txt", "gonedir", "gonedir/inside.txt", "merged/wo_by_mid.txt",
           "data/mid_only.txt", "etc/hosts", "opq/a.txt", "opq/olddir", "typeswap/under.txt",
-          "mid/never_existed", "merged/opqsub/s1"]
+          "merged/never_existed", "merged/opqsub/s1"]
 FRESH_NAMES = ["new", "n1", "n2", "f.txt", "d", "sub", "x", "renamed", "gone.txt", "m1.txt",
                "common.txt", "a", "hl_b"]
 
@@ -584,11 +587,25 @@ class Generator:
                                 "readdir", "read", "symlink", "link", "stat", "access",
                                 "creat_trunc", "removexattr"])
         op = self._make(kind, user)
+        if self.rng.random() < 0.6:
+            # Aim at the places where unprivileged users own or may write things.
+            p = self._user_path(op.kind in ("create", "mkdir", "symlink", "creat_trunc"))
+            op = Op(op.kind, op.path if op.kind in ("link",) else p,
+                    p if op.kind == "link" else op.path2, op.args, user)
         if kind == "chown":   # unprivileged chown: to yourself / your own group only
             op = Op("chown", op.path, args=self.rng.choice([(user[0], user[1]), (-1, user[1]),
                                                              (user[0], -1), (0, 0)]),
                     user=user)
         return op
+
+    USER_AREAS = ("home1000", "toponly", "sticky", "group100", "private", "owned")
+
+    def _user_path(self, fresh: bool) -> str:
+        inside = sorted(p for p in self.known if p.split("/")[0] in self.USER_AREAS)
+        if fresh or not inside:
+            dirs = [p for p in inside if self.known[p] == "dir"] or ["sticky"]
+            return f"{self.rng.choice(dirs)}/{self.rng.choice(FRESH_NAMES)}"
+        return self.rng.choice(inside)
 
     def observe(self, op: Op, outcome: Any, root: str) -> None:
         """Update the picture of the tree after *op* ran on the reference side."""
