@@ -21,10 +21,18 @@ HELPER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 @pytest.fixture(autouse=True)
 def helper_installed() -> None:
-    assert shutil.which("unionfs", path=HELPER_PATH), \
-        "no unionfs command where mount(8) looks for it: run scripts/setup"
+    """mount(8) must find a working `unionfs` that runs this checkout's code."""
+    found = shutil.which("unionfs", path=HELPER_PATH)
+    assert found, "no unionfs command where mount(8) looks for it: run scripts/setup"
+    assert str(REPO) in Path(found).read_text(errors="replace"), \
+        f"{found} belongs to another checkout: run scripts/setup here"
+    proc = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{found} does not run: {proc.stderr.strip()} (run scripts/setup)"
 
 
 @pytest.fixture
