@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from unionfs.config import ConfigError, parse_options, split_lowers
 from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,6 +145,22 @@ def test_upper_on_a_read_only_filesystem(tree: Path) -> None:
             assert snapshot(tree) == before and mounts_under(tree / "mnt") == []
     finally:
         force_unmount(str(ro))
+
+
+def test_option_parsing() -> None:
+    fstab_noise = ("rw,defaults,auto,noauto,user,user=alice,nouser,users,owner,group,_netdev,nofail,"
+                   "relatime,noatime,nodiratime,lazytime,x-systemd.automount,x-gvfs-hide,comment=hi,"
+                   "redirect_dir=on,index=off,xino=auto,nfs_export=off,uuid=on,metacopy=off")
+    opts = parse_options([fstab_noise, "ro,dev,suid,allow_other,default_permissions,fsync=0,noexec"])
+    assert (opts.readonly, opts.dev, opts.suid, opts.allow_other, opts.fsync) == (True, True, True, True, False)
+    assert "noexec" in opts.extra and opts.extra["redirect_dir"] == "on"
+    assert parse_options(["ro", "rw,nodev"]).readonly is False  # later wins, as in mount(8)
+    opts = parse_options([r"lowerdir=/a\:b:/c,upperdir=/u\,v,workdir=/w"])
+    assert (opts.lowerdir, opts.upperdir, opts.workdir) == (["/a:b", "/c"], "/u,v", "/w")
+    assert split_lowers("/x:/y") == ["/x", "/y"]
+    for bad in ("nodev=1", "lowerdir=", "index=maybe", "volatile", "userxattr", "sloppy"):
+        with pytest.raises(ConfigError):
+            parse_options([bad])
 
 
 def test_help() -> None:

@@ -142,6 +142,9 @@ def _apply_option(opts: MountOptions, item: str) -> None:
     paths = {"upperdir", "workdir", "lowerdir", "fsname"}
     if name in UNSUPPORTED and (name != "metacopy" or value != "off"):
         raise ConfigError(UNSUPPORTED[name])
+    if name == "user" and value:  # mount(8) may say who mounted: user=NAME
+        opts.extra[name] = value
+        return
     if name in flags or name in KERNEL_FLAGS or name in IGNORED_FLAGS:
         if has_value:
             raise ConfigError(f"mount option '{name}' takes no value")
