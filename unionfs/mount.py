@@ -375,8 +375,11 @@ def _serve(config: MountConfig, session: _Session) -> None:
         from .changes import close_all  # compact the changes log, mark the stop clean
         close_all()
         if session.pidfile:
-            with contextlib.suppress(OSError):
-                os.unlink(session.pidfile)
+            # the device number may already serve another mount, with its own pid file
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(session.pidfile) as f:
+                    if int(f.readline().split()[0]) == os.getpid():
+                        os.unlink(session.pidfile)
         log.info("unmounted %s", config.mountpoint)
 
 
