@@ -400,8 +400,9 @@ def unmount(path: str) -> None:
     _umount(mnt, lazy=False, dead=dead)
     if owner is not None:
         _wait_for_exit(*owner)
-    with contextlib.suppress(OSError):
-        os.unlink(_pidfile(entry.devno))
+    if _read_pidfile(entry.devno) == owner:  # not yet another mount's (device numbers get reused)
+        with contextlib.suppress(OSError):
+            os.unlink(_pidfile(entry.devno))
 
 
 def _umount(mnt: str, lazy: bool, dead: bool) -> None:
