@@ -137,8 +137,8 @@ class Resolver:
                 rd = syscalls.getxattr(ufd, name, OVL_REDIRECT)
                 if rd is not None and valid_redirect(rd):
                     redirect = rd
-        if parent.opaque and parent.upper:
-            return e
+        if parent.opaque and parent.upper and not (redirect and redirect.startswith(b"/")):
+            return e  # an absolute redirect searches from the layer roots, as overlayfs does
         self._scan_lowers(parent, name, redirect, e)
         return e
 

@@ -489,14 +489,20 @@ class Union:
         if stat.S_ISDIR(e.st.st_mode):
             raise err(errno.EISDIR)
         node = self.nodes.get(e.ino)
-        if not e.upper and e.st.st_nlink > 1:
-            # as overlayfs with index=on: copy the inode up first, so the names that
-            # stay count one link fewer
-            await self.ensure_upper(node or self._node_for(parent, e))
-            e = self.r.resolve(parent, name)
-            if e.st is None:
-                raise err(errno.ENOENT)
+        e = await self._up_if_linked(parent, name, e)
         self._remove(parent, name, e, node)
+
+    async def _up_if_linked(self, parent: Node, name: bytes, e: Entry) -> Entry:
+        """Before a name of a hard-linked lower file goes away: copy the inode up first (as
+        overlayfs with index=on), so the names that stay count one link fewer."""
+        assert e.st is not None
+        if e.upper or e.st.st_nlink < 2 or stat.S_ISDIR(e.st.st_mode):
+            return e
+        await self.ensure_upper(self._node_for(parent, e))
+        e = self.r.resolve(parent, name)
+        if e.st is None:
+            raise err(errno.ENOENT)
+        return e
 
     def rmdir(self, parent: Node, name: bytes) -> None:
         self._check_name(name)
@@ -582,6 +588,8 @@ class Union:
         await self.ensure_upper(snode)
         if exchange and dnode is not None:
             await self.ensure_upper(dnode)
+        elif dst.st is not None:
+            dst = await self._up_if_linked(p2, n2, dst)
         # copy-ups may have awaited: look again, the names must still show the same objects
         src2, dst2 = self.r.resolve(p1, n1), self.r.resolve(p2, n2)
         if src2.ino != snode.id or (dst2.st is None) != (dst.st is None) or \
