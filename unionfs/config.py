@@ -132,48 +132,49 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
     return opts
 
 
+_FLAG_FIELDS: dict[str, tuple[str | None, bool]] = {
+    "ro": ("readonly", True), "rw": ("readonly", False),
+    "dev": ("dev", True), "nodev": ("dev", False),
+    "suid": ("suid", True), "nosuid": ("suid", False),
+    "allow_other": ("allow_other", True), "debug": ("debug", True),
+    "default_permissions": (None, True),  # always on
+}
+_STRING_FIELDS = {"upperdir", "workdir", "fsname"}
+
+
 def _apply_option(opts: MountOptions, item: str) -> None:
     name, has_value, value = item.partition("=")
-    flags = {"ro": ("readonly", True), "rw": ("readonly", False),
-             "dev": ("dev", True), "nodev": ("dev", False),
-             "suid": ("suid", True), "nosuid": ("suid", False),
-             "allow_other": ("allow_other", True), "debug": ("debug", True),
-             "default_permissions": (None, True)}
-    paths = {"upperdir", "workdir", "lowerdir", "fsname"}
-    if name in UNSUPPORTED and (name != "metacopy" or value != "off"):
+    if name in UNSUPPORTED and item != "metacopy=off":
         raise ConfigError(UNSUPPORTED[name])
-    if name == "user" and value:  # mount(8) may say who mounted: user=NAME
-        opts.extra[name] = value
+    if name.startswith("x-") or name == "comment" or (name == "user" and has_value):
+        opts.extra[name] = value  # userspace notes for mount(8)/systemd; mount.fuse3 passes user=NAME
         return
-    if name in flags or name in KERNEL_FLAGS or name in IGNORED_FLAGS:
+    if name in _FLAG_FIELDS or name in KERNEL_FLAGS or name in IGNORED_FLAGS:
         if has_value:
             raise ConfigError(f"mount option '{name}' takes no value")
-        attr, val = flags.get(name, (None, True))
-        if attr:
-            setattr(opts, attr, val)
-        elif name in KERNEL_FLAGS or name in IGNORED_FLAGS:
+        if name in _FLAG_FIELDS:
+            attr, val = _FLAG_FIELDS[name]
+            if attr:
+                setattr(opts, attr, val)
+        else:
             opts.extra[name] = ""
         return
-    if name in paths or name == "fsync" or name in IGNORED_VALUED:
-        if not value:
-            raise ConfigError(f"mount option '{name}' needs a value")
-        if name == "lowerdir":
-            opts.lowerdir = split_lowers(value)
-        elif name == "fsync":
-            if value not in ("0", "1"):
-                raise ConfigError(f"fsync must be 0 or 1, not '{value}'")
-            opts.fsync = value == "1"
-        elif name in paths:
-            setattr(opts, name, value)
-        elif value not in IGNORED_VALUED[name]:
+    if name not in _STRING_FIELDS and name not in IGNORED_VALUED and name not in ("lowerdir", "fsync"):
+        raise ConfigError(f"unknown mount option '{item}'")
+    if not value:
+        raise ConfigError(f"mount option '{name}' needs a value")
+    if name == "lowerdir":
+        opts.lowerdir = split_lowers(value)
+    elif name == "fsync":
+        if value not in ("0", "1"):
+            raise ConfigError(f"fsync must be 0 or 1, not '{value}'")
+        opts.fsync = value == "1"
+    elif name in IGNORED_VALUED:
+        if value not in IGNORED_VALUED[name]:
             raise ConfigError(f"unsupported value in mount option '{item}'")
-        else:
-            opts.extra[name] = value
-        return
-    if name.startswith("x-") or name == "comment":
         opts.extra[name] = value
-        return
-    raise ConfigError(f"unknown mount option '{item}'")
+    else:
+        setattr(opts, name, value)
 
 
 def kernel_flag_options(config: MountConfig) -> set[str]:
