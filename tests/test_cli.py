@@ -329,6 +329,15 @@ def test_foreground_mount_stops_on_sigterm(tree: Path) -> None:
         force_unmount(mnt)
 
 
+def test_daemon_unmounts_on_sigterm(tree: Path) -> None:
+    mnt = str(tree / "mnt")
+    with unionfs_mount([f"{tree}/l1"], str(tree / "up"), mnt):
+        (pid,) = daemon_pids(mnt)
+        os.kill(pid, signal.SIGTERM)
+        assert wait_for(lambda: pid_gone(pid) and not is_mounted(mnt))
+        assert "got SIGTERM" in (tree / ".up.unionfs-work/unionfs.log").read_text()
+
+
 def test_debug_log_goes_to_the_workdir(tree: Path) -> None:
     mnt = tree / "mnt"
     with unionfs_mount([f"{tree}/l1"], str(tree / "up"), str(mnt), options=["debug"]):
