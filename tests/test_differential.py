@@ -8,6 +8,8 @@ See tests/difftest/__init__.py for the stages. Environment knobs:
   UNIONFS_DIFF_SIDE             what side B is: unionfs (default) or kernel
   UNIONFS_DIFF_SELFTEST_SEEDS   kernel-vs-kernel harness self-test seeds (default 2)
   UNIONFS_DIFF_SHRINK_SECONDS   time budget to shrink a failing seed (default 60)
+  UNIONFS_DIFF_SHRINK_TOTAL     time budget for all shrinking in a session (default 240)
+  UNIONFS_DIFF_TMP              where to put the case directories (default: $TMPDIR)
   UNIONFS_DIFF_KEEP             keep the case directories (for debugging)
 """
 from __future__ import annotations
@@ -41,6 +43,9 @@ def _seeds() -> list[int]:
 N_OPS = _env_int("UNIONFS_DIFF_OPS", 300)
 SHRINK_SECONDS = float(os.environ.get("UNIONFS_DIFF_SHRINK_SECONDS", 60))
 SIDE_B = os.environ.get("UNIONFS_DIFF_SIDE", "unionfs")
+# Shrinking is bounded per seed and for the whole session, so that a badly
+# broken build still finishes in minutes (later failures are reported unshrunk).
+_SHRINK_LEFT = [float(os.environ.get("UNIONFS_DIFF_SHRINK_TOTAL", 240))]
 
 
 def _overlay_supported() -> bool:
@@ -98,10 +103,13 @@ def _run_seed(difftest_root, seed: int, side_name: str) -> None:
     if result.divergence is None:
         return
     shrunk = None
-    if SHRINK_SECONDS > 0:
+    budget = min(SHRINK_SECONDS, _SHRINK_LEFT[0])
+    if budget > 0:
+        t = time.monotonic()
         shrunk = shrink(pristine, os.path.join(root, f"{side_name}-shrink-{seed}"), side,
                         result.ops, result.divergence, SHRINK_SECONDS,
                         result.outcomes)
+        _SHRINK_LEFT[0] -= time.monotonic() - t
     msg = report(seed, side, N_OPS, result, shrunk)
     print(msg)
     pytest.fail(msg, pytrace=False)

@@ -104,8 +104,8 @@ def _fmt(outcome: Any) -> str:
 def _op_diff(a: Any, b: Any) -> str:
     lines = [f"    kernel: {_fmt(a)}", f"    other:  {_fmt(b)}"]
     # Point at the differing fields of the post-states.
-    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 3:
-        names = ("result", "state(path)", "state(path2)")
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 4:
+        names = ("result", "state(path)", "state(path2)", "st_ino identity (path, path2)")
         for n, x, y in zip(names, a, b):
             if x != y:
                 if isinstance(x, dict) and isinstance(y, dict):

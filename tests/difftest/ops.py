@@ -382,9 +382,25 @@ def run_op(root: str, op: Op) -> Any:
             why = _parents_unsafe(root, rel)
             if why:
                 return (why,)
+    before = [_ino(root, op.path), _ino(root, op.path2)]
     res = _run_as(root, op) if op.user else _primitive(root, op)
+    after = [_ino(root, op.path), _ino(root, op.path2)]
+    # Inode identity, without the numbers: for each named path afterwards, which
+    # named path (if any) had its inode number before. overlayfs keeps st_ino
+    # across copy-up and rename.
+    same = tuple(tuple(j for j, b in enumerate(before) if a is not None and a == b)
+                 for a in after)
     # The state of every path the op named, as root sees it afterwards.
-    return (res, post_state(root, op.path), post_state(root, op.path2))
+    return (res, post_state(root, op.path), post_state(root, op.path2), same)
+
+
+def _ino(root: str, rel: str | None) -> int | None:
+    if rel is None:
+        return None
+    try:
+        return os.lstat(os.path.join(root, rel) if rel else root).st_ino
+    except OSError:
+        return None
 
 
 # --- the generator --------------------------------------------------------------------------
@@ -402,6 +418,14 @@ USER_XATTRS = ["user.a", "user.b", "user.hl", "user.new", "user.dirattr", "user.
 
 SIZES = [0, 1, 7, 100, 4095, 4096, 4097, 65536, 70001]
 BIG_SIZES = [1 << 20, (3 << 20) // 2 + 3]
+
+
+PROFILES: list[dict[str, float]] = [
+    {},
+    {"rename": 3, "mkdir": 2, "rmdir": 2, "readdir": 2},                  # directory moves
+    {"link": 4, "unlink": 2, "write": 1.5, "setxattr": 2, "chown": 2},     # hard links, metadata
+    {"user": 4, "chmod": 2},                                               # permissions
+]
 
 
 @dataclass
@@ -481,8 +505,9 @@ class Generator:
 
     def _mode(self, dir_: bool = False) -> int:
         if dir_:
-            return self.rng.choice([0o755, 0o700, 0o1777, 0o2775, 0o555, 0o777])
-        return self.rng.choice([0o644, 0o600, 0o755, 0o4755, 0o2755, 0o666, 0o444, 0o000, 0o1644])
+            return self.rng.choice([0o755, 0o700, 0o1777, 0o2775, 0o555, 0o777, 0o3777])
+        return self.rng.choice([0o644, 0o600, 0o755, 0o4755, 0o2755, 0o666, 0o444, 0o000, 0o1644,
+                                0o6777, 0o4766])
 
     def next(self) -> Op:
         rng = self.rng
@@ -492,7 +517,9 @@ class Generator:
                  ("chmod", 4), ("chown", 3), ("utimens", 3), ("setxattr", 5),
                  ("removexattr", 3), ("getxattr", 2), ("mknod", 1), ("mkfifo", 1),
                  ("coherent", 2), ("user", 6)]
-        kind = rng.choices([k for k, _ in kinds], [w for _, w in kinds])[0]
+        # Each seed gets a profile, so some seeds dwell on one area.
+        boost = PROFILES[self.seed % len(PROFILES)]
+        kind = rng.choices([k for k, _ in kinds], [w * boost.get(k, 1) for k, w in kinds])[0]
         if kind == "user":
             return self._user_op()
         return self._make(kind)
