@@ -956,7 +956,9 @@ def test_paths_near_path_max(mounted):
     "mkdir_existing_file", "link_existing", "symlink_existing", "rmdir_nonempty",
     "rename_dir_over_nonempty", "rename_file_over_dir", "rename_dir_over_file", "link_dir",
     "rename_dir_into_itself", "rmdir_dot", "mknod_existing", "unlink_whiteouted",
-    "rename_missing", "rmdir_root_file_via_slash", "open_file_slash",
+    "rename_missing", "rmdir_root_file_via_slash", "open_file_slash", "mknod_whiteout",
+    "rename_to_long_name", "link_to_long_name", "rename_from_long_name", "unlink_long_name",
+    "rmdir_not_dir_in_lower", "rename_exchange_missing_dir", "rename_noreplace_existing_dir",
 ])
 def test_errno_like_kernel(pair, case):
     def run(m):
@@ -981,6 +983,14 @@ def test_errno_like_kernel(pair, case):
             "rename_missing": lambda: os.rename(m("nothing"), m("x")),
             "rmdir_root_file_via_slash": lambda: os.rmdir(m("shadow.txt/")),
             "open_file_slash": lambda: os.open(m("shadow.txt/"), os.O_RDONLY),
+            "rename_to_long_name": lambda: os.rename(m("dir/a.txt"), m("dir/" + "x" * 256)),
+            "link_to_long_name": lambda: os.link(m("dir/a.txt"), m("dir/" + "x" * 256)),
+            "rename_from_long_name": lambda: os.rename(m("dir/" + "x" * 256), m("dir/y")),
+            "unlink_long_name": lambda: os.unlink(m("x" * 256)),
+            "rmdir_not_dir_in_lower": lambda: os.rmdir(m("dir/sub/deep.txt")),
+            "rename_exchange_missing_dir": lambda: renameat2(m("wdir"), m("nodir"), RENAME_EXCHANGE),
+            "rename_noreplace_existing_dir": lambda: renameat2(m("wdir"), m("wdir2"), RENAME_NOREPLACE),
+            "mknod_whiteout": lambda: os.mknod(m("wh"), stat.S_IFCHR | 0o600, os.makedev(0, 0)),
         }[case]()
 
     got = errno_of(lambda: run(pair.uf.m))
@@ -1344,3 +1354,98 @@ def test_view_equals_kernel_after_ops(pair):
     diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
     # OCI files do not exist in these layers; everything must agree
     assert diff == {}
+
+
+# -- ownership, modes, sparse files -------------------------------------------------------
+
+@contextlib.contextmanager
+def both(tmp_path, options=("allow_other",)):
+    """A unionfs mount (with *options*) and a kernel overlay over copies of the same layers."""
+    from conftest import make_layers
+    a = make_layers(str(tmp_path / "uf"))
+    b = make_layers(str(tmp_path / "k"))
+    with kernel_overlay(b.kernel_lowers, b.upper, b.work, b.mnt):
+        with unionfs_mount(a.kernel_lowers, a.upper, a.mnt, workdir=a.work, options=options):
+            yield a, b
+
+
+def test_setgid_dir_inheritance(pair):
+    res = []
+    for L in (pair.uf, pair.k):
+        os.chown(L.m("wdir"), 0, 1000)
+        os.chmod(L.m("wdir"), 0o2775)
+        write(L.m("wdir/f"), b"f")
+        os.mkdir(L.m("wdir/d"))
+        res.append((os.lstat(L.m("wdir/f")).st_gid, os.lstat(L.m("wdir/d")).st_gid,
+                    oct(os.lstat(L.m("wdir/d")).st_mode)))
+    assert res[0] == res[1]
+    assert res[0][:2] == (1000, 1000)
+
+
+def test_create_modes_follow_umask(mounted):
+    old = os.umask(0o027)
+    try:
+        fd = os.open(mounted.m("dir/f"), os.O_CREAT | os.O_WRONLY, 0o777)
+        os.close(fd)
+        os.mkdir(mounted.m("dir/d"), 0o777)
+        os.mkfifo(mounted.m("dir/p"), 0o666)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.lstat(mounted.m("dir/f")).st_mode) == 0o750
+    assert stat.S_IMODE(os.lstat(mounted.m("dir/d")).st_mode) == 0o750
+    assert stat.S_IMODE(os.lstat(mounted.m("dir/p")).st_mode) == 0o640
+    assert stat.S_IMODE(os.lstat(mounted.u("dir/f")).st_mode) == 0o750
+
+
+def test_write_by_other_user_clears_setid(tmp_path):
+    with both(tmp_path) as (a, b):
+        res = []
+        for L in (a, b):
+            write(L.m("tmp/s.bin"), b"#!/bin/sh\n")
+            os.chmod(L.m("tmp/s.bin"), 0o6777)
+            assert run_as(lambda: write("tmp/s.bin", b"x", os.O_WRONLY), cwd=L.mnt) == 0
+            res.append(oct(stat.S_IMODE(os.lstat(L.m("tmp/s.bin")).st_mode)))
+        assert res[0] == res[1]
+
+
+def test_user_writes_own_lower_file(mounted_other):
+    L = mounted_other
+    assert run_as(lambda: write("owned.txt", b"mine\n", os.O_WRONLY | os.O_TRUNC), cwd=L.mnt) == 0
+    st = os.lstat(L.u("owned.txt"))
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o600)
+    assert read(L.u("owned.txt")) == b"mine\n"
+
+
+def test_copy_up_of_sparse_file_stays_sparse(layers):
+    p = os.path.join(layers.bottom, "sparse.bin")
+    with open(p, "wb") as f:
+        f.seek(1 << 30)
+        f.write(b"end")
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        os.chmod(layers.m("sparse.bin"), 0o600)
+        assert os.lstat(layers.m("sparse.bin")).st_size == (1 << 30) + 3
+        with open(layers.m("sparse.bin"), "rb") as f:
+            f.seek(1 << 30)
+            assert f.read() == b"end"
+    assert os.lstat(layers.u("sparse.bin")).st_blocks * 512 < (64 << 20)
+
+
+def test_dotdot_after_rename(mounted):
+    os.rename(mounted.m("wdir"), mounted.m("dir/sub/w"))
+    ents = raw_readdir(mounted.m("dir/sub/w"))
+    assert ents[".."][0] == os.stat(mounted.m("dir/sub")).st_ino
+    assert os.stat(mounted.m("dir/sub/w/..")).st_ino == os.stat(mounted.m("dir/sub")).st_ino
+
+
+def test_link_of_lower_symlink(mounted):
+    os.link(mounted.m("sym_rel"), mounted.m("dir/sym_link"), follow_symlinks=False)
+    a, b = os.lstat(mounted.m("sym_rel")), os.lstat(mounted.m("dir/sym_link"))
+    assert stat.S_ISLNK(b.st_mode) and a.st_ino == b.st_ino and b.st_nlink == 2
+    assert os.readlink(mounted.m("dir/sym_link")) == "dir/a.txt"
+
+
+def test_xattr_on_merged_dir_keeps_it_merged(mounted):
+    os.setxattr(mounted.m("merged"), "user.k", b"v")
+    assert os.getxattr(mounted.m("merged"), "user.k") == b"v"
+    assert set(os.listdir(mounted.m("merged"))) == {"t1.txt", "m1.txt", "o1.txt", "b1.txt"}
+    assert xattr(mounted.u("merged"), "trusted.overlay.opaque") is None
