@@ -1449,3 +1449,84 @@ def test_xattr_on_merged_dir_keeps_it_merged(mounted):
     assert os.getxattr(mounted.m("merged"), "user.k") == b"v"
     assert set(os.listdir(mounted.m("merged"))) == {"t1.txt", "m1.txt", "o1.txt", "b1.txt"}
     assert xattr(mounted.u("merged"), "trusted.overlay.opaque") is None
+
+
+_libc.rewinddir.argtypes = [ctypes.c_void_p]
+
+
+def test_rewinddir_sees_current_state(mounted):
+    """POSIX: after rewinddir the stream reflects the directory as it is now."""
+    d = _libc.opendir(os.fsencode(mounted.m("merged")))
+    assert d
+    try:
+        def names():
+            out = []
+            while True:
+                ent = _libc.readdir(d)
+                if not ent:
+                    return out
+                out.append(os.fsdecode(ent.contents.d_name))
+
+        first = names()
+        assert "late.txt" not in first
+        write(mounted.m("merged/late.txt"), b"late")
+        os.unlink(mounted.m("merged/t1.txt"))
+        _libc.rewinddir(d)
+        second = names()
+    finally:
+        _libc.closedir(d)
+    assert "late.txt" in second
+    assert "t1.txt" not in second
+
+
+def test_create_via_fd_of_dir_that_was_renamed(mounted):
+    fd = os.open(mounted.m("wdir/x"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rename(mounted.m("wdir"), mounted.m("w2"))
+        nfd = os.open("new", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)
+        os.write(nfd, b"via fd")
+        os.close(nfd)
+    finally:
+        os.close(fd)
+    assert read(mounted.m("w2/x/new")) == b"via fd"
+    assert set(os.listdir(mounted.m("w2/x"))) == {"y.txt", "new"}
+    assert read(mounted.u("w2/x/new")) == b"via fd"
+
+
+def test_rename_dir_onto_removed_dir_name(pair):
+    views = []
+    for L in (pair.uf, pair.k):
+        os.rmdir(L.m("emptydir"))
+        os.rename(L.m("wdir2"), L.m("emptydir"))
+        for n in os.listdir(L.m("merged")):
+            os.unlink(L.m("merged/" + n))
+        os.rmdir(L.m("merged"))
+        os.rename(L.m("wdir"), L.m("merged"))
+        views.append((sorted(os.listdir(L.m("emptydir"))), sorted(os.listdir(L.m("merged"))),
+                      os.path.exists(L.m("wdir2")), os.path.exists(L.m("wdir"))))
+    assert views[0] == views[1]
+
+
+def test_unlink_in_renamed_dir_survives_remount(layers):
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        os.rename(layers.m("wdir"), layers.m("w2"))
+        os.unlink(layers.m("w2/z.txt"))
+        os.rename(layers.m("w2/x"), layers.m("x2"))
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        assert os.listdir(layers.m("w2")) == []
+        assert os.listdir(layers.m("x2")) == ["y.txt"]
+        os.rmdir(layers.m("w2"))
+        assert enoent(layers.m("w2"))
+
+
+def test_hard_link_copy_up_readable_by_kernel_overlay(layers):
+    with unionfs_mount(layers.kernel_lowers, layers.upper, layers.mnt, workdir=layers.work):
+        with open(layers.m("other/two"), "ab") as f:
+            f.write(b"+\n")
+    kwork = os.path.join(layers.root, "kwork")
+    os.mkdir(kwork)
+    with kernel_overlay(layers.kernel_lowers, layers.upper, kwork, layers.mnt):
+        sts = [os.lstat(layers.m(p)) for p in HL]
+        assert len({st.st_ino for st in sts}) == 1
+        assert all(st.st_nlink == 3 for st in sts)
+        assert all(read(layers.m(p)) == layers.hl_data + b"+\n" for p in HL)
