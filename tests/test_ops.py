@@ -1530,3 +1530,22 @@ def test_hard_link_copy_up_readable_by_kernel_overlay(layers):
         assert len({st.st_ino for st in sts}) == 1
         assert all(st.st_nlink == 3 for st in sts)
         assert all(read(layers.m(p)) == layers.hl_data + b"+\n" for p in HL)
+
+
+def test_redirect_in_lower_layer_like_kernel(tmp_path):
+    from conftest import make_layers
+    views = []
+    for kind in ("uf", "k"):
+        L = make_layers(str(tmp_path / kind))
+        os.makedirs(os.path.join(L.mid, "renamed"))
+        os.setxattr(os.path.join(L.mid, "renamed"), "trusted.overlay.redirect", b"/wdir")
+        write(os.path.join(L.mid, "renamed", "added.txt"), b"added\n")
+        os.mknod(os.path.join(L.mid, "wdir"), stat.S_IFCHR, os.makedev(0, 0))
+        cm = (unionfs_mount(L.kernel_lowers, L.upper, L.mnt, workdir=L.work) if kind == "uf"
+              else kernel_overlay(L.kernel_lowers, L.upper, L.work, L.mnt))
+        with cm:
+            views.append((sorted(os.listdir(L.m("renamed"))), os.path.exists(L.m("wdir")),
+                          read(L.m("renamed/x/y.txt"))))
+            os.rename(L.m("renamed"), L.m("again"))
+            views.append((sorted(os.listdir(L.m("again"))), read(L.m("again/z.txt"))))
+    assert views[:2] == views[2:]

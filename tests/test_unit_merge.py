@@ -503,3 +503,20 @@ def test_rename_keeps_inode_number(union):
     dino = walk(union, "wdir").id
     rename(union, "wdir", "wd")
     assert walk(union, "wd").id == dino
+
+
+def _lower_redirect(layers):
+    """mid holds a renamed copy of bottom's wdir: redirect=/wdir, plus a whiteout at wdir."""
+    os.makedirs(os.path.join(layers.mid, "renamed"))
+    os.setxattr(os.path.join(layers.mid, "renamed"), "trusted.overlay.redirect", b"/wdir")
+    with open(os.path.join(layers.mid, "renamed", "added.txt"), "w") as f:
+        f.write("added\n")
+    os.mknod(os.path.join(layers.mid, "wdir"), stat.S_IFCHR, os.makedev(0, 0))
+
+
+def test_redirect_in_lower_layer(layers, make_union):
+    _lower_redirect(layers)
+    u = make_union()
+    assert not exists(u, "wdir")
+    assert ls(u, "renamed") == {"x", "z.txt", "added.txt"}
+    assert read(u, "renamed/x/y.txt") == b"wdir-y\n"

@@ -421,6 +421,9 @@ class Journal:
             if records is None and self.upper:
                 log.warning("the changes log went missing or was damaged: rebuilding it")
                 compacted = rebuild(self.workdir, self.upper)
+            elif sync and self.upper and any(r.path == UNKNOWN_PATH for r in records or ()):
+                # at unmount: name what the unknown-path records stood for, from the upper
+                compacted = rebuild(self.workdir, self.upper, records or ())
             else:
                 compacted = compact(records or (), self.upper_fd)
             os.close(self.fd)
