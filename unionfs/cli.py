@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, NoReturn, Sequence
 
-from . import __version__
+from . import __version__, diffcmd
 from .config import ConfigError, build_config, check_dev_fuse, parse_options, split_lowers
 
 PROG = "unionfs"
@@ -110,6 +110,10 @@ def run_umount(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "mount": Command("mount a union", add_mount, run_mount),
     "umount": Command("unmount a union and wait for its daemon to exit", add_umount, run_umount),
+    "diff": Command("list what a union changed relative to its lower layers (like docker diff)",
+                    diffcmd.add_diff, diffcmd.run_diff),
+    "mark": Command("name the union's current state, for `diff --since NAME`",
+                    diffcmd.add_mark, diffcmd.run_mark),
 }
 
 
