@@ -1549,3 +1549,27 @@ def test_redirect_in_lower_layer_like_kernel(tmp_path):
             os.rename(L.m("renamed"), L.m("again"))
             views.append((sorted(os.listdir(L.m("again"))), read(L.m("again/z.txt"))))
     assert views[:2] == views[2:]
+
+
+def _direct_io(path: str, write_too: bool) -> bytes:
+    fd = os.open(path, (os.O_RDWR if write_too else os.O_RDONLY) | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 8192)   # page-aligned
+        if write_too:
+            buf[:4096] = b"D" * 4096
+            assert os.pwritev(fd, [memoryview(buf)[:4096]], 4096) == 4096
+        n = os.preadv(fd, [buf], 0)
+        return bytes(buf[:n])
+    finally:
+        os.close(fd)
+
+
+def test_o_direct_like_kernel(pair):
+    res = []
+    for L in (pair.uf, pair.k):
+        res.append((errno_of(lambda: _direct_io(L.m("big.bin"), False)),
+                    errno_of(lambda: _direct_io(L.m("big.bin"), True))))
+        if res[-1] == (0, 0):
+            assert read(L.m("big.bin"))[4096:8192] == b"D" * 4096
+            assert read(L.m("big.bin"))[:4096] == L.big[:4096]
+    assert res[0] == res[1]
