@@ -203,10 +203,19 @@ def test_readdir_dot_dotdot_and_d_ino(mounted):
                 assert d_type == stat.S_IFMT(st.st_mode) >> 12, (rel, name)
 
 
-def test_root_dot_inode(mounted):
+def test_root_dot_inode_and_children(mounted):
+    write(mounted.m("new.txt"), b"n")
+    os.mkfifo(mounted.m("newfifo"))
     ents = raw_readdir(mounted.mnt)
     assert ents["."][0] == os.stat(mounted.mnt).st_ino
     assert ".." in ents
+    for name, (d_ino, d_type) in ents.items():
+        if name in (".", ".."):
+            continue
+        st = os.lstat(mounted.m(name))
+        assert d_ino == st.st_ino, name
+        if d_type:
+            assert d_type == stat.S_IFMT(st.st_mode) >> 12, name
 
 
 def test_lower_whiteouts_never_visible(mounted):
@@ -1573,3 +1582,46 @@ def test_o_direct_like_kernel(pair):
             assert read(L.m("big.bin"))[4096:8192] == b"D" * 4096
             assert read(L.m("big.bin"))[:4096] == L.big[:4096]
     assert res[0] == res[1]
+
+
+def drop_caches() -> None:
+    """Make the kernel forget dentries and inodes, so the daemon sees forget and fresh lookups."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+def test_identity_and_view_survive_forget(mounted):
+    m = mounted.m
+    os.rename(m("wdir"), m("dir/sub/w"))
+    os.chmod(m("dir/a.txt"), 0o600)
+    os.link(m("hl/p1"), m("merged/p3"))
+    write(m("dir/sub/w/x/new"), b"new")
+    paths = ("dir/sub/w", "dir/sub/w/x", "dir/sub/w/x/y.txt", "dir/sub/w/x/new", "dir/a.txt",
+             "merged/p3", "hl/p1", "hl/p2", "other/two", "dir/sub")
+    before = {p: os.lstat(m(p)).st_ino for p in paths}
+    listing = {p: sorted(os.listdir(m(p))) for p in ("dir/sub/w", "dir/sub/w/x", "dir", "merged")}
+    drop_caches()
+    assert {p: os.lstat(m(p)).st_ino for p in paths} == before
+    drop_caches()
+    assert {p: sorted(os.listdir(m(p))) for p in listing} == listing
+    drop_caches()
+    os.rename(m("dir/sub/w/x"), m("x-again"))
+    drop_caches()
+    assert set(os.listdir(m("x-again"))) == {"y.txt", "new"}
+    assert os.lstat(m("x-again/y.txt")).st_ino == before["dir/sub/w/x/y.txt"]
+    assert os.lstat(m("merged/p3")).st_nlink == 3
+
+
+def test_open_file_survives_forget_and_rename(mounted):
+    fd = os.open(mounted.m("wdir/x/y.txt"), os.O_RDWR)
+    try:
+        os.rename(mounted.m("wdir"), mounted.m("w2"))
+        drop_caches()
+        os.pwrite(fd, b"W", 0)
+        os.fsync(fd)
+        assert os.fstat(fd).st_nlink == 1
+    finally:
+        os.close(fd)
+    assert read(mounted.m("w2/x/y.txt")) == b"Wdir-y\n"
+    assert read(mounted.u("w2/x/y.txt")) == b"Wdir-y\n"
