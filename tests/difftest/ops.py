@@ -182,6 +182,39 @@ def _p_coherent(a, b, args):
         os.close(rfd)
 
 
+def _p_unlink_open(a, b, args):
+    """Unlink a file that is open; the fd keeps working."""
+    tag, n = args
+    _not_symlink_or_special(a)
+    fd = _open(a, os.O_RDWR)
+    try:
+        os.unlink(a)
+        w = os.pwrite(fd, _data(tag, n), 0)
+        st = os.fstat(fd)
+        data = os.pread(fd, n + 64, 0)
+        return (w, st.st_nlink, st.st_size, _sha(data))
+    finally:
+        os.close(fd)
+
+
+def _p_rename_open(a, b, args):
+    """Rename a file that is open for writing, write through the fd, read the new name."""
+    tag, n = args
+    _not_symlink_or_special(a)
+    fd = _open(a, os.O_WRONLY)
+    try:
+        os.rename(a, b)
+        w = os.pwrite(fd, _data(tag, n), 1)
+    finally:
+        os.close(fd)
+    rfd = _open(b, os.O_RDONLY)
+    try:
+        data = os.pread(rfd, 1 << 22, 0)
+    finally:
+        os.close(rfd)
+    return (w, len(data), _sha(data))
+
+
 def _p_mkdir(a, b, args):
     mode, = args
     os.mkdir(a, mode)
@@ -294,7 +327,8 @@ def _p_access(a, b, args):
 PRIMITIVES: dict[str, Callable[[str, str | None, tuple], Any]] = {
     "create": _p_create, "creat_trunc": _p_creat_trunc, "write": _p_write,
     "append": _p_append, "truncate": _p_truncate, "ftruncate": _p_ftruncate,
-    "read": _p_read, "coherent": _p_coherent, "mkdir": _p_mkdir, "rmdir": _p_rmdir,
+    "read": _p_read, "coherent": _p_coherent, "unlink_open": _p_unlink_open,
+    "rename_open": _p_rename_open, "mkdir": _p_mkdir, "rmdir": _p_rmdir,
     "unlink": _p_unlink, "rename": _p_rename, "link": _p_link, "symlink": _p_symlink,
     "chmod": _p_chmod, "chown": _p_chown, "utimens": _p_utimens, "setxattr": _p_setxattr,
     "removexattr": _p_removexattr, "getxattr": _p_getxattr, "mknod": _p_mknod,
@@ -302,7 +336,7 @@ PRIMITIVES: dict[str, Callable[[str, str | None, tuple], Any]] = {
 }
 
 # Ops that can change the set of names (the generator re-reads the tree after them).
-NAMESPACE_OPS = {"create", "creat_trunc", "mkdir", "rmdir", "unlink", "rename", "link",
+NAMESPACE_OPS = {"unlink_open", "rename_open", "create", "creat_trunc", "mkdir", "rmdir", "unlink", "rename", "link",
                  "symlink", "mknod", "mkfifo"}
 
 
@@ -516,7 +550,7 @@ class Generator:
                  ("rmdir", 4), ("unlink", 6), ("rename", 10), ("link", 4), ("symlink", 3),
                  ("chmod", 4), ("chown", 3), ("utimens", 3), ("setxattr", 5),
                  ("removexattr", 3), ("getxattr", 2), ("mknod", 1), ("mkfifo", 1),
-                 ("coherent", 2), ("user", 6)]
+                 ("coherent", 2), ("unlink_open", 1), ("rename_open", 1.5), ("user", 6)]
         # Each seed gets a profile, so some seeds dwell on one area.
         boost = PROFILES[self.seed % len(PROFILES)]
         kind = rng.choices([k for k, _ in kinds], [w * boost.get(k, 1) for k, w in kinds])[0]
@@ -555,6 +589,13 @@ class Generator:
         if kind == "coherent":
             return Op("coherent", self._file(), args=(rng.choice([0, 10, 4096]), self._tag(),
                                                       rng.choice([1, 100, 5000])), user=user)
+        if kind == "unlink_open":
+            return Op("unlink_open", self._file(), args=(self._tag(), rng.choice([1, 100, 5000])),
+                      user=user)
+        if kind == "rename_open":
+            return Op("rename_open", self._file(), self._fresh() if rng.random() < 0.7
+                      else self._existing(("file",)), args=(self._tag(), rng.choice([1, 5000])),
+                      user=user)
         if kind == "mkdir":
             return Op("mkdir", self._fresh() if rng.random() < 0.85 else self._any(),
                       args=(self._mode(True),), user=user)
