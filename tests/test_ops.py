@@ -1625,3 +1625,64 @@ def test_open_file_survives_forget_and_rename(mounted):
         os.close(fd)
     assert read(mounted.m("w2/x/y.txt")) == b"Wdir-y\n"
     assert read(mounted.u("w2/x/y.txt")) == b"Wdir-y\n"
+
+
+def test_acl_and_mode_stay_in_sync_like_kernel(pair):
+    res = []
+    for L in (pair.uf, pair.k):
+        p = L.m("rootfile.txt")
+        os.chmod(p, 0o640)
+        subprocess.run(["setfacl", "-m", "u:1000:rw", p], check=True)
+        mode1 = oct(stat.S_IMODE(os.lstat(p).st_mode))
+        os.chmod(p, 0o600)
+        acl = subprocess.run(["getfacl", "-cpn", p], capture_output=True, text=True, check=True).stdout
+        res.append((mode1, oct(stat.S_IMODE(os.lstat(p).st_mode)), acl))
+    assert res[0] == res[1]
+
+
+def test_xattr_on_symlink_like_kernel(pair):
+    res = []
+    for L in (pair.uf, pair.k):
+        p = L.m("sym_abs")
+        r1 = errno_of(lambda: os.setxattr(p, "trusted.t", b"1", follow_symlinks=False))
+        r2 = errno_of(lambda: os.setxattr(p, "user.t", b"1", follow_symlinks=False))
+        got = xattr(p, "trusted.t") if r1 == 0 else None
+        res.append((r1, r2, got, os.readlink(p), stat.S_ISLNK(os.lstat(p).st_mode)))
+    assert res[0] == res[1]
+
+
+def test_root_dir_metadata(mounted):
+    os.chmod(mounted.mnt, 0o711)
+    assert stat.S_IMODE(os.stat(mounted.mnt).st_mode) == 0o711
+    assert stat.S_IMODE(os.stat(mounted.upper).st_mode) == 0o711
+    os.setxattr(mounted.mnt, "user.root", b"r")
+    assert os.getxattr(mounted.mnt, "user.root") == b"r"
+    assert errno_of(lambda: os.rmdir(mounted.mnt)) in (errno.EBUSY, errno.EINVAL)
+
+
+def test_concurrent_writers_during_copy_up(mounted):
+    import threading
+    errors = []
+
+    def writer(i):
+        try:
+            fd = os.open(mounted.m("big.bin"), os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"%02d" % i * 512, i * 65536)
+            finally:
+                os.close(fd)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    data = read(mounted.m("big.bin"))
+    assert len(data) == len(mounted.big)
+    for i in range(16):
+        assert data[i * 65536:i * 65536 + 1024] == b"%02d" % i * 512, i
+    assert data[16 * 65536:] == mounted.big[16 * 65536:]
+    assert read(mounted.u("big.bin")) == data
