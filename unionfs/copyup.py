@@ -212,11 +212,14 @@ class CopyUp:
                 if entry.upper or not entry.lowers or entry.lowers[0] != (layer, alias):
                     continue  # that name now shows something else (whiteout, shadow, replaced)
                 self.dir(parent)
+                dfd = self.r.upper_fd(parent)
+                pst = os.stat(dfd)
                 try:
-                    os.link(node.name, entry.name, src_dir_fd=src_fd,
-                            dst_dir_fd=self.r.upper_fd(parent), follow_symlinks=False)
+                    os.link(node.name, entry.name, src_dir_fd=src_fd, dst_dir_fd=dfd,
+                            follow_symlinks=False)
                 except FileExistsError:
-                    pass
+                    continue
+                syscalls.utimens_at(dfd, b"", pst.st_atime_ns, pst.st_mtime_ns)
 
 
 class _AlreadyUp(Exception):

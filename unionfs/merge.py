@@ -143,6 +143,8 @@ class Resolver:
         return e
 
     def _scan_lowers(self, parent: Node, name: bytes, redirect: bytes | None, e: Entry) -> None:
+        if name.startswith(OCI_WHITEOUT):
+            return  # in a lower layer, .wh.* names are OCI markers, never objects
         for layer, dirpath in self._search_dirs(parent, name, redirect):
             try:
                 fd = self.lower_fd(layer, dirpath)
@@ -220,7 +222,7 @@ class Resolver:
         This decides whether removing or renaming the name must leave a
         whiteout behind, the way overlayfs's ovl_lower_positive does.
         """
-        if parent.opaque and parent.upper:
+        if (parent.opaque and parent.upper) or name.startswith(OCI_WHITEOUT):
             return False
         for layer, dirpath in parent.lowers:
             try:

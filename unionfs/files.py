@@ -1,0 +1,80 @@
+"""Open files: real fds on the upper or lower object, behind small integer handles.
+
+A mixin of union.Union.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING
+
+from . import syscalls
+from .namespace import err
+from .nodes import Node
+
+if TYPE_CHECKING:
+    from .union import Union
+
+
+class Handle:
+    """An open file: a real fd on the upper or lower object.
+
+    A read-only open of a lower file that is copied up later switches to the
+    upper copy on its next read, so it never serves stale data.
+    """
+
+    __slots__ = ("fd", "node", "on_upper", "flags")
+
+    def __init__(self, fd: int, node: Node, on_upper: bool, flags: int) -> None:
+        self.fd = fd
+        self.node = node
+        self.on_upper = on_upper
+        self.flags = flags
+
+
+class FileOps:
+    """open/release and the handle table (mixed into Union); read and write are fs.py's."""
+
+    # -- open files ----------------------------------------------------------------------------
+
+    def _open_flags(self: "Union", flags: int) -> int:
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
+        if self.writeback:
+            # the kernel's writeback cache reads pages of write-only files and does
+            # O_APPEND itself
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+            flags &= ~os.O_APPEND
+        return flags
+
+    def _new_handle(self: "Union", fd: int, node: Node, on_upper: bool, flags: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(fd, node, on_upper, flags & os.O_ACCMODE)
+        return fh
+
+    async def open(self: "Union", node: Node, flags: int) -> int:
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            self._writable()
+            await self.ensure_upper(node, data=not flags & os.O_TRUNC)
+        fd = syscalls.open_at(*self.loc(node), self._open_flags(flags))
+        if writing:
+            self.journal.record(b"C", node.path())
+        return self._new_handle(fd, node, node.upper, self._open_flags(flags))
+
+    def handle(self: "Union", fh: int) -> Handle:
+        h = self.handles.get(fh)
+        if h is None:
+            raise err(errno.EBADF)
+        if not h.on_upper and h.node.upper:
+            fd = syscalls.open_at(*self.loc(h.node), os.O_RDONLY)
+            os.close(h.fd)
+            h.fd, h.on_upper = fd, True
+        return h
+
+    def release(self: "Union", fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is not None:
+            os.close(h.fd)
+

@@ -1,0 +1,373 @@
+"""Namespace changes: creating, removing and renaming names in the union.
+
+Rules (overlayfs's): a new name goes straight into the upper when the name is
+free there, otherwise it is built in the work directory and renamed over the
+whiteout in one step; a removed name that a lower layer would show again
+leaves a whiteout (made atomically by RENAME_WHITEOUT or mknod); a removed
+directory leaves through the work directory with any whiteouts inside it; a
+renamed directory with lower contents gets a redirect to them, so renaming
+is O(1) and never EXDEV.
+
+A mixin of union.Union: it works on the Union's resolver, nodes and workdir.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from . import syscalls
+from .layers import OVL_OPAQUE, OVL_REDIRECT
+from .merge import Entry
+from .nodes import ROOT_ID, Node, make_ino
+from .workdir import remove_tree_at
+
+if TYPE_CHECKING:
+    from .union import Union
+
+log = logging.getLogger("unionfs")
+
+WHITEOUT_DEV = 0
+
+
+def err(code: int, what: str = "") -> OSError:
+    return OSError(code, what or os.strerror(code))
+
+
+@dataclass
+class Caller:
+    """Who asks: new objects belong to them."""
+
+    uid: int = 0
+    gid: int = 0
+
+
+class NamespaceOps:
+    """mkdir, mknod, symlink, create, link, unlink, rmdir, rename (mixed into Union)."""
+
+    # -- creating names --------------------------------------------------------------------
+
+    def _prepare_create(self: "Union", parent: Node, name: bytes) -> tuple[Entry, int]:
+        """Check a new name may be made in *parent*; copy the parent up; return (entry, upper fd)."""
+        self._check_name(name)
+        self._writable()
+        e = self.r.resolve(parent, name)
+        if e.st is not None:
+            raise err(errno.EEXIST)
+        assert self.copyup is not None
+        self.copyup.dir(parent)
+        return e, self.r.upper_fd(parent)
+
+    def _owner(self: "Union", parent: Node, caller: Caller, mode: int) -> tuple[int, int, int]:
+        """Owner and mode of a new object: the caller's, with set-gid directory inheritance."""
+        pst = self.stat(parent)
+        gid = caller.gid
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return caller.uid, gid, mode
+
+    def _finish_new(self: "Union", parent: Node, name: bytes, dfd: int, tmp: bytes | None,
+                    e: Entry, is_dir: bool) -> os.stat_result:
+        """Move a new object built in work/ over a whiteout (or to a free name)."""
+        assert self.work is not None
+        if tmp is not None:
+            ufd = self.r.upper_fd(parent)
+            if e.whiteout and is_dir:
+                syscalls.renameat2(self.work.fd, tmp, ufd, name, syscalls.RENAME_EXCHANGE)
+                os.unlink(tmp, dir_fd=self.work.fd)
+            elif e.whiteout:
+                syscalls.renameat2(self.work.fd, tmp, ufd, name)
+            else:
+                syscalls.renameat2(self.work.fd, tmp, ufd, name, syscalls.RENAME_NOREPLACE)
+        return syscalls.stat_at(self.r.upper_fd(parent), name)
+
+    def _new_node(self: "Union", parent: Node, name: bytes, st: os.stat_result, opaque: bool = False) -> Node:
+        node = Node(make_ino(0, st.st_ino), stat.S_IFMT(st.st_mode), parent, name)
+        node.upper = True
+        node.opaque = opaque
+        existing = self.nodes.get(node.id)
+        if existing is not None:  # a forgotten-but-pinned inode cannot be reused, so: stale
+            log.warning("inode %#x reused while still known", node.id)
+        self.journal.record(b"A", node.path())
+        return node
+
+    def _make(self: "Union", parent: Node, name: bytes, caller: Caller, mode: int,
+              build: Callable[[int, bytes], None], opaque_if_hidden: bool = False) -> Node:
+        """Create an object with *build(dirfd, name)*: directly in the upper when the name is
+        free there, else in work/ first and then over the whiteout, atomically."""
+        e, ufd = self._prepare_create(parent, name)
+        assert self.work is not None
+        uid, gid, mode = self._owner(parent, caller, mode)
+        opaque = opaque_if_hidden and (e.hidden or self.r.lower_positive(parent, name))
+        via_work = e.whiteout or opaque
+        dfd, dname = (self.work.fd, self.work.tmpname()) if via_work else (ufd, name)
+        build(dfd, dname)
+        try:
+            syscalls.chown_at(dfd, dname, uid, gid)
+            if not stat.S_ISLNK(mode):
+                syscalls.chmod_at(dfd, dname, stat.S_IMODE(mode))
+            if opaque:
+                syscalls.setxattr(dfd, dname, OVL_OPAQUE, b"y")
+            st = self._finish_new(parent, name, dfd, dname if via_work else None, e,
+                                  stat.S_ISDIR(mode))
+        except BaseException:
+            remove_tree_at(dfd, dname)
+            raise
+        return self._new_node(parent, name, st, opaque)
+
+    def mkdir(self: "Union", parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
+        return self._make(parent, name, caller, stat.S_IFDIR | mode,
+                          lambda d, n: os.mkdir(n, 0o700, dir_fd=d), opaque_if_hidden=True)
+
+    def mknod(self: "Union", parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
+        if stat.S_ISCHR(mode) and rdev == WHITEOUT_DEV:
+            raise err(errno.EPERM, "a 0/0 character device is a whiteout")
+        return self._make(parent, name, caller, mode,
+                          lambda d, n: os.mknod(n, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=d))
+
+    def symlink(self: "Union", parent: Node, name: bytes, target: bytes, caller: Caller) -> Node:
+        return self._make(parent, name, caller, stat.S_IFLNK | 0o777,
+                          lambda d, n: os.symlink(target, n, dir_fd=d))
+
+    def create(self: "Union", parent: Node, name: bytes, mode: int, flags: int,
+               caller: Caller) -> tuple[Node, int]:
+        """Create and open a regular file; returns the node and a file handle."""
+        fds: list[int] = []
+
+        def build(d: int, n: bytes) -> None:
+            fds.append(os.open(n, self._open_flags(flags) | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=d))
+
+        try:
+            node = self._make(parent, name, caller, stat.S_IFREG | mode, build)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return node, self._new_handle(fds[0], node, True, flags)
+
+    async def link(self: "Union", node: Node, parent: Node, name: bytes) -> os.stat_result:
+        self._check_name(name)
+        self._writable()
+        if node.is_dir:
+            raise err(errno.EPERM)
+        e = self.r.resolve(parent, name)
+        if e.st is not None:
+            raise err(errno.EEXIST)
+        await self.ensure_upper(node)
+        e, ufd = self._prepare_create(parent, name)
+        assert self.work is not None
+        sfd, sname = self.loc(node)
+        src = syscalls.proc_path(sfd) if not sname else sname
+        if e.whiteout:
+            tmp = self.work.tmpname()
+            os.link(src, tmp, src_dir_fd=None if not sname else sfd, dst_dir_fd=self.work.fd,
+                    follow_symlinks=not sname)
+            syscalls.renameat2(self.work.fd, tmp, ufd, name)
+        else:
+            os.link(src, name, src_dir_fd=None if not sname else sfd, dst_dir_fd=ufd,
+                    follow_symlinks=not sname)
+        if node.parent is None:
+            self.nodes.set_parent(node, parent, name)
+        self.journal.record(b"A", parent.path() + b"/" + name if parent.id != ROOT_ID else b"/" + name)
+        return self.stat(node)
+
+    # -- removing names ------------------------------------------------------------------
+
+    def _pin(self: "Union", node: Node | None) -> None:
+        """Keep a removed-but-still-known upper object reachable (fstat of an open file,
+        a deleted cwd), and its inode number from being reused while the kernel knows it."""
+        if node is None or not node.registered or node.pin is not None or not node.upper:
+            return
+        dfd, name = self.loc(node)
+        node.pin = syscalls.open_at(dfd, name, os.O_PATH)
+
+    def _detach(self: "Union", node: Node | None, parent: Node, name: bytes) -> None:
+        if node is None:
+            return
+        if node.parent is parent and node.name == name:
+            self.nodes.set_parent(node, None, b"")
+        self.cache.drop(("u", node.id))
+
+    async def unlink(self: "Union", parent: Node, name: bytes) -> None:
+        self._check_name(name)
+        self._writable()
+        e = self.r.resolve(parent, name)
+        if e.st is None:
+            raise err(errno.ENOENT)
+        if stat.S_ISDIR(e.st.st_mode):
+            raise err(errno.EISDIR)
+        node = self.nodes.get(e.ino)
+        e = await self._up_if_linked(parent, name, e)
+        self._remove(parent, name, e, node)
+
+    async def _up_if_linked(self: "Union", parent: Node, name: bytes, e: Entry) -> Entry:
+        """Before a name of a hard-linked lower file goes away: copy the inode up first (as
+        overlayfs with index=on), so the names that stay count one link fewer."""
+        assert e.st is not None
+        if e.upper or e.st.st_nlink < 2 or stat.S_ISDIR(e.st.st_mode):
+            return e
+        await self.ensure_upper(self._node_for(parent, e))
+        e = self.r.resolve(parent, name)
+        if e.st is None:
+            raise err(errno.ENOENT)
+        return e
+
+    def rmdir(self: "Union", parent: Node, name: bytes) -> None:
+        self._check_name(name)
+        self._writable()
+        if name == b".":
+            raise err(errno.EINVAL)
+        e = self.r.resolve(parent, name)
+        if e.st is None:
+            raise err(errno.ENOENT)
+        if not stat.S_ISDIR(e.st.st_mode):
+            raise err(errno.ENOTDIR)
+        node = self._node_for(parent, e)
+        if self.list_dir(node):
+            raise err(errno.ENOTEMPTY)
+        self._remove(parent, name, e, node if node.registered else None)
+
+    def _remove(self: "Union", parent: Node, name: bytes, e: Entry, node: Node | None) -> None:
+        """Take a name out of the view: delete the upper object, leave a whiteout if a lower
+        one would show through. Directories leave via work/ so whiteouts inside go too."""
+        assert self.copyup is not None and self.work is not None and e.st is not None
+        need_wh = self.r.lower_positive(parent, name)
+        is_dir = stat.S_ISDIR(e.st.st_mode)
+        if e.upper:
+            if node is not None and (node.parent is parent and node.name == name or is_dir):
+                self._pin(node)
+            ufd = self.r.upper_fd(parent)
+            if is_dir:
+                tmp = self.work.tmpname()
+                if need_wh:
+                    os.mknod(tmp, stat.S_IFCHR | 0o000, WHITEOUT_DEV, dir_fd=self.work.fd)
+                    syscalls.renameat2(self.work.fd, tmp, ufd, name, syscalls.RENAME_EXCHANGE)
+                else:
+                    syscalls.renameat2(ufd, name, self.work.fd, tmp)
+                self.work.remove_tree(tmp)
+            elif need_wh:
+                tmp = self.work.tmpname()
+                syscalls.renameat2(ufd, name, self.work.fd, tmp, syscalls.RENAME_WHITEOUT)
+                os.unlink(tmp, dir_fd=self.work.fd)
+            else:
+                os.unlink(name, dir_fd=ufd)
+        else:
+            self.copyup.dir(parent)
+            os.mknod(name, stat.S_IFCHR | 0o000, WHITEOUT_DEV, dir_fd=self.r.upper_fd(parent))
+        self._detach(node, parent, name)
+        self.journal.record(b"D", self._child_path(parent, name))
+
+    @staticmethod
+    def _child_path(parent: Node, name: bytes) -> bytes:
+        return (parent.path() if parent.id != ROOT_ID else b"") + b"/" + name
+
+    # -- rename ------------------------------------------------------------------------------
+
+    async def rename(self: "Union", p1: Node, n1: bytes, p2: Node, n2: bytes, flags: int) -> None:
+        self._check_name(n1)
+        self._check_name(n2)
+        self._writable()
+        exchange = bool(flags & syscalls.RENAME_EXCHANGE)
+        noreplace = bool(flags & syscalls.RENAME_NOREPLACE)
+        if flags & ~(syscalls.RENAME_EXCHANGE | syscalls.RENAME_NOREPLACE):
+            raise err(errno.EINVAL)
+        src, dst = self.r.resolve(p1, n1), self.r.resolve(p2, n2)
+        if src.st is None:
+            raise err(errno.ENOENT)
+        if exchange and dst.st is None:
+            raise err(errno.ENOENT)
+        if noreplace and dst.st is not None:
+            raise err(errno.EEXIST)
+        if p1 is p2 and n1 == n2:
+            return
+        snode = self._node_for(p1, src)
+        dnode = self._node_for(p2, dst) if dst.st is not None else None
+        if dnode is not None and dnode.id == snode.id and not exchange:
+            return  # two names of one inode: rename(2) does nothing
+        sdir = stat.S_ISDIR(src.st.st_mode)
+        if dst.st is not None and not exchange:
+            ddir = stat.S_ISDIR(dst.st.st_mode)
+            if sdir and not ddir:
+                raise err(errno.ENOTDIR)
+            if ddir and not sdir:
+                raise err(errno.EISDIR)
+            if ddir and dnode is not None and self.list_dir(dnode):
+                raise err(errno.ENOTEMPTY)
+        await self.ensure_upper(snode)
+        if exchange and dnode is not None:
+            await self.ensure_upper(dnode)
+        elif dst.st is not None:
+            dst = await self._up_if_linked(p2, n2, dst)
+        # copy-ups may have awaited: look again, the names must still show the same objects
+        src2, dst2 = self.r.resolve(p1, n1), self.r.resolve(p2, n2)
+        if src2.ino != snode.id or (dst2.st is None) != (dst.st is None) or \
+                (dst.st is not None and dst2.ino != dst.ino):
+            raise err(errno.EAGAIN)
+        assert self.copyup is not None and self.work is not None
+        self.copyup.dir(p1)
+        self.copyup.dir(p2)
+        fd1, fd2 = self.r.upper_fd(p1), self.r.upper_fd(p2)
+        if exchange:
+            assert dnode is not None
+            syscalls.renameat2(fd1, n1, fd2, n2, syscalls.RENAME_EXCHANGE)
+            self._moved_dir(snode, p2, n2)
+            self._moved_dir(dnode, p1, n1)
+            self._redirects = None
+            self.nodes.set_parent(snode, p2, n2)
+            self.nodes.set_parent(dnode, p1, n1)
+            self.journal.record(b"C", self._child_path(p1, n1))
+            self.journal.record(b"C", self._child_path(p2, n2))
+            return
+        need_wh = self.r.lower_positive(p1, n1)
+        wh_flag = syscalls.RENAME_WHITEOUT if need_wh else 0
+        if dst2.upper:
+            if dnode is not None:
+                self._pin(dnode if dnode.registered else None)
+            if sdir:
+                self._clear_whiteouts(fd2, n2)
+            syscalls.renameat2(fd1, n1, fd2, n2, wh_flag)
+        elif dst2.whiteout and sdir:
+            syscalls.renameat2(fd1, n1, fd2, n2, syscalls.RENAME_EXCHANGE)
+            if not need_wh:
+                os.unlink(n1, dir_fd=fd1)
+        else:
+            syscalls.renameat2(fd1, n1, fd2, n2, wh_flag)
+        if sdir:
+            self._moved_dir(snode, p2, n2)
+            self._redirects = None
+        if dnode is not None:
+            self._detach(dnode, p2, n2)
+        self.nodes.set_parent(snode, p2, n2)
+        self.journal.record(b"D", self._child_path(p1, n1))
+        self.journal.record(b"A", snode.path(), tree=sdir)
+
+    def _moved_dir(self: "Union", node: Node, parent: Node, name: bytes) -> None:
+        """A directory now at (parent, name) keeps its own lower contents: by a redirect to
+        where they are, or, for a directory with none, by being opaque where lower ones exist."""
+        if not node.is_dir:
+            return
+        fd = self.r.upper_fd(parent)
+        if node.lowers and not node.opaque:
+            target = b"/" + node.lowers[0][1]
+            syscalls.setxattr(fd, name, OVL_REDIRECT, target)
+        elif not node.opaque and (parent.lowers or self.r.lower_positive(parent, name)):
+            syscalls.setxattr(fd, name, OVL_OPAQUE, b"y")
+            node.opaque = True
+
+    def _clear_whiteouts(self: "Union", dirfd: int, name: bytes) -> None:
+        """Empty an upper directory that is empty in the view (it may hold whiteouts only)."""
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        try:
+            for child in os.listdir(sub):
+                c = os.fsencode(child)
+                st = syscalls.lstat_at(sub, c)
+                if st is not None and syscalls.is_whiteout(st):
+                    os.unlink(c, dir_fd=sub)
+        finally:
+            os.close(sub)
+
