@@ -968,6 +968,8 @@ def test_paths_near_path_max(mounted):
     "rename_missing", "rmdir_root_file_via_slash", "open_file_slash", "mknod_whiteout",
     "rename_to_long_name", "link_to_long_name", "rename_from_long_name", "unlink_long_name",
     "rmdir_not_dir_in_lower", "rename_exchange_missing_dir", "rename_noreplace_existing_dir",
+    "setxattr_replace_missing", "setxattr_create_existing_lower", "removexattr_missing_lower",
+    "getxattr_missing", "user_xattr_on_fifo", "mkdir_in_whiteouted", "create_below_symlink_dir",
 ])
 def test_errno_like_kernel(pair, case):
     def run(m):
@@ -999,6 +1001,13 @@ def test_errno_like_kernel(pair, case):
             "rmdir_not_dir_in_lower": lambda: os.rmdir(m("dir/sub/deep.txt")),
             "rename_exchange_missing_dir": lambda: renameat2(m("wdir"), m("nodir"), RENAME_EXCHANGE),
             "rename_noreplace_existing_dir": lambda: renameat2(m("wdir"), m("wdir2"), RENAME_NOREPLACE),
+            "setxattr_replace_missing": lambda: os.setxattr(m("xattr.txt"), "user.none", b"x", os.XATTR_REPLACE),
+            "setxattr_create_existing_lower": lambda: os.setxattr(m("xattr.txt"), "user.color", b"x", os.XATTR_CREATE),
+            "removexattr_missing_lower": lambda: os.removexattr(m("xattr.txt"), "user.none"),
+            "getxattr_missing": lambda: os.getxattr(m("xattr.txt"), "user.none"),
+            "user_xattr_on_fifo": lambda: os.setxattr(m("fifo"), "user.x", b"1"),
+            "mkdir_in_whiteouted": lambda: os.mkdir(m("gone.txt/sub")),
+            "create_below_symlink_dir": lambda: os.mkdir(m("sym_rel/x")),
             "mknod_whiteout": lambda: os.mknod(m("wh"), stat.S_IFCHR | 0o600, os.makedev(0, 0)),
         }[case]()
 
@@ -1686,3 +1695,14 @@ def test_concurrent_writers_during_copy_up(mounted):
         assert data[i * 65536:i * 65536 + 1024] == b"%02d" % i * 512, i
     assert data[16 * 65536:] == mounted.big[16 * 65536:]
     assert read(mounted.u("big.bin")) == data
+
+
+def test_mkdir_over_unlinked_file_like_kernel(pair):
+    res = []
+    for L in (pair.uf, pair.k):
+        os.unlink(L.m("dir/a.txt"))
+        os.mkdir(L.m("dir/a.txt"))
+        write(L.m("dir/a.txt/f"), b"f")
+        res.append((os.listdir(L.m("dir/a.txt")), xattr(L.u("dir/a.txt"), "trusted.overlay.opaque"),
+                    sorted(os.listdir(L.m("dir")))))
+    assert res[0] == res[1]
