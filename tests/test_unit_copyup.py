@@ -367,3 +367,19 @@ def test_leftovers_of_crashed_mount_removed_at_start(layers, make_union):
         f.write("half a copy")
     make_union()
     assert work_leftovers(layers) == []
+
+
+def test_copy_up_keeps_file_capability(layers, union):
+    import struct
+    cap = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # v2, effective, cap_net_bind_service
+    os.setxattr(os.path.join(layers.bottom, "suid.bin"), "security.capability", cap)
+    up(union, "suid.bin")
+    assert os.getxattr(layers.u("suid.bin"), "security.capability") == cap
+
+
+def test_copy_up_symlink_times(layers, union):
+    t = (1_050_000_000_000_000_001, 1_060_000_000_000_000_002)
+    os.utime(os.path.join(layers.bottom, "sym_dangling"), ns=t, follow_symlinks=False)
+    up(union, "sym_dangling")
+    st = os.lstat(layers.u("sym_dangling"))
+    assert (st.st_atime_ns, st.st_mtime_ns) == t
