@@ -85,6 +85,7 @@ def difftest_root():
     # Our own directory, not tmp_path_factory's: pytest prunes old numbered
     # dirs at session start, which must never hit a concurrent session's mounts.
     root = tempfile.mkdtemp(prefix="unionfs-difftest-", dir=os.environ.get("UNIONFS_DIFF_TMP"))
+    os.chmod(root, 0o755)   # the unprivileged ops must be able to reach the mountpoints
     pristine = os.path.join(root, "pristine")
     build_layers(pristine)
     yield root, pristine
