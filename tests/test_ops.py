@@ -1706,3 +1706,47 @@ def test_mkdir_over_unlinked_file_like_kernel(pair):
         res.append((os.listdir(L.m("dir/a.txt")), xattr(L.u("dir/a.txt"), "trusted.overlay.opaque"),
                     sorted(os.listdir(L.m("dir")))))
     assert res[0] == res[1]
+
+
+def test_default_acl_create_like_kernel(pair):
+    """With a default ACL on the parent the umask is not applied (POSIX.1e)."""
+    res = []
+    old = os.umask(0o022)
+    try:
+        for L in (pair.uf, pair.k):
+            os.mkdir(L.m("dir/acl"))
+            subprocess.run(["setfacl", "-d", "-m", "u:1000:rwx,g::rwx,o::---", L.m("dir/acl")], check=True)
+            os.close(os.open(L.m("dir/acl/f"), os.O_CREAT | os.O_WRONLY, 0o666))
+            os.mkdir(L.m("dir/acl/d"), 0o777)
+            res.append([(oct(stat.S_IMODE(os.lstat(L.m(p)).st_mode)),
+                         subprocess.run(["getfacl", "-cpn", L.m(p)], capture_output=True, text=True,
+                                        check=True).stdout)
+                        for p in ("dir/acl/f", "dir/acl/d")])
+    finally:
+        os.umask(old)
+    assert res[0] == res[1]
+
+
+def test_long_symlink_targets_like_kernel(pair):
+    res = []
+    for L in (pair.uf, pair.k):
+        r1 = errno_of(lambda: os.symlink("t" * 4095, L.m("long1")))
+        r2 = errno_of(lambda: os.symlink("t" * 4096, L.m("long2")))
+        res.append((r1, r2, os.readlink(L.m("long1")) == "t" * 4095 if r1 == 0 else None))
+    assert res[0] == res[1]
+
+
+def test_special_modes_like_kernel(pair):
+    res = []
+    old = os.umask(0)
+    try:
+        for L in (pair.uf, pair.k):
+            os.mkdir(L.m("sticky"), 0o1777)
+            os.mknod(L.m("blk"), stat.S_IFBLK | 0o640, os.makedev(7, 0))
+            fd = os.open(L.m("suidfile"), os.O_CREAT | os.O_WRONLY, 0o4755)
+            os.close(fd)
+            res.append([(oct(st.st_mode), st.st_rdev) for st in
+                        (os.lstat(L.m(p)) for p in ("sticky", "blk", "suidfile"))])
+    finally:
+        os.umask(old)
+    assert res[0] == res[1]
