@@ -1750,3 +1750,21 @@ def test_special_modes_like_kernel(pair):
     finally:
         os.umask(old)
     assert res[0] == res[1]
+
+
+def test_lower_layers_untouched_by_reads(tmp_path):
+    """Reading and listing through the mount changes nothing in a lower, atimes included."""
+    res = []
+    with both(tmp_path, options=()) as (a, b):
+        for L in (a, b):
+            watch = [os.path.join(L.bottom, p) for p in ("times.txt", "dir", "wdir", "hl/one", "big.bin")]
+            before = [os.lstat(p).st_atime_ns for p in watch]
+            read(L.m("times.txt"))
+            read(L.m("big.bin"))
+            os.listdir(L.m("dir"))
+            os.listdir(L.m("wdir"))
+            read(L.m("other/two"))
+            os.chmod(L.m("hl/p1"), 0o600)   # a hard-link copy-up
+            res.append([os.lstat(p).st_atime_ns == t for p, t in zip(watch, before)])
+    assert res[1] == [True] * 5, "kernel reference"
+    assert res[0] == res[1]
