@@ -1768,3 +1768,21 @@ def test_lower_layers_untouched_by_reads(tmp_path):
             res.append([os.lstat(p).st_atime_ns == t for p, t in zip(watch, before)])
     assert res[1] == [True] * 5, "kernel reference"
     assert res[0] == res[1]
+
+
+def test_open_file_replaced_by_rename(mounted):
+    fd_low = os.open(mounted.m("dir/b.txt"), os.O_RDONLY)
+    fd_up = os.open(mounted.m("shadow.txt"), os.O_RDWR)
+    try:
+        os.rename(mounted.m("dir/a.txt"), mounted.m("dir/b.txt"))
+        os.rename(mounted.m("dir/top.txt"), mounted.m("shadow.txt"))
+        assert os.pread(fd_low, 100, 0) == b"mid-b\n"
+        assert os.pread(fd_up, 100, 0) == b"top-shadow\n"
+        os.pwrite(fd_up, b"T", 0)
+        assert os.fstat(fd_up).st_nlink == 0
+    finally:
+        r1 = errno_of(lambda: os.close(fd_low))
+        r2 = errno_of(lambda: os.close(fd_up))
+    assert (r1, r2) == (0, 0)
+    assert read(mounted.m("dir/b.txt")) == b"bottom-a\n"
+    assert read(mounted.m("shadow.txt")) == b"top\n"
