@@ -1786,3 +1786,28 @@ def test_open_file_replaced_by_rename(mounted):
     assert (r1, r2) == (0, 0)
     assert read(mounted.m("dir/b.txt")) == b"bottom-a\n"
     assert read(mounted.m("shadow.txt")) == b"top\n"
+
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+
+
+def _fallocate(fd: int, mode: int, off: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, off, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def test_fallocate_modes_like_kernel(pair):
+    res = []
+    for L in (pair.uf, pair.k):
+        fd = os.open(L.m("big.bin"), os.O_RDWR)
+        try:
+            r1 = errno_of(lambda: _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192))
+            r2 = errno_of(lambda: _fallocate(fd, FALLOC_FL_KEEP_SIZE, len(L.big), 1 << 20))
+        finally:
+            os.close(fd)
+        data = read(L.m("big.bin"))
+        res.append((r1, r2, len(data), data[4096:12288] == b"\0" * 8192))
+    assert res[0] == res[1]
