@@ -10,6 +10,8 @@ See tests/difftest/__init__.py for the stages. Environment knobs:
   UNIONFS_DIFF_SHRINK_SECONDS   time budget to shrink a failing seed (default 60)
   UNIONFS_DIFF_SHRINK_TOTAL     time budget for all shrinking in a session (default 240)
   UNIONFS_DIFF_TMP              where to put the case directories (default: $TMPDIR)
+  UNIONFS_DIFF_REPLAY           run the ops printed by a failure ("as Python: ops = [...]"),
+                                saved to this file, instead of the seeds (test id: replay)
   UNIONFS_DIFF_KEEP             keep the case directories (for debugging)
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 import pytest
 
 from difftest import SIDES, ddmin, report, run_case, shrink
+from difftest.ops import Op
 from difftest.layers import build_layers, copy_layers
 from difftest.view import capture, diff_views
 
@@ -96,11 +99,28 @@ def difftest_root():
     assert not left, f"differential test left mounts behind: {left}"
 
 
-def _run_seed(difftest_root, seed: int, side_name: str) -> None:
+def _replay_ops() -> list | None:
+    """UNIONFS_DIFF_REPLAY=FILE: a file holding a printed `ops = [Op(...), ...]` list."""
+    path = os.environ.get("UNIONFS_DIFF_REPLAY")
+    if not path:
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    if text.startswith("as Python:"):
+        text = text[len("as Python:"):].strip()
+    if text.startswith("ops ="):
+        text = text[len("ops ="):].strip()
+    return eval(text, {"Op": Op})  # noqa: S307 - a developer's own repro file
+
+
+def _run_seed(difftest_root, seed: int, side_name: str, ops: list | None = None) -> None:
     root, pristine = difftest_root
     side = SIDES[side_name]
     base = os.path.join(root, f"{side_name}-seed-{seed}")
-    result = run_case(pristine, base, side, seed=seed, n_ops=N_OPS)
+    if ops is not None:
+        result = run_case(pristine, base, side, ops=ops)
+    else:
+        result = run_case(pristine, base, side, seed=seed, n_ops=N_OPS)
     if result.divergence is None:
         return
     shrunk = None
@@ -108,20 +128,21 @@ def _run_seed(difftest_root, seed: int, side_name: str) -> None:
     if budget > 0:
         t = time.monotonic()
         shrunk = shrink(pristine, os.path.join(root, f"{side_name}-shrink-{seed}"), side,
-                        result.ops, result.divergence, SHRINK_SECONDS,
+                        result.ops, result.divergence, budget,
                         result.outcomes)
         _SHRINK_LEFT[0] -= time.monotonic() - t
-    msg = report(seed, side, N_OPS, result, shrunk)
+    msg = report(seed, side, len(ops) if ops is not None else N_OPS, result, shrunk)
     print(msg)
     pytest.fail(msg, pytrace=False)
 
 
-@pytest.mark.parametrize("seed", _seeds(), ids=lambda s: f"seed-{s}")
+@pytest.mark.parametrize("seed", [-1] if _replay_ops() is not None else _seeds(),
+                         ids=lambda s: "replay" if s < 0 else f"seed-{s}")
 def test_differential(difftest_root, seed):
     reason = _skip_reason(need_fuse=SIDE_B == "unionfs")
     if reason:
         pytest.skip(reason)
-    _run_seed(difftest_root, seed, SIDE_B)
+    _run_seed(difftest_root, seed, SIDE_B, _replay_ops() if seed < 0 else None)
 
 
 @pytest.mark.parametrize("seed", [1000 + i for i in range(_env_int("UNIONFS_DIFF_SELFTEST_SEEDS", 2))],
