@@ -1811,3 +1811,28 @@ def test_fallocate_modes_like_kernel(pair):
         data = read(L.m("big.bin"))
         res.append((r1, r2, len(data), data[4096:12288] == b"\0" * 8192))
     assert res[0] == res[1]
+
+
+def test_create_and_remove_over_oci_whiteout(mounted):
+    write(mounted.m("ocigone.txt"), b"new\n")
+    assert read(mounted.m("ocigone.txt")) == b"new\n"
+    os.unlink(mounted.m("ocigone.txt"))
+    assert enoent(mounted.m("ocigone.txt"))
+    os.mkdir(mounted.m("dir/hidden.txt"))
+    assert os.listdir(mounted.m("dir/hidden.txt")) == []
+    os.rmdir(mounted.m("dir/hidden.txt"))
+    assert enoent(mounted.m("dir/hidden.txt"))
+    # an OCI-opaque dir stays opaque after copy-up and after a rename
+    write(mounted.m("ociopq/added"), b"a")
+    assert set(os.listdir(mounted.m("ociopq"))) == {"new.txt", "added"}
+    os.rename(mounted.m("ociopq"), mounted.m("ociopq2"))
+    assert set(os.listdir(mounted.m("ociopq2"))) == {"new.txt", "added"}
+
+
+def test_user_moves_own_file_out_of_sticky_dir(mounted_other):
+    L = mounted_other
+    assert run_as(lambda: os.rename("tmp/userfile", "userdir/moved"), cwd=L.mnt) == 0
+    assert read(L.m("userdir/moved")) == b"user in sticky\n"
+    st = os.lstat(L.u("userdir/moved"))
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+    assert run_as(lambda: os.rename("userdir", "userdir2"), cwd=L.mnt) == errno.EACCES
