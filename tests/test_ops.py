@@ -1836,3 +1836,48 @@ def test_user_moves_own_file_out_of_sticky_dir(mounted_other):
     st = os.lstat(L.u("userdir/moved"))
     assert (st.st_uid, st.st_gid) == (1000, 1000)
     assert run_as(lambda: os.rename("userdir", "userdir2"), cwd=L.mnt) == errno.EACCES
+
+
+def _tree(mnt: str) -> dict:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(mnt):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            data = read(p) if stat.S_ISREG(st.st_mode) else (
+                os.readlink(p) if stat.S_ISLNK(st.st_mode) else None)
+            out[os.path.relpath(p, mnt)] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
+                                            st.st_uid, st.st_gid, data,
+                                            st.st_nlink if stat.S_ISREG(st.st_mode) else 0)
+    return out
+
+
+def test_upper_format_read_by_kernel_after_many_ops(layers):
+    """Whatever unionfs leaves in the upper, a kernel overlay over it shows the same view."""
+    m = layers.m
+    with unionfs_mount(layers.kernel_lowers, layers.upper, layers.mnt, workdir=layers.work):
+        os.rename(m("dir"), m("dir-moved"))
+        os.rename(m("dir-moved/sub"), m("merged/sub-moved"))
+        os.unlink(m("dir-moved/b.txt"))
+        write(m("merged/sub-moved/deep.txt"), b"changed deep\n")
+        renameat2(m("wdir"), m("wdir2"), RENAME_EXCHANGE)
+        os.rename(m("opq"), m("opq2"))
+        os.mkdir(m("opq"))
+        os.chmod(m("hl/one"), 0o640)
+        os.unlink(m("other/sub/three"))
+        os.link(m("hl/p1"), m("dir-moved/p-link"))
+        os.symlink("/nowhere", m("merged/sub-moved/ln"))
+        os.mkfifo(m("wdir/fifo2"))
+        for n in os.listdir(m("emptydir")):
+            os.unlink(m("emptydir/" + n))
+        os.rmdir(m("emptydir"))
+        os.rename(m("shadow.txt"), m("emptydir"))
+        os.setxattr(m("xattr.txt"), "user.more", b"1")
+        view = _tree(layers.mnt)
+    kwork = os.path.join(layers.root, "kwork")
+    os.mkdir(kwork)
+    with kernel_overlay(layers.kernel_lowers, layers.upper, kwork, layers.mnt):
+        kview = _tree(layers.mnt)
+        assert os.getxattr(m("xattr.txt"), "user.more") == b"1"
+    diff = {k: (view.get(k), kview.get(k)) for k in set(view) | set(kview) if view.get(k) != kview.get(k)}
+    assert diff == {}
