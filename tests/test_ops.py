@@ -1881,3 +1881,17 @@ def test_upper_format_read_by_kernel_after_many_ops(layers):
         assert os.getxattr(m("xattr.txt"), "user.more") == b"1"
     diff = {k: (view.get(k), kview.get(k)) for k in set(view) | set(kview) if view.get(k) != kview.get(k)}
     assert diff == {}
+
+
+def test_max_length_names_in_lower(layers):
+    name = "n" * 255
+    write(os.path.join(layers.bottom, "dir", name), b"long\n")
+    os.makedirs(os.path.join(layers.bottom, "d" * 255, "e" * 255))
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        assert read(layers.m("dir/" + name)) == b"long\n"
+        assert name in os.listdir(layers.m("dir"))
+        os.rename(layers.m("d" * 255), layers.m("short"))
+        assert os.listdir(layers.m("short")) == ["e" * 255]
+        os.unlink(layers.m("dir/" + name))
+        assert enoent(layers.m("dir/" + name))
+        assert is_whiteout(layers.u("dir/" + name))
