@@ -1895,3 +1895,38 @@ def test_max_length_names_in_lower(layers):
         os.unlink(layers.m("dir/" + name))
         assert enoent(layers.m("dir/" + name))
         assert is_whiteout(layers.u("dir/" + name))
+
+
+def test_concurrent_ops_on_hard_link_names(layers):
+    """Copy-ups of one lower inode started through several names at once agree."""
+    import threading
+    with open(os.path.join(layers.bottom, "hl/one"), "wb") as f:
+        f.write(b"z" * (64 << 20))   # big enough for the copy-ups to overlap
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        errors = []
+        ops = [lambda: os.rename(layers.m("hl/one"), layers.m("one-moved")),
+               lambda: os.chmod(layers.m("other/two"), 0o600),
+               lambda: os.setxattr(layers.m("other/sub/three"), "user.t", b"1"),
+               lambda: os.link(layers.m("other/two"), layers.m("four"))]
+
+        def run(fn):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=run, args=(fn,)) for fn in ops]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        names = ("one-moved", "other/two", "other/sub/three", "four")
+        sts = [os.lstat(layers.m(p)) for p in names]
+        assert len({st.st_ino for st in sts}) == 1
+        assert all(st.st_nlink == 4 for st in sts)
+        assert all(stat.S_IMODE(st.st_mode) == 0o600 for st in sts)
+        assert os.getxattr(layers.m("four"), "user.t") == b"1"
+        ust = [os.lstat(layers.u(p)) for p in names]
+        assert len({st.st_ino for st in ust}) == 1 and ust[0].st_size == 64 << 20
+        assert os.listdir(os.path.join(layers.work, "work")) == []
