@@ -1930,3 +1930,25 @@ def test_concurrent_ops_on_hard_link_names(layers):
         ust = [os.lstat(layers.u(p)) for p in names]
         assert len({st.st_ino for st in ust}) == 1 and ust[0].st_size == 64 << 20
         assert os.listdir(os.path.join(layers.work, "work")) == []
+
+
+def test_dirty_data_reaches_upper_by_unmount(layers):
+    data = os.urandom(8 << 20)
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        with open(layers.m("dir/new.bin"), "wb") as f:
+            f.write(data)
+        with open(layers.m("big.bin"), "r+b") as f:
+            with mmap.mmap(f.fileno(), 0) as mm:
+                mm[:4] = b"DIRT"      # no msync: only the unmount writes it back
+    assert read(layers.u("dir/new.bin")) == data
+    assert read(layers.u("big.bin"))[:4] == b"DIRT"
+
+
+def test_exec_from_mount(layers):
+    write(os.path.join(layers.bottom, "run.sh"), b"#!/bin/sh\necho ran\n")
+    os.chmod(os.path.join(layers.bottom, "run.sh"), 0o755)
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        assert subprocess.run([layers.m("run.sh")], capture_output=True, text=True).stdout == "ran\n"
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work,
+                       options=("noexec",)):
+        assert errno_of(lambda: subprocess.run([layers.m("run.sh")])) == errno.EACCES
