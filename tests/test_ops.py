@@ -1952,3 +1952,24 @@ def test_exec_from_mount(layers):
     with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work,
                        options=("noexec",)):
         assert errno_of(lambda: subprocess.run([layers.m("run.sh")])) == errno.EACCES
+
+
+def test_seek_data_hole_like_kernel(tmp_path):
+    from conftest import make_layers
+    res = []
+    for kind in ("uf", "k"):
+        L = make_layers(str(tmp_path / kind))
+        with open(os.path.join(L.bottom, "sparse2.bin"), "wb") as f:
+            f.write(b"d" * 4096)
+            f.seek(1 << 20)
+            f.write(b"e" * 4096)
+        cm = (unionfs_mount(L.kernel_lowers, L.upper, L.mnt, workdir=L.work) if kind == "uf"
+              else kernel_overlay(L.kernel_lowers, L.upper, L.work, L.mnt))
+        with cm:
+            fd = os.open(L.m("sparse2.bin"), os.O_RDONLY)
+            try:
+                res.append((os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd, 8192, os.SEEK_DATA)))
+            finally:
+                os.close(fd)
+    assert res[1] == (4096, 1 << 20), "kernel reference"
+    assert res[0] == res[1]
