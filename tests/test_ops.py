@@ -1973,3 +1973,35 @@ def test_seek_data_hole_like_kernel(tmp_path):
                 os.close(fd)
     assert res[1] == (4096, 1 << 20), "kernel reference"
     assert res[0] == res[1]
+
+
+def test_user_xattr_permissions_like_kernel(tmp_path):
+    res = []
+    with both(tmp_path) as (a, b):
+        for L in (a, b):
+            res.append((
+                run_as(lambda: os.setxattr("owned.txt", "user.mine", b"1"), cwd=L.mnt),
+                run_as(lambda: os.setxattr("rootfile.txt", "user.x", b"1"), cwd=L.mnt),
+                run_as(lambda: os.setxattr("owned.txt", "trusted.x", b"1"), cwd=L.mnt),
+                run_as(lambda: os.getxattr("xattr.txt", "trusted.secret"), cwd=L.mnt),
+                run_as(lambda: os.getxattr("xattr.txt", "user.color"), cwd=L.mnt),
+            ))
+            # what an unprivileged listxattr shows, read back through a pipe
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.close(r)
+                    os.chdir(L.mnt)
+                    os.setgroups([])
+                    os.setgid(1000)
+                    os.setuid(1000)
+                    os.write(w, ",".join(sorted(os.listxattr("xattr.txt"))).encode())
+                finally:
+                    os._exit(0)
+            os.close(w)
+            with os.fdopen(r) as f:
+                res[-1] += (f.read(),)
+            os.waitpid(pid, 0)
+    assert res[1][-1] == "user.color", "kernel reference"
+    assert res[0] == res[1]
