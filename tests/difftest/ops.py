@@ -448,7 +448,10 @@ FRESH_NAMES = ["new", "n1", "n2", "f.txt", "d", "sub", "x", "renamed", "gone.txt
                "common.txt", "a", "hl_b"]
 
 USER_XATTRS = ["user.a", "user.b", "user.hl", "user.new", "user.dirattr", "user.origin",
-               "user.layer", "user.x" + "y" * 40]
+               "user.layer", "user.x" + "y" * 40] * 6 + [
+    # rarely: a plain trusted.* name (root may set it; it lands in the upper) and one
+    # of overlayfs's own, which the union must refuse like the kernel does
+    "trusted.plain", "trusted.overlay.opaque"]
 
 SIZES = [0, 1, 7, 100, 4095, 4096, 4097, 65536, 70001]
 BIG_SIZES = [1 << 20, (3 << 20) // 2 + 3]
@@ -470,6 +473,7 @@ class Generator:
     rng: random.Random = field(init=False)
     known: dict[str, str] = field(default_factory=dict)   # relpath -> type
     seen: set[str] = field(default_factory=set)            # every path ever known
+    groups: list[list[str]] = field(default_factory=list)  # hard-link groups (by st_ino)
     counter: int = 0
 
     def __post_init__(self) -> None:
@@ -492,10 +496,14 @@ class Generator:
                     continue
                 t = describe_type(st.st_mode)
                 known[r] = t
+                if t != "dir":
+                    inos.setdefault(st.st_ino, []).append(r)
                 if t == "dir":
                     walk(r)
 
+        inos: dict[int, list[str]] = {}
         walk("")
+        self.groups = sorted(sorted(g) for g in inos.values() if len(g) > 1)
         self.known = known
         self.seen |= set(known)
 
@@ -608,6 +616,11 @@ class Generator:
             src = self._existing(("dir",)) if rng.random() < 0.35 else self._any()
             dst = self._fresh() if rng.random() < 0.55 else self._any()
             flags = rng.choices([0, RENAME_NOREPLACE, RENAME_EXCHANGE], [6, 2, 2])[0]
+            if self.groups and rng.random() < 0.08:
+                # Two names of one inode: rename(2) must do nothing and succeed.
+                src, dst = rng.sample(rng.choice(self.groups), 2)
+            elif rng.random() < 0.03:
+                dst = src
             return Op("rename", src, dst, args=(flags,), user=user)
         if kind == "link":
             src = self._existing(("file", "symlink", "fifo", "chr")) if rng.random() < 0.9 \
@@ -642,7 +655,9 @@ class Generator:
         if kind == "getxattr":
             return Op("getxattr", self._any(), args=(rng.choice(USER_XATTRS),), user=user)
         if kind == "mknod":
-            return Op("mknod", self._fresh(), args=(rng.choice([0o644, 0o600]), 1, 3), user=user)
+            major, minor = rng.choices([(1, 3), (0, 0), (5, 1)], [6, 2, 1])[0]
+            return Op("mknod", self._fresh(), args=(rng.choice([0o644, 0o600]), major, minor),
+                      user=user)
         if kind == "mkfifo":
             return Op("mkfifo", self._fresh(), args=(rng.choice([0o644, 0o600, 0o666]),),
                       user=user)
