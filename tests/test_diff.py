@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -487,3 +486,14 @@ def test_json_schema(union):
     assert kinds["/d"]["changes"] == ["type"] and kinds["/keep"]["changes"] == ["mode"]
     validate_stat(json.loads(diff(union.mnt, "--json", "--stat")))
     final(union, [o["kind"] + " " + o["path"] for o in objs])
+
+
+def test_exchange(union):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.renameat2(-100, union.p("d").encode(), -100, union.p("etc").encode(), 2)  # EXCHANGE
+    if rc != 0:
+        pytest.skip(f"RENAME_EXCHANGE: {os.strerror(ctypes.get_errno())}")
+    final(union, ["C /d", "D /d/f", "A /d/hosts", "D /d/sub",
+                  "C /etc", "A /etc/f", "D /etc/hosts", "A /etc/sub", "A /etc/sub/g"])

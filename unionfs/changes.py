@@ -65,7 +65,6 @@ HEADER = b"# unionfs changes log v1\n"
 KINDS = b"ACDT?"
 UNKNOWN_PATH = b"-"
 
-WHITEOUT_XATTR_OPAQUE = b"trusted.overlay.opaque"
 REDIRECT_XATTR = b"trusted.overlay.redirect"
 
 # Compact when the log has more than 2 * (records at the last compaction) + SLACK lines.

@@ -184,7 +184,11 @@ def _write_back(t: Target, records) -> None:
                     f.write("rebuilt by unionfs diff --rescan\n")
                 changes.fsync_dir(t.workdir)
         elif records is not None:
-            changes.append_records(t.workdir, changes.scan_upper(t.upper))
+            # the daemon owns the file: only add what it does not name yet (so repeated
+            # rescans do not make it grow); its next compaction folds them in
+            known = {r.path for r in records}
+            changes.append_records(t.workdir, ((k, p) for k, p in changes.scan_upper(t.upper)
+                                               if p not in known))
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
