@@ -1,0 +1,587 @@
+#!/usr/bin/env python3
+"""Benchmark unionfs against kernel overlayfs and fuse-overlayfs.
+
+Run as root (mounts, drop_caches). Builds its data once (scripts/bench_data.py,
+cached under --cache-dir), then for every workload, mode (cold/warm),
+repetition and implementation mounts the same read-only lower layers with a
+fresh upper and workdir, times the workload and unmounts. Implementations are
+interleaved (in a rotating order) so that drift on the machine hits them all.
+
+    cold: fresh mount, sync, echo 3 > /proc/sys/vm/drop_caches, time
+    warm: fresh mount, run once (or, for workloads that change the tree, read
+          what they will touch), sync, time
+
+Examples:
+
+    sudo /tmp/venv/bin/python scripts/bench.py --scale 0.1
+    sudo /tmp/venv/bin/python scripts/bench.py --repeat 3 --json /tmp/bench.json
+    sudo /tmp/venv/bin/python scripts/bench.py --only find,tar --impl unionfs --profile /tmp/prof
+
+Everything it mounted is unmounted on exit, Ctrl-C and errors included.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_data  # noqa: E402
+
+IMPLS = ("kernel", "fuse-overlayfs", "unionfs")
+SHORT = {"kernel": "kernel", "fuse-overlayfs": "fuse-ovl", "unionfs": "unionfs"}
+
+
+def sh(*cmd: str, quiet: bool = True) -> None:
+    """Run a workload command in its own process group, all of which dies if we are interrupted."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if quiet else None, start_new_session=True)
+    try:
+        rc = p.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        raise
+    if rc:
+        raise subprocess.CalledProcessError(rc, cmd)
+
+
+def sh_quiet(*cmd: str, env: dict | None = None) -> None:
+    """Run a (u)mount command; its stderr is shown only if it fails."""
+    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    if p.returncode:
+        sys.stderr.write(p.stderr)
+        raise subprocess.CalledProcessError(p.returncode, cmd)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+# -- mounts ---------------------------------------------------------------------------------
+
+def mountpoints() -> set[str]:
+    out = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4]
+            out.add(mp.encode().decode("unicode_escape"))
+    return out
+
+
+@dataclass
+class Impl:
+    name: str
+    unionfs_cmd: list[str]
+    rundir: str  # UNIONFS_RUNDIR for our unionfs daemons, away from other mounts' pid files
+
+    @property
+    def env(self) -> dict:
+        return dict(os.environ, UNIONFS_RUNDIR=self.rundir)
+
+    def mount(self, lowers: list[str], upper: str, work: str, mnt: str) -> None:
+        low = ":".join(lowers)
+        if self.name == "kernel":
+            sh_quiet("mount", "-t", "overlay", "overlay", "-o",
+                     f"lowerdir={low},upperdir={upper},workdir={work}", mnt)
+        elif self.name == "fuse-overlayfs":
+            sh_quiet("fuse-overlayfs", "-o", f"lowerdir={low},upperdir={upper},workdir={work}", mnt)
+        else:
+            sh_quiet(*self.unionfs_cmd, "mount", "--workdir", work, low, upper, mnt, env=self.env)
+        if mnt not in mountpoints():
+            raise RuntimeError(f"{self.name}: {mnt} is not mounted")
+
+    def umount(self, mnt: str) -> None:
+        if self.name == "kernel":
+            sh_quiet("umount", mnt)
+        elif self.name == "fuse-overlayfs":
+            sh_quiet("fusermount3", "-u", mnt)
+        else:
+            sh_quiet(*self.unionfs_cmd, "umount", mnt, env=self.env)
+
+    def daemon_pid(self, mnt: str) -> int | None:
+        """The unionfs daemon serving *mnt* (from its pid file), for CPU accounting and profiling."""
+        if self.name != "unionfs":
+            return None
+        st = os.stat(mnt)
+        try:
+            with open(os.path.join(self.rundir, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}.pid")) as f:
+                return int(f.readline().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class Mounts:
+    """Every mount made here, so that all of them go away whatever happens."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.live: dict[str, Impl] = {}
+
+    def mount(self, impl: Impl, lowers: list[str], upper: str, work: str, mnt: str) -> None:
+        self.live[mnt] = impl
+        impl.mount(lowers, upper, work, mnt)
+
+    def umount(self, mnt: str) -> None:
+        impl = self.live.pop(mnt)
+        if mnt not in mountpoints():
+            return
+        for attempt in range(20):
+            try:
+                impl.umount(mnt)
+                return
+            except subprocess.CalledProcessError:
+                time.sleep(0.25)
+        subprocess.run(["umount", "-l", mnt])
+
+    def cleanup(self) -> None:
+        for mnt in list(self.live):
+            with contextlib.suppress(Exception):
+                self.umount(mnt)
+        # anything under our run directory still in the mount table (e.g. a mount
+        # that failed half-way) is detached lazily
+        for mp in sorted(mountpoints(), reverse=True):
+            if mp == self.root or mp.startswith(self.root + "/"):
+                subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
+
+
+# -- workloads ---------------------------------------------------------------------------------
+
+@dataclass
+class Ctx:
+    data: str
+    manifest: dict
+    scale: float
+
+
+@dataclass
+class Workload:
+    name: str
+    desc: str
+    run: Callable[[str, Ctx, int], None]          # (mnt, ctx, variant)
+    warm: Callable[[str, Ctx], None] | None = None  # None: run(variant 0) warms
+    changes: bool = False
+
+
+def w_find(mnt: str, c: Ctx, v: int) -> None:
+    sh("find", mnt, "-printf", "%s\n")
+
+
+def w_ls(mnt: str, c: Ctx, v: int) -> None:
+    sh("ls", "-laR", mnt)
+
+
+def w_tar(mnt: str, c: Ctx, v: int) -> None:
+    # to a pipe: GNU tar writing to /dev/null itself would not read the files
+    sh("bash", "-c", 'set -o pipefail; tar -C "$1" -cf - --exclude=./big . | cat >/dev/null', "-", mnt)
+
+
+def w_seqread(mnt: str, c: Ctx, v: int) -> None:
+    sh("dd", f"if={mnt}/{c.manifest['big']}", "of=/dev/null", "bs=1M", "status=none")
+
+
+def w_randread(mnt: str, c: Ctx, v: int) -> None:
+    rng = random.Random(4096)  # the same blocks every time: warm means they are cached
+    blocks = c.manifest["big_size"] // 4096
+    fd = os.open(f"{mnt}/{c.manifest['big']}", os.O_RDONLY)
+    try:
+        for _ in range(bench_data.n(20000, c.scale)):
+            os.pread(fd, 4096, rng.randrange(blocks) * 4096)
+    finally:
+        os.close(fd)
+
+
+def w_create(mnt: str, c: Ctx, v: int) -> None:
+    buf = b"c" * 4096
+    top = f"{mnt}/created{v}"
+    os.mkdir(top)
+    total = bench_data.n(10000, c.scale)
+    for i in range(total):
+        d = f"{top}/s{i // 100}"
+        if i % 100 == 0:
+            os.mkdir(d)
+        with open(f"{d}/c{i}", "wb") as f:
+            f.write(buf)
+
+
+def _read_all(paths: list[str]) -> None:
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 20):
+                pass
+
+
+def w_append(mnt: str, c: Ctx, v: int) -> None:
+    for p in c.manifest["append"]:
+        with open(f"{mnt}/{p}", "ab") as f:
+            f.write(b"x")
+
+
+def warm_append(mnt: str, c: Ctx) -> None:
+    _read_all([f"{mnt}/{p}" for p in c.manifest["append"]])
+
+
+def w_bigappend(mnt: str, c: Ctx, v: int) -> None:
+    with open(f"{mnt}/{c.manifest['big']}", "ab") as f:
+        f.write(b"x")
+
+
+def warm_big(mnt: str, c: Ctx) -> None:
+    w_seqread(mnt, c, 0)
+
+
+def w_rm(mnt: str, c: Ctx, v: int) -> None:
+    sh("rm", "-rf", *[f"{mnt}/{d}" for d in c.manifest["rm_dirs"]])
+
+
+def warm_rm(mnt: str, c: Ctx) -> None:
+    sh("find", *[f"{mnt}/{d}" for d in c.manifest["rm_dirs"]], "-printf", "%s\n")
+
+
+def w_untar(mnt: str, c: Ctx, v: int) -> None:
+    d = f"{mnt}/untar{v}"
+    os.mkdir(d)
+    sh("tar", "-C", d, "-xf", f"{c.data}/untar.tar")
+
+
+def w_mix(mnt: str, c: Ctx, v: int) -> None:
+    paths = c.manifest["mix"]
+    k = len(paths) // 5 or 1
+    for p in paths[0:k]:
+        os.chmod(f"{mnt}/{p}", 0o600)
+    for p in paths[k:2 * k]:
+        os.chown(f"{mnt}/{p}", 1000, 1000)
+    for p in paths[2 * k:3 * k]:
+        os.rename(f"{mnt}/{p}", f"{mnt}/{p}.renamed")
+    for p in paths[3 * k:4 * k]:
+        os.symlink(os.path.basename(p), f"{mnt}/{p}.sym")
+    for p in paths[4 * k:]:
+        os.link(f"{mnt}/{p}", f"{mnt}/{p}.link")
+
+
+def warm_mix(mnt: str, c: Ctx) -> None:
+    _read_all([f"{mnt}/{p}" for p in c.manifest["mix"]])
+
+
+WORKLOADS = [
+    Workload("find", "find -printf '%s' over the whole tree", w_find),
+    Workload("ls-laR", "ls -laR over the whole tree", w_ls),
+    Workload("tar", "tar c of all small files to a pipe", w_tar),
+    Workload("seqread", "sequential read of the big file (dd bs=1M)", w_seqread),
+    Workload("randread", "20,000 random 4 KiB preads in the big file", w_randread),
+    Workload("create", "create 10,000 4 KiB files (100 dirs)", w_create, changes=True),
+    Workload("append", "append 1 byte to 1,000 lower files (copy-up)", w_append, warm_append, True),
+    Workload("bigappend", "append 1 byte to the big lower file (copy-up)", w_bigappend, warm_big, True),
+    Workload("rm", "rm -rf of ~5,000 lower files", w_rm, warm_rm, True),
+    Workload("untar", "tar x of 5,000 files", w_untar, changes=True),
+    Workload("mix", "chmod/chown/rename/symlink/link, 1,000 lower files", w_mix, warm_mix, True),
+]
+
+
+# -- running ----------------------------------------------------------------------------------
+
+@dataclass
+class Runner:
+    ctx: Ctx
+    mounts: Mounts
+    run_root: str
+    profile_dir: str | None
+    lowers: list[str] = field(default_factory=list)
+    seq: int = 0
+
+    def _fresh(self, impl: Impl) -> tuple[str, str, str]:
+        self.seq += 1
+        base = f"{self.run_root}/{impl.name}-{self.seq}"
+        upper, work, mnt = f"{base}/upper", f"{base}/work", f"{base}/mnt"
+        for d in (upper, work, mnt):
+            os.makedirs(d)
+        return base, upper, work, mnt
+
+    @contextlib.contextmanager
+    def mounted(self, impl: Impl):
+        base, upper, work, mnt = self._fresh(impl)
+        try:
+            self.mounts.mount(impl, self.lowers, upper, work, mnt)
+            yield mnt
+        finally:
+            if mnt in self.mounts.live:
+                self.mounts.umount(mnt)
+            shutil.rmtree(base, ignore_errors=True)
+
+    def once(self, impl: Impl, wl: Workload, mode: str, tag: str) -> tuple[float, float | None]:
+        with self.mounted(impl) as mnt:
+            if mode == "warm":
+                if wl.warm:
+                    wl.warm(mnt, self.ctx)
+                else:
+                    wl.run(mnt, self.ctx, 0)
+                os.sync()
+            else:
+                drop_caches()
+            pid = impl.daemon_pid(mnt)
+            prof = None
+            if self.profile_dir and pid:
+                prof = subprocess.Popen(
+                    ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--idle",
+                     "-o", f"{self.profile_dir}/{wl.name}-{mode}-{tag}.txt"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)  # let it attach
+            cpu0 = cpu_seconds(pid)
+            t0 = time.perf_counter()
+            try:
+                wl.run(mnt, self.ctx, 1)
+            finally:
+                dt = time.perf_counter() - t0
+                cpu1 = cpu_seconds(pid)
+                if prof:
+                    prof.send_signal(signal.SIGINT)
+                    prof.wait()
+            cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+            return dt, cpu
+
+    def reference_copy(self, mode: str) -> float:
+        """cp --reflink=auto of the big file on the filesystem the uppers live on."""
+        src = f"{self.ctx.data}/bottom/{self.ctx.manifest['big']}"
+        dst = f"{self.run_root}/refcopy.bin"
+        try:
+            if mode == "warm":
+                sh("cat", src)
+                os.sync()
+            else:
+                drop_caches()
+            t0 = time.perf_counter()
+            sh("cp", "--reflink=auto", src, dst)
+            return time.perf_counter() - t0
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dst)
+
+    def listing(self, impl: Impl) -> list[str]:
+        with self.mounted(impl) as mnt:
+            out = subprocess.run(["find", mnt, "-printf", "%P %y %s %m\n"], check=True,
+                                 capture_output=True, text=True).stdout
+        return sorted(out.splitlines())
+
+
+def fmt(t: float | None) -> str:
+    if t is None:
+        return "-"
+    if t >= 100:
+        return f"{t:.0f}"
+    if t >= 10:
+        return f"{t:.1f}"
+    if t >= 1:
+        return f"{t:.2f}"
+    return f"{t:.3f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b <= 0:
+        return "-"
+    r = a / b
+    return f"{r:.0f}x" if r >= 100 else f"{r:.1f}x" if r >= 10 else f"{r:.2f}x"
+
+
+def table(res: dict, impls: list[str], cpu: dict, ref: dict) -> str:
+    cols = ["workload", "mode"] + [f"{SHORT[i]} s" for i in impls]
+    have_k, have_f, have_u = "kernel" in impls, "fuse-overlayfs" in impls, "unionfs" in impls
+    if have_k and have_f:
+        cols.append("fuse-ovl/kernel")
+    if have_u and have_k:
+        cols.append("unionfs/kernel")
+    if have_u and have_f:
+        cols.append("unionfs/fuse-ovl")
+    if have_u:
+        cols.append("unionfs daemon CPU")
+    rows = []
+    for wl in res:
+        for mode in res[wl]:
+            med = {i: statistics.median(res[wl][mode][i]) if res[wl][mode].get(i) else None for i in impls}
+            if all(v is None for v in med.values()):
+                continue
+            row = [wl, mode] + [fmt(med[i]) for i in impls]
+            if have_k and have_f:
+                row.append(ratio(med["fuse-overlayfs"], med["kernel"]))
+            if have_u and have_k:
+                row.append(ratio(med["unionfs"], med["kernel"]))
+            if have_u and have_f:
+                row.append(ratio(med["unionfs"], med["fuse-overlayfs"]))
+            if have_u:
+                c = cpu.get(wl, {}).get(mode)
+                row.append(f"{100 * statistics.median(c):.0f}%" if c else "-")
+            rows.append(row)
+    for mode, ts in ref.items():
+        rows.append(["ref: cp --reflink=auto big file", mode] + [fmt(statistics.median(ts))] +
+                    ["" for _ in cols[3:]])
+    widths = [max(len(str(r[k])) for r in rows + [cols]) for k in range(len(cols))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c).ljust(w) if k < 2 else str(c).rjust(w)
+                                        for k, (c, w) in enumerate(zip(r, widths))) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    mem = ""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    fo = subprocess.run(["fuse-overlayfs", "--version"], capture_output=True, text=True)
+    return {"nproc": os.cpu_count(), "memory": mem, "kernel": platform.release(), "cpu": cpu,
+            "python": platform.python_version(),
+            "fuse-overlayfs": next((l for l in (fo.stdout + fo.stderr).splitlines() if l.startswith("fuse-overlayfs")), "?")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/unionfs-bench"))
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply file counts and big file size")
+    ap.add_argument("--repeat", type=int, default=1, help="repetitions (medians are reported)")
+    ap.add_argument("--only", help="comma-separated workloads: " + ",".join(w.name for w in WORKLOADS))
+    ap.add_argument("--impl", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    ap.add_argument("--mode", default="cold,warm", help="cold, warm or both")
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--no-check", action="store_true", help="skip comparing the mounted trees first")
+    ap.add_argument("--no-reference", action="store_true", help="skip the cp --reflink reference")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="record py-spy (raw/collapsed) profiles of the unionfs daemon's timed runs")
+    ap.add_argument("--unionfs", default=None, help="command for unionfs (default: this python -m unionfs)")
+    args = ap.parse_args()
+
+    if os.geteuid() != 0:
+        ap.error("must run as root")
+    impls = [i for i in args.impl.split(",") if i]
+    for i in impls:
+        if i not in IMPLS:
+            ap.error(f"unknown implementation {i!r}")
+    wls = WORKLOADS
+    if args.only:
+        names = args.only.split(",")
+        bad = [x for x in names if x not in {w.name for w in WORKLOADS}]
+        if bad:
+            ap.error(f"unknown workload(s) {bad}")
+        wls = [w for w in WORKLOADS if w.name in names]
+    modes = [m for m in args.mode.split(",") if m]
+    unionfs_cmd = args.unionfs.split() if args.unionfs else [sys.executable, "-m", "unionfs"]
+
+    data = bench_data.build(args.cache_dir, args.scale)
+    with open(f"{data}/manifest.json") as f:
+        manifest = json.load(f)
+    ctx = Ctx(data, manifest, args.scale)
+    run_root = os.path.join(args.cache_dir, f"run-{os.getpid()}")
+    os.makedirs(run_root)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    mounts = Mounts(run_root)
+    runner = Runner(ctx, mounts, run_root, args.profile, lowers=[f"{data}/top", f"{data}/bottom"])
+    def interrupt(*_a) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
+    interrupted = False
+    os.makedirs(f"{run_root}/rundir")
+    objs = {i: Impl(i, unionfs_cmd, f"{run_root}/rundir") for i in impls}
+    res: dict = {w.name: {m: {i: [] for i in impls} for m in modes} for w in wls}
+    cpu: dict = {w.name: {m: [] for m in modes} for w in wls}
+    ref: dict = {}
+    mach = machine()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    print(f"# {started:%Y-%m-%d %H:%M} UTC, nproc {mach['nproc']}, {mach['memory']}, "
+          f"kernel {mach['kernel']}, {mach['fuse-overlayfs']}")
+    print(f"# data {data}: {manifest['bottom_files']} files in {manifest['dirs']} dirs + "
+          f"{manifest['big_size'] >> 20} MiB; union shows {manifest['visible_files']} small files")
+    try:
+        if not args.no_check:
+            views = {i: runner.listing(objs[i]) for i in impls}
+            base = views[impls[0]]
+            nfiles = sum(1 for line in base if " f " in line and not line.startswith("big/"))
+            print(f"# check: {impls[0]} shows {len(base)} entries, {nfiles} small files "
+                  f"(expected {manifest['visible_files']})")
+            for i in impls[1:]:
+                diff = set(views[i]) ^ set(base)
+                print(f"# check: {i} vs {impls[0]}: {len(diff)} differing entries"
+                      + (f", e.g. {sorted(diff)[:4]}" if diff else ""))
+        for rep in range(args.repeat):
+            order = impls[rep % len(impls):] + impls[:rep % len(impls)]
+            for wl in wls:
+                for mode in modes:
+                    for i in order:
+                        dt, c = runner.once(objs[i], wl, mode, f"r{rep}")
+                        res[wl.name][mode][i].append(dt)
+                        if c is not None:
+                            cpu[wl.name][mode].append(c / dt)
+                        print(f"rep {rep + 1}/{args.repeat} {wl.name:10} {mode:4} {i:15} {dt:8.3f}s"
+                              + (f"  (daemon CPU {c:.2f}s)" if c is not None else ""), flush=True)
+                if wl.name == "bigappend" and not args.no_reference:
+                    for mode in modes:
+                        dt = runner.reference_copy(mode)
+                        ref.setdefault(mode, []).append(dt)
+                        print(f"rep {rep + 1}/{args.repeat} {'cp-reflink':10} {mode:4} {'reference':15} "
+                              f"{dt:8.3f}s", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: unmounting, then the results so far", file=sys.stderr)
+    finally:
+        mounts.cleanup()
+        shutil.rmtree(run_root, ignore_errors=True)
+        left = [m for m in mountpoints() if m.startswith(run_root)]
+        if left:
+            print(f"WARNING: still mounted: {left}", file=sys.stderr)
+
+    print()
+    print(("PARTIAL (interrupted) " if interrupted else "") + f"Medians of {args.repeat} run(s), seconds; scale {args.scale:g}; "
+          f"{started:%Y-%m-%d} UTC; nproc {mach['nproc']}, {mach['memory']}, kernel {mach['kernel']}")
+    print()
+    print(table(res, impls, cpu, ref))
+    if args.json:
+        out = {"date": started.isoformat(), "interrupted": interrupted, "machine": mach, "scale": args.scale, "repeat": args.repeat,
+               "manifest": {k: v for k, v in manifest.items() if not isinstance(v, list)},
+               "workloads": {w.name: w.desc for w in wls},
+               "times": res, "unionfs_daemon_cpu_fraction": cpu, "reference_cp_reflink": ref,
+               "medians": {w: {m: {i: statistics.median(v) if v else None for i, v in d.items()}
+                               for m, d in md.items()} for w, md in res.items()}}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
