@@ -1121,6 +1121,7 @@ def test_user_private_file(mounted_other):
     assert stat.S_IMODE(os.lstat(L.u("owned.txt")).st_mode) == 0o644
 
 
+@pytest.mark.xfail(strict=True, reason="POSIX ACLs are stored but not enforced: fs.Operations does not set enable_acl, so the kernel checks mode bits only")
 def test_user_acl_grants_write(mounted_other):
     L = mounted_other
     os.chmod(L.m("rootfile.txt"), 0o640)
@@ -1326,6 +1327,7 @@ def test_read_only_fd_sees_data_after_copy_up(mounted):
         os.close(fd1)
 
 
+@pytest.mark.xfail(strict=True, reason="close() gives EIO for an open lower file whose name was removed: writeback flushes times via SETATTR, Union.setattr tries a copy-up of a removed file (ENOENT)")
 def test_unlink_open_lower_file_keeps_data(mounted):
     fd = os.open(mounted.m("dir/b.txt"), os.O_RDONLY)
     try:
@@ -1434,6 +1436,7 @@ def test_user_writes_own_lower_file(mounted_other):
     assert read(L.u("owned.txt")) == b"mine\n"
 
 
+@pytest.mark.xfail(strict=True, reason="copy-up fills holes: syscalls.copy_data copies every byte (no SEEK_DATA/SEEK_HOLE skipping as overlayfs does)")
 def test_copy_up_of_sparse_file_stays_sparse(layers):
     p = os.path.join(layers.bottom, "sparse.bin")
     with open(p, "wb") as f:
@@ -1472,6 +1475,7 @@ def test_xattr_on_merged_dir_keeps_it_merged(mounted):
 _libc.rewinddir.argtypes = [ctypes.c_void_p]
 
 
+@pytest.mark.xfail(strict=True, reason="rewinddir serves the opendir snapshot: fs.opendir lists names once and readdir at offset 0 never refreshes")
 def test_rewinddir_sees_current_state(mounted):
     """POSIX: after rewinddir the stream reflects the directory as it is now."""
     d = _libc.opendir(os.fsencode(mounted.m("merged")))
@@ -1582,6 +1586,7 @@ def _direct_io(path: str, write_too: bool) -> bytes:
         os.close(fd)
 
 
+@pytest.mark.xfail(strict=True, reason="O_DIRECT is passed to the daemon's own open; os.pread into an unaligned buffer then fails with EINVAL")
 def test_o_direct_like_kernel(pair):
     res = []
     for L in (pair.uf, pair.k):
@@ -1708,6 +1713,7 @@ def test_mkdir_over_unlinked_file_like_kernel(pair):
     assert res[0] == res[1]
 
 
+@pytest.mark.xfail(strict=True, reason="no FUSE POSIX ACL support (enable_acl unset): umask applied despite a default ACL, and the daemon's chmod after create rewrites the inherited ACL mask/other")
 def test_default_acl_create_like_kernel(pair):
     """With a default ACL on the parent the umask is not applied (POSIX.1e)."""
     res = []
@@ -1752,6 +1758,7 @@ def test_special_modes_like_kernel(pair):
     assert res[0] == res[1]
 
 
+@pytest.mark.xfail(strict=True, reason="reading or listing through the mount updates lower atimes: lower files/dirs are opened without O_NOATIME")
 def test_lower_layers_untouched_by_reads(tmp_path):
     """Reading and listing through the mount changes nothing in a lower, atimes included."""
     res = []
@@ -1770,6 +1777,7 @@ def test_lower_layers_untouched_by_reads(tmp_path):
     assert res[0] == res[1]
 
 
+@pytest.mark.xfail(strict=True, reason="close() gives EIO for an open lower file replaced by rename: SETATTR on a detached lower node fails with ENOENT")
 def test_open_file_replaced_by_rename(mounted):
     fd_low = os.open(mounted.m("dir/b.txt"), os.O_RDONLY)
     fd_up = os.open(mounted.m("shadow.txt"), os.O_RDWR)
@@ -1799,6 +1807,7 @@ def _fallocate(fd: int, mode: int, off: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+@pytest.mark.xfail(strict=True, reason="no fallocate handler (pyfuse3 has none): punch-hole and KEEP_SIZE preallocation give EOPNOTSUPP")
 def test_fallocate_modes_like_kernel(pair):
     res = []
     for L in (pair.uf, pair.k):
@@ -1954,6 +1963,7 @@ def test_exec_from_mount(layers):
         assert errno_of(lambda: subprocess.run([layers.m("run.sh")])) == errno.EACCES
 
 
+@pytest.mark.xfail(strict=True, reason="no lseek handler (pyfuse3 has none): SEEK_HOLE/SEEK_DATA do not see holes")
 def test_seek_data_hole_like_kernel(tmp_path):
     from conftest import make_layers
     res = []
@@ -1975,6 +1985,7 @@ def test_seek_data_hole_like_kernel(tmp_path):
     assert res[0] == res[1]
 
 
+@pytest.mark.xfail(strict=True, reason="listxattr shows trusted.* names to unprivileged callers (overlayfs hides them without CAP_SYS_ADMIN)")
 def test_user_xattr_permissions_like_kernel(tmp_path):
     res = []
     with both(tmp_path) as (a, b):
