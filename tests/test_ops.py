@@ -2016,3 +2016,31 @@ def test_user_xattr_permissions_like_kernel(tmp_path):
             os.waitpid(pid, 0)
     assert res[1][-1] == "user.color", "kernel reference"
     assert res[0] == res[1]
+
+
+def test_links_after_first_name_removed(mounted):
+    m = mounted.m
+    write(m("dir/a1"), b"one")
+    os.link(m("dir/a1"), m("merged/a2"))
+    os.unlink(m("dir/a1"))
+    os.link(m("merged/a2"), m("wdir/a3"))
+    os.chmod(m("wdir/a3"), 0o600)
+    write(m("merged/a2"), b"two", os.O_WRONLY | os.O_TRUNC)
+    st2, st3 = os.lstat(m("merged/a2")), os.lstat(m("wdir/a3"))
+    assert st2.st_ino == st3.st_ino and st2.st_nlink == st3.st_nlink == 2
+    assert stat.S_IMODE(st2.st_mode) == 0o600
+    assert read(m("wdir/a3")) == b"two"
+    os.rename(m("wdir/a3"), m("a4"))
+    assert read(m("a4")) == b"two"
+    assert os.lstat(mounted.u("a4")).st_ino == os.lstat(mounted.u("merged/a2")).st_ino
+
+
+def test_same_for_lower_hard_link_after_first_name_removed(mounted):
+    m = mounted.m
+    os.unlink(m("hl/one"))
+    os.link(m("other/two"), m("dir/again"))
+    os.chmod(m("other/sub/three"), 0o600)
+    sts = [os.lstat(m(p)) for p in ("other/two", "other/sub/three", "dir/again")]
+    assert len({st.st_ino for st in sts}) == 1
+    assert all(st.st_nlink == 3 and stat.S_IMODE(st.st_mode) == 0o600 for st in sts)
+    assert enoent(m("hl/one"))
