@@ -2044,3 +2044,23 @@ def test_same_for_lower_hard_link_after_first_name_removed(mounted):
     assert len({st.st_ino for st in sts}) == 1
     assert all(st.st_nlink == 3 and stat.S_IMODE(st.st_mode) == 0o600 for st in sts)
     assert enoent(m("hl/one"))
+
+
+def test_hard_link_aliases_below_renamed_dirs(layers):
+    m = layers.m
+    with unionfs_mount(layers.kernel_lowers, layers.upper, layers.mnt, workdir=layers.work):
+        os.rename(m("other"), m("o2"))
+        os.rename(m("o2/sub"), m("dir/s2"))
+        os.chmod(m("hl/one"), 0o600)
+        names = ("hl/one", "o2/two", "dir/s2/three")
+        sts = [os.lstat(m(p)) for p in names]
+        assert len({st.st_ino for st in sts}) == 1
+        assert all(st.st_nlink == 3 and stat.S_IMODE(st.st_mode) == 0o600 for st in sts)
+        write(m("dir/s2/three"), b"via three\n")
+        assert read(m("o2/two")) == b"via three\n"
+    kwork = os.path.join(layers.root, "kwork")
+    os.mkdir(kwork)
+    with kernel_overlay(layers.kernel_lowers, layers.upper, kwork, layers.mnt):
+        sts = [os.lstat(m(p)) for p in names]
+        assert len({st.st_ino for st in sts}) == 1
+        assert read(m("hl/one")) == b"via three\n"
