@@ -2064,3 +2064,33 @@ def test_hard_link_aliases_below_renamed_dirs(layers):
         sts = [os.lstat(m(p)) for p in names]
         assert len({st.st_ino for st in sts}) == 1
         assert read(m("hl/one")) == b"via three\n"
+
+
+def test_reads_upper_written_by_kernel_overlay(layers):
+    """The other direction: unionfs shows what a kernel overlay left in an upper."""
+    m = layers.m
+    kwork = os.path.join(layers.root, "kwork")
+    os.mkdir(kwork)
+    with kernel_overlay(layers.kernel_lowers, layers.upper, kwork, layers.mnt):
+        os.rename(m("dir"), m("dir-moved"))
+        os.rename(m("dir-moved/sub"), m("merged/sub-moved"))
+        os.rename(m("wdir/x"), m("wdir/x2"))
+        os.unlink(m("dir-moved/b.txt"))
+        write(m("merged/sub-moved/deep.txt"), b"changed deep\n")
+        renameat2(m("wdir"), m("wdir2"), RENAME_EXCHANGE)
+        os.rename(m("opq"), m("opq2"))
+        os.mkdir(m("opq"))
+        os.symlink("/nowhere", m("merged/sub-moved/ln"))
+        for n in os.listdir(m("emptydir")):
+            os.unlink(m("emptydir/" + n))
+        os.rmdir(m("emptydir"))
+        os.rename(m("shadow.txt"), m("emptydir"))
+        os.rmdir(m("opq"))
+        os.mkdir(m("opq"))
+        os.setxattr(m("xattr.txt"), "user.more", b"1")
+        kview = _tree(layers.mnt)
+    with unionfs_mount(layers.kernel_lowers, layers.upper, layers.mnt, workdir=layers.work):
+        view = _tree(layers.mnt)
+        assert os.getxattr(m("xattr.txt"), "user.more") == b"1"
+    diff = {k: (view.get(k), kview.get(k)) for k in set(view) | set(kview) if view.get(k) != kview.get(k)}
+    assert diff == {}
