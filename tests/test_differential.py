@@ -12,6 +12,8 @@ See tests/difftest/__init__.py for the stages. Environment knobs:
   UNIONFS_DIFF_TMP              where to put the case directories (default: $TMPDIR)
   UNIONFS_DIFF_REPLAY           run the ops printed by a failure ("as Python: ops = [...]"),
                                 saved to this file, instead of the seeds (test id: replay)
+  UNIONFS_DIFF_OVERLAY_XATTRS   also set/get trusted.overlay.* names through the mount
+                                (kernel >= 6.7 escapes them; off by default)
   UNIONFS_DIFF_KEEP             keep the case directories (for debugging)
 """
 from __future__ import annotations

@@ -449,9 +449,13 @@ FRESH_NAMES = ["new", "n1", "n2", "f.txt", "d", "sub", "x", "renamed", "gone.txt
 
 USER_XATTRS = ["user.a", "user.b", "user.hl", "user.new", "user.dirattr", "user.origin",
                "user.layer", "user.x" + "y" * 40] * 6 + [
-    # rarely: a plain trusted.* name (root may set it; it lands in the upper) and one
-    # of overlayfs's own, which the union must refuse like the kernel does
-    "trusted.plain", "trusted.overlay.opaque"]
+    # rarely: a plain trusted.* name (root may set it; it lands in the upper)
+    "trusted.plain"]
+# overlayfs's own names through the mount: since Linux 6.7 the kernel accepts
+# and shows them, stored escaped (trusted.overlay.overlay.*) in the upper, for
+# nested overlays. Beyond this test's brief (user.* names), so opt-in.
+if os.environ.get("UNIONFS_DIFF_OVERLAY_XATTRS"):
+    USER_XATTRS += ["trusted.overlay.opaque", "trusted.overlay.redirect"]
 
 SIZES = [0, 1, 7, 100, 4095, 4096, 4097, 65536, 70001]
 BIG_SIZES = [1 << 20, (3 << 20) // 2 + 3]
