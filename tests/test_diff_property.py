@@ -10,6 +10,7 @@ and the diff after a remount, must again equal what the view says.
 
   UNIONFS_DIFF_PROP_SEEDS   number of seeds (default 8)
   UNIONFS_DIFF_PROP_OPS     operations per seed before the kill (default 60)
+  UNIONFS_DIFF_PROP_FIRST   first seed (default 0)
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from mounting import force_unmount, is_mounted, unionfs_cmd, unionfs_mount
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, trusted xattrs)")
 
 SEEDS = int(os.environ.get("UNIONFS_DIFF_PROP_SEEDS", 8))
+FIRST = int(os.environ.get("UNIONFS_DIFF_PROP_FIRST", 0))
 N_OPS = int(os.environ.get("UNIONFS_DIFF_PROP_OPS", 60))
 T0 = 1_600_000_000
 
@@ -357,7 +359,7 @@ def _explain(ops: Ops, got: list[dict], want: list[dict], what: str) -> str:
         "\nops:\n" + "\n".join(ops.log)
 
 
-@pytest.mark.parametrize("seed", range(SEEDS), ids=lambda s: f"seed-{s}")
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS), ids=lambda s: f"seed-{s}")
 def test_diff_matches_the_view(tmp_path, seed):
     rng = random.Random(seed)
     lowers = build_lowers(str(tmp_path / "layers"))
