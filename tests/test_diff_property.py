@@ -6,7 +6,9 @@ captures alone (independently of the changes log and of unionfs.diff). The
 log-based diff, the `--rescan` diff and the expected one must be equal (JSON:
 kind, path, type, size and the list of what changed). Then more operations,
 a SIGKILL of the daemon, clean-up of the dead mount, and the unmounted diff,
-and the diff after a remount, must again equal what the view says.
+and the diff after a remount, must again equal what the view says; and
+`diff --since` a mark taken before those operations must equal the diff of
+the view at the mark and the view now.
 
   UNIONFS_DIFF_PROP_SEEDS   number of seeds (default 8)
   UNIONFS_DIFF_PROP_OPS     operations per seed before the kill (default 60)
@@ -376,8 +378,11 @@ def test_diff_matches_the_view(tmp_path, seed):
         assert got == want, _explain(ops, got, want, "log diff")
         got, _ = diff_json(mnt, "--rescan")
         assert got == want, _explain(ops, got, want, "--rescan diff")
+        # a mark here: `diff --since` must then show what the view changed after it
+        subprocess.run(unionfs_cmd("mark", mnt, "m1"), check=True, capture_output=True)
+        at_mark = after
         # more changes, then the daemon dies without warning
-        ops.log.append("-- then, killed after:")
+        ops.log.append("-- marked m1; then, killed after:")
         ops.run(N_OPS // 3)
         os.kill(_daemon_pid(mnt), signal.SIGKILL)
         time.sleep(0.1)
@@ -399,3 +404,6 @@ def test_diff_matches_the_view(tmp_path, seed):
         assert got == want, _explain(ops, got, want, "log diff after remount")
         got, _ = diff_json(mnt, "--rescan")
         assert got == want, _explain(ops, got, want, "--rescan diff after remount")
+        want = expected_diff(at_mark, after)
+        got, _ = diff_json(mnt, "--since", "m1")
+        assert got == want, _explain(ops, got, want, "diff --since m1")
