@@ -175,10 +175,14 @@ def _getxattr(fd: int, name: str, attr: bytes) -> bytes | None:
 def scan_upper(upper: str) -> Iterator[tuple[bytes, bytes]]:
     """(kind, path) for every object in the upper directory: whiteouts are D, everything else
     C; a redirected directory also names its old path (D), where its lower contents came from."""
-    root = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    stack: list[tuple[int, bytes]] = [(root, b"")]
+    top = os.fsencode(upper)
+    stack: list[bytes] = [b""]   # paths, not fds: a wide tree must not exhaust descriptors
     while stack:
-        fd, rel = stack.pop()
+        rel = stack.pop()
+        try:
+            fd = os.open(top + rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
         try:
             with os.scandir(fd) as it:
                 entries = list(it)
@@ -192,12 +196,7 @@ def scan_upper(upper: str) -> Iterator[tuple[bytes, bytes]]:
                         target = b"/" + rd.strip(b"/") if rd.startswith(b"/") else \
                             rel + b"/" + rd.strip(b"/")
                         yield b"D", os.path.normpath(target)
-                    try:
-                        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                      dir_fd=fd)
-                    except OSError:
-                        continue
-                    stack.append((sub, path))
+                    stack.append(path)
                     continue
                 try:
                     st = de.stat(follow_symlinks=False)

@@ -33,10 +33,12 @@ compared, since no record names what is under it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
+import resource
 import stat
 import time
 from dataclasses import dataclass, field
@@ -298,25 +300,24 @@ class View:
 def hardlink_index(upper: str) -> dict[tuple[int, int], list[bytes]]:
     """(dev, ino) → view paths, for regular files in the upper with several names."""
     index: dict[tuple[int, int], list[bytes]] = {}
-    root = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    stack = [(root, b"")]
+    top = os.fsencode(upper)
+    stack = [b""]
     while stack:
-        fd, rel = stack.pop()
+        rel = stack.pop()
+        try:
+            fd = os.open(top + rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
         try:
             with os.scandir(fd) as it:
                 for de in it:
-                    name = os.fsencode(de.name)
+                    path = rel + b"/" + os.fsencode(de.name)
                     if de.is_dir(follow_symlinks=False):
-                        try:
-                            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                          dir_fd=fd)
-                        except OSError:
-                            continue
-                        stack.append((sub, rel + b"/" + name))
+                        stack.append(path)
                     elif de.is_file(follow_symlinks=False):
                         st = de.stat(follow_symlinks=False)
                         if st.st_nlink > 1:
-                            index.setdefault((st.st_dev, st.st_ino), []).append(rel + b"/" + name)
+                            index.setdefault((st.st_dev, st.st_ino), []).append(path)
         finally:
             os.close(fd)
     return index
@@ -448,7 +449,12 @@ class Layers:
     lower_paths: list[str]
 
     def __post_init__(self) -> None:
-        self.cache = FdCache(capacity=16384)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+        self.cache = FdCache(capacity=max(64, min(16384, soft // 2)))
         self.upper = Layer(self.upper_path, 0, False)
         self.lowers = [Layer(p, i + 1, False) for i, p in enumerate(self.lower_paths)]
         self.new = View(self.upper, self.lowers, self.cache)
