@@ -393,6 +393,9 @@ def test_sigkill_then_diff_and_remount(tmp_path, lower):
         write(u.p("x"), "changed")
         os.mkdir(u.p("newdir"))
         os.kill(_daemon_pid(u.mnt), signal.SIGKILL)
+        # recorded before the replies: the log alone already names both
+        named = {r.split(" ")[2] for r in _records(u.workdir)}
+        assert {"/x", "/newdir"} <= named
     finally:
         time.sleep(0.2)
         force_unmount(u.mnt)
