@@ -2094,3 +2094,25 @@ def test_reads_upper_written_by_kernel_overlay(layers):
         assert os.getxattr(m("xattr.txt"), "user.more") == b"1"
     diff = {k: (view.get(k), kview.get(k)) for k in set(view) | set(kview) if view.get(k) != kview.get(k)}
     assert diff == {}
+
+
+def test_daemon_never_follows_layer_symlinks(layers):
+    os.symlink("../etc", os.path.join(layers.bottom, "linkdir"))
+    daemon_side = os.path.join(layers.root, "layers", "etc", "passwd")
+    before = os.lstat(daemon_side)
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        m = layers.m
+        assert stat.S_ISLNK(os.lstat(m("linkdir")).st_mode)
+        assert read(m("linkdir/passwd")) == b"caller-side passwd\n"
+        write(m("linkdir/passwd"), b"written by caller\n")
+        assert read(os.path.join(layers.root, "etc", "passwd")) == b"written by caller\n"
+        os.lchown(m("dir/sym_out"), 1000, 1000)
+        os.utime(m("dir/sym_out"), ns=(5, 6), follow_symlinks=False)
+        os.setxattr(m("dir/sym_out"), "trusted.t", b"1", follow_symlinks=False)
+        assert stat.S_ISLNK(os.lstat(mounted_u := layers.u("dir/sym_out")).st_mode)
+        assert os.lstat(mounted_u).st_uid == 1000
+    after = os.lstat(daemon_side)
+    assert (after.st_uid, after.st_mtime_ns, after.st_size) == (before.st_uid, before.st_mtime_ns, before.st_size)
+    assert xattr(daemon_side, "trusted.t") is None
+    assert read(daemon_side) == b"daemon-side passwd\n"
+    assert not os.path.lexists(layers.u("linkdir"))
