@@ -520,3 +520,20 @@ def test_redirect_in_lower_layer(layers, make_union):
     assert not exists(u, "wdir")
     assert ls(u, "renamed") == {"x", "z.txt", "added.txt"}
     assert read(u, "renamed/x/y.txt") == b"wdir-y\n"
+
+
+@pytest.mark.xfail(strict=True, reason="an OCI .wh.NAME hides NAME in its own layer on lookup (merge._scan_lowers checks the whiteout first) while readdir lists it")
+def test_oci_whiteout_does_not_hide_its_own_layer(layers, make_union):
+    """OCI image spec: a whiteout applies to lower layers only; a file in the same layer
+    stays visible (and readdir and lookup must agree about it)."""
+    with open(os.path.join(layers.oci, "dir", "same.txt"), "w") as f:
+        f.write("same layer\n")
+    with open(os.path.join(layers.oci, "dir", ".wh.same.txt"), "w") as f:
+        pass
+    with open(os.path.join(layers.bottom, "dir", "same.txt"), "w") as f:
+        f.write("bottom\n")
+    u = make_union()
+    listed = "same.txt" in ls(u, "dir")
+    found = exists(u, "dir/same.txt")
+    assert listed == found, "readdir and lookup disagree"
+    assert found and read(u, "dir/same.txt") == b"same layer\n"
