@@ -2116,3 +2116,16 @@ def test_daemon_never_follows_layer_symlinks(layers):
     assert xattr(daemon_side, "trusted.t") is None
     assert read(daemon_side) == b"daemon-side passwd\n"
     assert not os.path.lexists(layers.u("linkdir"))
+
+
+def test_wh_prefixed_names_created_through_mount_are_plain_files(mounted):
+    """The upper is kernel format: a `.wh.NAME` made through the mount is an ordinary file."""
+    write(mounted.m(".wh.shadow.txt"), b"plain\n")
+    os.mkdir(mounted.m("dir/.wh..wh..opq"))
+    assert read(mounted.m(".wh.shadow.txt")) == b"plain\n"
+    assert ".wh.shadow.txt" in os.listdir(mounted.mnt)
+    assert read(mounted.m("shadow.txt")) == b"top-shadow\n"
+    assert ".wh..wh..opq" in os.listdir(mounted.m("dir"))
+    assert "a.txt" in os.listdir(mounted.m("dir"))
+    os.unlink(mounted.m(".wh.shadow.txt"))
+    assert enoent(mounted.m(".wh.shadow.txt"))
