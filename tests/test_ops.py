@@ -1327,7 +1327,6 @@ def test_read_only_fd_sees_data_after_copy_up(mounted):
         os.close(fd1)
 
 
-@pytest.mark.xfail(strict=True, reason="close() gives EIO for an open lower file whose name was removed: writeback flushes times via SETATTR, Union.setattr tries a copy-up of a removed file (ENOENT)")
 def test_unlink_open_lower_file_keeps_data(mounted):
     fd = os.open(mounted.m("dir/b.txt"), os.O_RDONLY)
     try:
@@ -1436,7 +1435,6 @@ def test_user_writes_own_lower_file(mounted_other):
     assert read(L.u("owned.txt")) == b"mine\n"
 
 
-@pytest.mark.xfail(strict=True, reason="copy-up fills holes: syscalls.copy_data copies every byte (no SEEK_DATA/SEEK_HOLE skipping as overlayfs does)")
 def test_copy_up_of_sparse_file_stays_sparse(layers):
     p = os.path.join(layers.bottom, "sparse.bin")
     with open(p, "wb") as f:
@@ -1475,7 +1473,6 @@ def test_xattr_on_merged_dir_keeps_it_merged(mounted):
 _libc.rewinddir.argtypes = [ctypes.c_void_p]
 
 
-@pytest.mark.xfail(strict=True, reason="rewinddir serves the opendir snapshot: fs.opendir lists names once and readdir at offset 0 never refreshes")
 def test_rewinddir_sees_current_state(mounted):
     """POSIX: after rewinddir the stream reflects the directory as it is now."""
     d = _libc.opendir(os.fsencode(mounted.m("merged")))
@@ -1586,7 +1583,6 @@ def _direct_io(path: str, write_too: bool) -> bytes:
         os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason="O_DIRECT is passed to the daemon's own open; os.pread into an unaligned buffer then fails with EINVAL")
 def test_o_direct_like_kernel(pair):
     res = []
     for L in (pair.uf, pair.k):
@@ -1777,7 +1773,6 @@ def test_lower_layers_untouched_by_reads(tmp_path):
     assert res[0] == res[1]
 
 
-@pytest.mark.xfail(strict=True, reason="close() gives EIO for an open lower file replaced by rename: SETATTR on a detached lower node fails with ENOENT")
 def test_open_file_replaced_by_rename(mounted):
     fd_low = os.open(mounted.m("dir/b.txt"), os.O_RDONLY)
     fd_up = os.open(mounted.m("shadow.txt"), os.O_RDWR)
@@ -1985,7 +1980,6 @@ def test_seek_data_hole_like_kernel(tmp_path):
     assert res[0] == res[1]
 
 
-@pytest.mark.xfail(strict=True, reason="listxattr shows trusted.* names to unprivileged callers (overlayfs hides them without CAP_SYS_ADMIN)")
 def test_user_xattr_permissions_like_kernel(tmp_path):
     res = []
     with both(tmp_path) as (a, b):

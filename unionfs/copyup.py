@@ -167,7 +167,7 @@ class CopyUp:
                               dir_fd=self.work.fd)
                 try:
                     if data and st.st_size:
-                        src = syscalls.open_at(sfd, sname, os.O_RDONLY)
+                        src = syscalls.open_at(sfd, sname, os.O_RDONLY | os.O_NOATIME)
                         try:
                             await self.blocking(syscalls.copy_data, src, dst, st.st_size)
                         finally:

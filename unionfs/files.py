@@ -38,7 +38,9 @@ class FileOps:
     # -- open files ----------------------------------------------------------------------------
 
     def _open_flags(self: "Union", flags: int) -> int:
-        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
+        # O_DIRECT is the kernel's business (it bypasses its page cache); our own fd reads into
+        # unaligned buffers, so it must not have it
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)
         if self.writeback:
             # the kernel's writeback cache reads pages of write-only files and does
             # O_APPEND itself
@@ -58,7 +60,10 @@ class FileOps:
         if writing:
             self._writable()
             await self.ensure_upper(node, data=not flags & os.O_TRUNC)
-        fd = syscalls.open_at(*self.loc(node), self._open_flags(flags))
+        real = self._open_flags(flags)
+        if not node.upper:
+            real |= os.O_NOATIME  # reading through the union leaves the lower layers untouched
+        fd = syscalls.open_at(*self.loc(node), real)
         if writing:
             self.journal.record(b"C", node.path())
         return self._new_handle(fd, node, node.upper, self._open_flags(flags))

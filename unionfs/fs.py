@@ -71,6 +71,7 @@ class Operations(pyfuse3.Operations):
         self.u = union
         self.debug = debug
         self._dirs: dict[int, tuple[Node, list[bytes]]] = {}
+        self._listed: dict[int, bool] = {}  # a handle's listing was served from offset 0 once
         self._next_dh = 1
 
     # -- attributes --------------------------------------------------------------------
@@ -228,6 +229,10 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         node, names = self._dirs[fh]
+        if start_id == 0 and self._listed.get(fh):
+            names = [b".", b".."] + self.u.list_dir(node)  # rewinddir: see what is there now
+            self._dirs[fh] = (node, names)
+        self._listed[fh] = True
         for i in range(start_id, len(names)):
             name = names[i]
             child, st = self.u.lookup(node, name)
@@ -241,6 +246,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
+        self._listed.pop(fh, None)
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -271,7 +277,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext):
-        return self.u.listxattr(self.u.node(inode))
+        return self.u.listxattr(self.u.node(inode), privileged=ctx.uid == 0)
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext):

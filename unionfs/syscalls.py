@@ -201,18 +201,40 @@ def copy_data(src: int, dst: int, size: int) -> None:
         return
     except OSError:
         pass
+    for start, end in _data_extents(src, size):
+        off = start
+        while off < end:
+            try:
+                n = os.copy_file_range(src, dst, end - off, off, off)
+            except OSError as e:
+                if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    _sendfile_rest(src, dst, off, end)
+                    break
+                raise
+            if n == 0:
+                break
+            off += n
+    os.ftruncate(dst, size)  # holes at the end stay holes
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (start, end) ranges holding data, by SEEK_DATA/SEEK_HOLE, so holes stay holes."""
+    out: list[tuple[int, int]] = []
     off = 0
-    while off < size:
-        try:
-            n = os.copy_file_range(src, dst, size - off, off, off)
-        except OSError as e:
-            if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                _sendfile_rest(src, dst, off, size)
-                return
-            raise
-        if n == 0:
-            break
-        off += n
+    try:
+        while off < size:
+            try:
+                start = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # only a hole is left
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, end))
+            off = end
+    except OSError:
+        return [(0, size)]
+    return out
 
 
 def _sendfile_rest(src: int, dst: int, off: int, size: int) -> None:
