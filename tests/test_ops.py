@@ -2123,3 +2123,23 @@ def test_wh_prefixed_names_created_through_mount_are_plain_files(mounted):
     assert "a.txt" in os.listdir(mounted.m("dir"))
     os.unlink(mounted.m(".wh.shadow.txt"))
     assert enoent(mounted.m(".wh.shadow.txt"))
+
+
+def test_type_changes_like_kernel(pair):
+    views = []
+    for L in (pair.uf, pair.k):
+        m = L.m
+        subprocess.run(["rm", "-rf", m("wdir")], check=True)
+        write(m("wdir"), b"now a file\n")
+        os.unlink(m("wdir"))
+        os.mkdir(m("wdir"))
+        os.unlink(m("shadow.txt"))
+        os.mkdir(m("shadow.txt"))
+        write(m("shadow.txt/inside"), b"i")
+        os.symlink("target", m("dir/b.txt.tmp"))
+        os.rename(m("dir/b.txt.tmp"), m("dir/b.txt"))
+        os.rename(m("merged/t1.txt"), m("emptydir/t1.txt"))
+        os.rename(m("emptydir"), m("merged/e"))
+        views.append(_tree(L.mnt))
+    a, b = views
+    assert {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)} == {}
