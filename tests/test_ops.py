@@ -2143,3 +2143,17 @@ def test_type_changes_like_kernel(pair):
         views.append(_tree(L.mnt))
     a, b = views
     assert {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)} == {}
+
+
+def test_large_xattr_values_and_many_names(mounted):
+    p = mounted.m("dir/a.txt")
+    big = bytes(range(256)) * 12   # 3 KiB
+    os.setxattr(p, "user.big", big)
+    for i in range(20):
+        os.setxattr(p, f"user.n{i:02d}", b"%d" % i)
+    assert os.getxattr(p, "user.big") == big
+    names = set(os.listxattr(p))
+    assert {"user.big"} | {f"user.n{i:02d}" for i in range(20)} <= names
+    assert xattr(mounted.u("dir/a.txt"), "user.big") == big
+    os.setxattr(p, "user.empty", b"")
+    assert os.getxattr(p, "user.empty") == b""
