@@ -2157,3 +2157,35 @@ def test_large_xattr_values_and_many_names(mounted):
     assert xattr(mounted.u("dir/a.txt"), "user.big") == big
     os.setxattr(p, "user.empty", b"")
     assert os.getxattr(p, "user.empty") == b""
+
+
+def test_copy_up_racing_parent_rename(layers):
+    import threading
+    data = os.urandom(1 << 20) * 48
+    with open(os.path.join(layers.bottom, "wdir", "x", "big"), "wb") as f:
+        f.write(data)
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        m = layers.m
+        os.stat(m("wdir/x/big"))
+        errors = []
+
+        def run(fn):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+
+        t1 = threading.Thread(target=run, args=(lambda: os.chmod(m("wdir/x/big"), 0o600),))
+        t2 = threading.Thread(target=run, args=(lambda: (time.sleep(0.02), os.rename(m("wdir"), m("w2"))),))
+        t1.start()
+        t2.start()
+        t1.join()
+        t2.join()
+        assert errors == []
+        assert enoent(m("wdir"))
+        assert stat.S_IMODE(os.lstat(m("w2/x/big")).st_mode) == 0o600
+        assert read(m("w2/x/big")) == data
+        assert set(os.listdir(m("w2/x"))) == {"y.txt", "big"}
+        assert os.listdir(os.path.join(layers.work, "work")) == []
+    assert is_whiteout(layers.u("wdir"))
+    assert read(layers.u("w2/x/big")) == data
