@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 
 import pytest
 
@@ -123,6 +124,8 @@ def _run_seed(difftest_root, seed: int, side_name: str, ops: list | None = None)
         result = run_case(pristine, base, side, ops=ops)
     else:
         result = run_case(pristine, base, side, seed=seed, n_ops=N_OPS)
+    for note in result.notes:
+        warnings.warn(f"seed {seed}: {note}")
     if result.divergence is None:
         return
     shrunk = None

@@ -19,9 +19,10 @@ The kernel-on-upper mount gets a fresh workdir, except that side B's
 it: with index=on, the index entries are what tie a copied-up lower hard link
 to its other, not-yet-copied-up names, so without them any upper -- the
 kernel's own included -- shows those names stale. If the kernel refuses the
-mount with index=on (e.g. origin / index inconsistencies), it is retried with
-index=off and the case records a note (the test then reports it: an upper the
-kernel cannot mount with index=on is itself a format divergence).
+mount with index=on (index=on checks that the upper's root and index agree with
+the lowers: trusted.overlay.origin / .upper), it is retried with index=off for
+this third mount only; the case records a note, which the test emits as a
+warning (and prefixes to any divergence found on that mount).
 """
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ def _kernel_on_upper(b: dict[str, Any], notes: list[str]) -> ContextManager:
             ctx = kernel_overlay(b["lowers"], b["upper"], b["work3"], b["mnt3"], OVL_OPTS)
             mnt = ctx.__enter__()
         except subprocess.CalledProcessError:
-            notes.append("kernel refused side B's upper with index=on; mounted with index=off")
+            notes.append("kernel refused side B's upper with index=on; mounted with index=off"
+                         + _dmesg_overlay())
             ctx = kernel_overlay(b["lowers"], b["upper"], b["work3"], b["mnt3"],
                                  "redirect_dir=on,index=off")
             mnt = ctx.__enter__()
@@ -148,6 +150,16 @@ def _kernel_on_upper(b: dict[str, Any], notes: list[str]) -> ContextManager:
             ctx.__exit__(None, None, None)
 
     return cm()
+
+
+def _dmesg_overlay() -> str:
+    """The kernel's reason for refusing a mount, best effort."""
+    try:
+        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    lines = [line for line in out.splitlines() if "overlay" in line][-2:]
+    return (" (dmesg: " + " | ".join(lines) + ")") if lines else ""
 
 
 def run_case(pristine: str, base: str, side_b: Side, *, ops: Sequence[Op] | None = None,
@@ -214,7 +226,7 @@ def run_case(pristine: str, base: str, side_b: Side, *, ops: Sequence[Op] | None
                 vb = capture(m3)
             timings["kernel-on-upper"] = time.monotonic() - t
             d = diff_views(va, vb)
-            if notes:
+            if d and notes:
                 d = [f"  note: {n}" for n in notes] + d
             if d:
                 return CaseResult(done, Divergence("kernel-on-upper", "\n".join(d)), notes, outs,
