@@ -2189,3 +2189,20 @@ def test_copy_up_racing_parent_rename(layers):
         assert os.listdir(os.path.join(layers.work, "work")) == []
     assert is_whiteout(layers.u("wdir"))
     assert read(layers.u("w2/x/big")) == data
+
+
+def test_remove_trees_after_renames_like_kernel(pair):
+    views = []
+    for L in (pair.uf, pair.k):
+        m = L.m
+        os.rename(m("dir"), m("wdir2/dir-in"))
+        os.unlink(m("wdir2/dir-in/sub/deep.txt"))
+        subprocess.run(["rm", "-rf", m("wdir2/dir-in/sub")], check=True)
+        os.rename(m("merged"), m("wdir2/dir-in/merged"))
+        subprocess.run(["rm", "-rf", m("wdir2/dir-in/merged")], check=True)
+        os.mkdir(m("merged"))
+        os.mkdir(m("wdir2/dir-in/sub"))
+        views.append((_tree(L.mnt), sorted(os.listdir(m("merged"))), sorted(os.listdir(m("wdir2/dir-in/sub")))))
+    (a, *ra), (b, *rb) = views
+    assert {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)} == {}
+    assert ra == rb == [[], []]
