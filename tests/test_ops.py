@@ -2206,3 +2206,24 @@ def test_remove_trees_after_renames_like_kernel(pair):
     (a, *ra), (b, *rb) = views
     assert {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)} == {}
     assert ra == rb == [[], []]
+
+
+def test_view_survives_remount(layers):
+    m = layers.m
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        os.rename(m("dir"), m("wdir2/dir-in"))
+        subprocess.run(["rm", "-rf", m("wdir2/dir-in/sub")], check=True)
+        os.rename(m("merged"), m("m2"))
+        os.mkdir(m("merged"))
+        os.unlink(m("ociopq/new.txt"))
+        write(m("ocigone.txt"), b"back\n")
+        os.link(m("hl/p1"), m("m2/p-link"))
+        os.chmod(m("other/two"), 0o604)
+        renameat2(m("wdir"), m("opq"), RENAME_EXCHANGE)
+        before = _tree(layers.mnt)
+        inos = {p: os.lstat(os.path.join(layers.mnt, p)).st_ino for p in before}
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work):
+        after = _tree(layers.mnt)
+        assert {k: (before.get(k), after.get(k)) for k in set(before) | set(after)
+                if before.get(k) != after.get(k)} == {}
+        assert {p: os.lstat(os.path.join(layers.mnt, p)).st_ino for p in after} == inos
