@@ -60,6 +60,7 @@ class Target:
     lowers: list[str]
     mounted: bool               # a live daemon holds the workdir
     lock_fd: int | None = None  # our lock on the workdir while it is not mounted
+    mountpoint: str | None = None
 
     def close(self) -> None:
         if self.lock_fd is not None:
@@ -129,7 +130,47 @@ def locate(target: str, workdir: str | None, lower: str | None) -> Target:
     if work is not None:
         lock_fd = _lock(work)
         mounted = lock_fd is None
-    return Target(upper, work, lowers, mounted, lock_fd)
+    t = Target(upper, work, lowers, mounted, lock_fd)
+    if mounted:
+        t.mountpoint = path if state is not None else _mountpoint_of(work)
+        _flush(t.mountpoint)
+    return t
+
+
+def _mountpoint_of(workdir: str) -> str | None:
+    """The mountpoint of the live mount using *workdir*, from the daemons' pid files."""
+    from .mount import rundir
+
+    try:
+        names = os.listdir(rundir())
+    except OSError:
+        return None
+    for name in names:
+        try:
+            with open(os.path.join(rundir(), name)) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        if len(lines) > 2 and f"workdir={workdir}" in lines[2:]:
+            return lines[1]
+    return None
+
+
+def _flush(mountpoint: str | None) -> None:
+    """syncfs(2) the mount: with the kernel's writeback cache, written data and times may
+    still be in the kernel; this sends them to the daemon, and so to the upper we read."""
+    if mountpoint is None:
+        return
+    import ctypes
+
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).syncfs(fd)
+    finally:
+        os.close(fd)
 
 
 # -- the log ------------------------------------------------------------------------------
