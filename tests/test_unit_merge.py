@@ -522,7 +522,6 @@ def test_redirect_in_lower_layer(layers, make_union):
     assert read(u, "renamed/x/y.txt") == b"wdir-y\n"
 
 
-@pytest.mark.xfail(strict=True, reason="an OCI .wh.NAME hides NAME in its own layer on lookup (merge._scan_lowers checks the whiteout first) while readdir lists it")
 def test_oci_whiteout_does_not_hide_its_own_layer(layers, make_union):
     """OCI image spec: a whiteout applies to lower layers only; a file in the same layer
     stays visible (and readdir and lookup must agree about it)."""

@@ -78,8 +78,9 @@ class AliasIndex:
     @staticmethod
     def _build(layer: Layer) -> dict[int, list[bytes]]:
         index: dict[int, list[bytes]] = {}
+        flags = os.O_RDONLY | os.O_NOATIME  # a scan of the layer must not touch its atimes
         stack: list[tuple[int, bytes]] = [(os.open(syscalls.proc_path(layer.fd),
-                                                   os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), b"")]
+                                                   flags | os.O_DIRECTORY | os.O_CLOEXEC), b"")]
         while stack:
             fd, rel = stack.pop()
             try:
@@ -89,7 +90,7 @@ class AliasIndex:
                         path = rel + b"/" + name if rel else name
                         if de.is_dir(follow_symlinks=False):
                             try:
-                                stack.append((syscalls.open_dir_at(fd, name, os.O_RDONLY), path))
+                                stack.append((syscalls.open_dir_at(fd, name, flags), path))
                             except OSError:
                                 pass
                             continue

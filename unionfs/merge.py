@@ -70,6 +70,17 @@ def _oci_whiteout(fd: int, name: bytes) -> bool:
     return len(wh) <= NAME_MAX and syscalls.lstat_at(fd, wh) is not None
 
 
+def _hides(fd: int, name: bytes, st: os.stat_result | None) -> bool:
+    """Is *name* whited out in this lower directory (for this layer and all below)?
+
+    A kernel whiteout is the entry itself. An OCI ``.wh.NAME`` hides NAME only in
+    the layers below its own (the OCI spec), so an entry beside it still shows.
+    """
+    if st is not None:
+        return syscalls.is_whiteout(st)
+    return _oci_whiteout(fd, name)
+
+
 def valid_redirect(value: bytes) -> bool:
     """Redirects are layer-relative paths: no empty, '.' or '..' components, no NULs."""
     if not value or b"\0" in value:
@@ -152,7 +163,7 @@ class Resolver:
                 continue
             lname = name if redirect is None else redirect.rstrip(b"/").rpartition(b"/")[2]
             st = syscalls.lstat_at(fd, lname)
-            if (st is not None and syscalls.is_whiteout(st)) or _oci_whiteout(fd, lname):
+            if _hides(fd, lname, st):
                 e.hidden = True
                 return
             if st is None:
@@ -198,7 +209,7 @@ class Resolver:
             except OSError:
                 continue
             st = syscalls.lstat_at(fd, lname)
-            if (st is not None and syscalls.is_whiteout(st)) or _oci_whiteout(fd, lname):
+            if _hides(fd, lname, st):
                 return
             if st is None:
                 continue
@@ -230,7 +241,7 @@ class Resolver:
             except OSError:
                 continue
             st = syscalls.lstat_at(fd, name)
-            if (st is not None and syscalls.is_whiteout(st)) or _oci_whiteout(fd, name):
+            if _hides(fd, name, st):
                 return False
             if st is not None:
                 return True
