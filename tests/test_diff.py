@@ -312,7 +312,7 @@ def _records(workdir: str) -> list[str]:
 def test_log_stays_compact(tmp_path, lower):
     u = Union(tmp_path, [lower])
     with unionfs_mount(u.lowers, u.upper, u.mnt):
-        for i in range(3000):
+        for i in range(1500):
             write(u.p("x"), str(i))          # a file rewritten many times
             os.mkdir(u.p("dir"))             # a directory made and removed many times
             os.rmdir(u.p("dir"))
