@@ -311,6 +311,7 @@ class Runner:
     mounts: Mounts
     run_root: str
     profile_dir: str | None
+    profile_args: list[str] = field(default_factory=list)
     lowers: list[str] = field(default_factory=list)
     seq: int = 0
 
@@ -348,7 +349,7 @@ class Runner:
             if self.profile_dir and pid:
                 prof = subprocess.Popen(
                     ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--idle",
-                     "-o", f"{self.profile_dir}/{wl.name}-{mode}-{tag}.txt"],
+                     "-o", f"{self.profile_dir}/{wl.name}-{mode}-{tag}.txt", *self.profile_args],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)  # let it attach
             cpu0 = cpu_seconds(pid)
@@ -478,6 +479,7 @@ def main() -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the cp --reflink reference")
     ap.add_argument("--profile", metavar="DIR",
                     help="record py-spy (raw/collapsed) profiles of the unionfs daemon's timed runs")
+    ap.add_argument("--profile-args", default="", help="extra py-spy record arguments, e.g. --native")
     ap.add_argument("--unionfs", default=None, help="command for unionfs (default: this python -m unionfs)")
     args = ap.parse_args()
 
@@ -506,7 +508,7 @@ def main() -> int:
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     mounts = Mounts(run_root)
-    runner = Runner(ctx, mounts, run_root, args.profile, lowers=[f"{data}/top", f"{data}/bottom"])
+    runner = Runner(ctx, mounts, run_root, args.profile, args.profile_args.split(), lowers=[f"{data}/top", f"{data}/bottom"])
     def interrupt(*_a) -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt)
