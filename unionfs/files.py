@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from typing import TYPE_CHECKING
 
 from . import syscalls
@@ -55,7 +56,9 @@ class FileOps:
         self.handles[fh] = Handle(fd, node, on_upper, flags & os.O_ACCMODE)
         return fh
 
-    async def open(self: "Union", node: Node, flags: int) -> int:
+    async def open(self: "Union", node: Node, flags: int, privileged: bool = True) -> int:
+        """Open for I/O; a write open copies up first. *privileged*: the caller may keep
+        set-id bits when truncating (CAP_FSETID; we go by uid 0)."""
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         if writing:
             self._writable()
@@ -64,6 +67,8 @@ class FileOps:
         if not node.upper:
             real |= os.O_NOATIME  # reading through the union leaves the lower layers untouched
         fd = syscalls.open_at(*self.loc(node), real)
+        if flags & os.O_TRUNC and not privileged:
+            _kill_setid(fd)
         if writing:
             self.journal.record(b"C", node.path())
         return self._new_handle(fd, node, node.upper, self._open_flags(flags))
@@ -83,3 +88,14 @@ class FileOps:
         if h is not None:
             os.close(h.fd)
 
+
+def _kill_setid(fd: int) -> None:
+    """What the kernel does when an unprivileged caller truncates: drop set-uid, and
+    set-gid where group-execute makes it one (the kernel leaves this to us when open
+    truncates atomically)."""
+    mode = os.fstat(fd).st_mode
+    kill = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+        kill |= stat.S_ISGID
+    if kill and stat.S_ISREG(mode):
+        os.fchmod(fd, stat.S_IMODE(mode) & ~kill)

@@ -185,7 +185,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext):
-        fh = await self.u.open(self.u.node(inode), flags)
+        fh = await self.u.open(self.u.node(inode), flags, privileged=ctx.uid == 0)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @fuse_errors

@@ -189,9 +189,9 @@ class NamespaceOps:
     def _detach(self: "Union", node: Node | None, parent: Node, name: bytes) -> None:
         if node is None:
             return
-        if node.parent is parent and node.name == name:
-            self.nodes.set_parent(node, None, b"")
-        self.cache.drop(("u", node.id))
+        self.nodes.name_gone(node, parent, name)
+        if node.parent is None:
+            self.cache.drop(("u", node.id))
 
     async def unlink(self: "Union", parent: Node, name: bytes) -> None:
         self._check_name(name)
@@ -318,8 +318,8 @@ class NamespaceOps:
             self._moved_dir(snode, p2, n2)
             self._moved_dir(dnode, p1, n1)
             self._redirects = None
-            self.nodes.set_parent(snode, p2, n2)
-            self.nodes.set_parent(dnode, p1, n1)
+            self._renamed(snode, p1, n1, p2, n2)
+            self._renamed(dnode, p2, n2, p1, n1)
             self.journal.record(b"C", self._child_path(p1, n1))
             self.journal.record(b"C", self._child_path(p2, n2))
             return
@@ -342,9 +342,17 @@ class NamespaceOps:
             self._redirects = None
         if dnode is not None:
             self._detach(dnode, p2, n2)
-        self.nodes.set_parent(snode, p2, n2)
+        self._renamed(snode, p1, n1, p2, n2)
         self.journal.record(b"D", self._child_path(p1, n1))
         self.journal.record(b"A", snode.path(), tree=sdir)
+
+    def _renamed(self: "Union", node: Node, p1: Node, n1: bytes, p2: Node, n2: bytes) -> None:
+        """The name (p1, n1) of *node* is now (p2, n2); a hard link's other names stay."""
+        if node.is_dir or node.parent is None or (node.parent is p1 and node.name == n1):
+            self.nodes.set_parent(node, p2, n2)
+        else:
+            self.nodes.name_gone(node, p1, n1)
+            self.nodes.name_added(node, p2, n2)
 
     def _moved_dir(self: "Union", node: Node, parent: Node, name: bytes) -> None:
         """A directory now at (parent, name) keeps its own lower contents: by a redirect to

@@ -32,7 +32,7 @@ class Node:
     """One object of the merged view."""
 
     __slots__ = ("id", "kind", "parent", "name", "upper", "lowers", "opaque", "lookups",
-                 "child_refs", "pin", "lock", "registered", "nlink_hint", "__weakref__")
+                 "child_refs", "pin", "lock", "registered", "aliases", "__weakref__")
 
     def __init__(self, node_id: int, kind: int, parent: "Node | None", name: bytes) -> None:
         self.id = node_id
@@ -47,7 +47,9 @@ class Node:
         self.pin: int | None = None         # O_PATH fd, only once no name reaches the object
         self.lock: object | None = None     # created by the async layer when needed
         self.registered = False
-        self.nlink_hint = 0
+        # other (directory, name) pairs the kernel reached this non-directory by: where
+        # the node lives on when its primary name is removed or renamed away
+        self.aliases: list[tuple[Node, bytes]] = []
 
     @property
     def is_dir(self) -> bool:
@@ -122,6 +124,25 @@ class NodeTable:
             return
         node.lookups = max(0, node.lookups - count)
         self._maybe_drop(node)
+
+    def name_gone(self, node: Node, parent: Node, name: bytes) -> None:
+        """One name of *node* no longer reaches it: forget it, promoting an alias when the
+        primary name went."""
+        node.aliases = [(p, n) for p, n in node.aliases if not (p is parent and n == name)]
+        if node.parent is parent and node.name == name:
+            if node.aliases:
+                self.set_parent(node, *node.aliases.pop(0))
+            else:
+                self.set_parent(node, None, b"")
+
+    def name_added(self, node: Node, parent: Node, name: bytes) -> None:
+        """The kernel reached *node* by another name (a hard link): remember it."""
+        if node.is_dir or (node.parent is parent and node.name == name):
+            return
+        if node.parent is None:
+            self.set_parent(node, parent, name)
+        elif not any(p is parent and n == name for p, n in node.aliases) and len(node.aliases) < 16:
+            node.aliases.append((parent, name))
 
     def set_parent(self, node: Node, parent: "Node | None", name: bytes) -> None:
         """Move a node to a new (parent, name), keeping parent references right."""

@@ -125,8 +125,8 @@ class Union(NamespaceOps, FileOps):
         assert e.st is not None
         node = self.nodes.get(e.ino)
         if node is not None:
-            if node.parent is None and node.id != ROOT_ID:
-                self.nodes.set_parent(node, parent, e.name)
+            if node.id != ROOT_ID:
+                self.nodes.name_added(node, parent, e.name)
             return node
         node = Node(e.ino, stat.S_IFMT(e.st.st_mode), parent, e.name)
         node.upper = e.upper
