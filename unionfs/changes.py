@@ -55,6 +55,7 @@ import stat
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
+from .layers import walk_tree
 
 log = logging.getLogger("unionfs")
 
@@ -175,37 +176,30 @@ def _getxattr(fd: int, name: str, attr: bytes) -> bytes | None:
 def scan_upper(upper: str) -> Iterator[tuple[bytes, bytes]]:
     """(kind, path) for every object in the upper directory: whiteouts are D, everything else
     C; a redirected directory also names its old path (D), where its lower contents came from."""
-    top = os.fsencode(upper)
-    stack: list[bytes] = [b""]   # paths, not fds: a wide tree must not exhaust descriptors
-    while stack:
-        rel = stack.pop()
-        try:
-            fd = os.open(top + rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            with os.scandir(fd) as it:
-                entries = list(it)
-            for de in entries:
-                name = os.fsencode(de.name)
-                path = rel + b"/" + name
-                if de.is_dir(follow_symlinks=False):
-                    yield b"C", path
-                    rd = _getxattr(fd, de.name, REDIRECT_XATTR)
-                    if rd:
-                        target = b"/" + rd.strip(b"/") if rd.startswith(b"/") else \
-                            rel + b"/" + rd.strip(b"/")
-                        yield b"D", os.path.normpath(target)
-                    stack.append(path)
-                    continue
-                try:
-                    st = de.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-                yield (b"D" if whiteout else b"C"), path
-        finally:
-            os.close(fd)
+    try:
+        root = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        for fd, rel, _name, de in walk_tree(root):
+            path = b"/" + rel
+            if de.is_dir(follow_symlinks=False):
+                yield b"C", path
+                rd = _getxattr(fd, de.name, REDIRECT_XATTR)
+                if rd:
+                    parent = path.rpartition(b"/")[0]
+                    target = b"/" + rd.strip(b"/") if rd.startswith(b"/") else \
+                        parent + b"/" + rd.strip(b"/")
+                    yield b"D", os.path.normpath(target)
+                continue
+            try:
+                st = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+            yield (b"D" if whiteout else b"C"), path
+    finally:
+        os.close(root)
 
 
 def _in_upper(upper_fd: int | None, path: bytes) -> bool:

@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 import trio
 
 from . import syscalls
-from .layers import OWN_INO, Layer, is_private_xattr
+from .layers import OWN_INO, Layer, is_private_xattr, walk_tree
 from .merge import Entry, Resolver
 from .nodes import Node
 from .workdir import WorkDir
@@ -78,27 +78,11 @@ class AliasIndex:
     @staticmethod
     def _build(layer: Layer) -> dict[int, list[bytes]]:
         index: dict[int, list[bytes]] = {}
-        flags = os.O_RDONLY | os.O_NOATIME  # a scan of the layer must not touch its atimes
-        stack: list[tuple[int, bytes]] = [(os.open(syscalls.proc_path(layer.fd),
-                                                   flags | os.O_DIRECTORY | os.O_CLOEXEC), b"")]
-        while stack:
-            fd, rel = stack.pop()
-            try:
-                with os.scandir(fd) as it:
-                    for de in it:
-                        name = os.fsencode(de.name)
-                        path = rel + b"/" + name if rel else name
-                        if de.is_dir(follow_symlinks=False):
-                            try:
-                                stack.append((syscalls.open_dir_at(fd, name, flags), path))
-                            except OSError:
-                                pass
-                            continue
-                        st = de.stat(follow_symlinks=False)
-                        if st.st_nlink > 1:
-                            index.setdefault(st.st_ino, []).append(path)
-            finally:
-                os.close(fd)
+        for _fd, path, _name, de in walk_tree(layer.fd):
+            if not de.is_dir(follow_symlinks=False):
+                st = de.stat(follow_symlinks=False)
+                if st.st_nlink > 1:
+                    index.setdefault(st.st_ino, []).append(path)
         return index
 
 

@@ -46,7 +46,7 @@ from typing import Callable, Iterable, Iterator
 
 from . import syscalls
 from .changes import UNKNOWN_PATH, escape, scan_upper, unescape
-from .layers import OVL_OPAQUE, FdCache, Layer, is_private_xattr
+from .layers import OVL_OPAQUE, FdCache, Layer, is_private_xattr, walk_tree
 from .merge import Entry, Resolver
 from .nodes import ROOT_ID, Node
 
@@ -300,26 +300,18 @@ class View:
 def hardlink_index(upper: str) -> dict[tuple[int, int], list[bytes]]:
     """(dev, ino) → view paths, for regular files in the upper with several names."""
     index: dict[tuple[int, int], list[bytes]] = {}
-    top = os.fsencode(upper)
-    stack = [b""]
-    while stack:
-        rel = stack.pop()
-        try:
-            fd = os.open(top + rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            with os.scandir(fd) as it:
-                for de in it:
-                    path = rel + b"/" + os.fsencode(de.name)
-                    if de.is_dir(follow_symlinks=False):
-                        stack.append(path)
-                    elif de.is_file(follow_symlinks=False):
-                        st = de.stat(follow_symlinks=False)
-                        if st.st_nlink > 1:
-                            index.setdefault((st.st_dev, st.st_ino), []).append(path)
-        finally:
-            os.close(fd)
+    try:
+        root = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return index
+    try:
+        for _fd, rel, _name, de in walk_tree(root):
+            if de.is_file(follow_symlinks=False):
+                st = de.stat(follow_symlinks=False)
+                if st.st_nlink > 1:
+                    index.setdefault((st.st_dev, st.st_ino), []).append(b"/" + rel)
+    finally:
+        os.close(root)
     return index
 
 

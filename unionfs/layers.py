@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterator
 
 from . import syscalls
 
@@ -107,3 +107,34 @@ def walk_dir(layer: Layer, cache: FdCache, path: bytes) -> int:
         return syscalls.open_dir_at(walk_dir(layer, cache, parent), name)
 
     return cache.get((layer.index, path), opener)
+
+
+def walk_tree(root_fd: int) -> Iterator[tuple[int, bytes, bytes, os.DirEntry]]:
+    """Every entry below the directory *root_fd* (an fd or O_PATH fd), depth first:
+    (its directory's fd, its path relative to the root, its name, its DirEntry).
+
+    fd-relative and never through a symlink; holds one fd per level of depth (not
+    per pending directory), so a wide tree cannot exhaust descriptors. Directories
+    are opened with O_NOATIME: walking a layer leaves its times alone. The fd given
+    with an entry is valid only until the walk moves on.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOATIME
+
+    def walk(fd: int, rel: bytes) -> Iterator[tuple[int, bytes, bytes, os.DirEntry]]:
+        try:
+            with os.scandir(fd) as it:
+                entries = list(it)
+            for de in entries:
+                name = os.fsencode(de.name)
+                path = rel + b"/" + name if rel else name
+                yield fd, path, name, de
+                if de.is_dir(follow_symlinks=False):
+                    try:
+                        sub = os.open(name, flags | os.O_NOFOLLOW, dir_fd=fd)
+                    except OSError:
+                        continue
+                    yield from walk(sub, path)
+        finally:
+            os.close(fd)
+
+    yield from walk(os.open(b"/proc/self/fd/%d" % root_fd, flags), b"")

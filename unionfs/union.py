@@ -23,7 +23,7 @@ from .changes import Journal
 from .config import MountConfig
 from .copyup import CopyUp, run_in_thread
 from .files import FileOps, Handle
-from .layers import OVL_OPAQUE, OVL_REDIRECT, FdCache, Layer, is_private_xattr
+from .layers import OVL_OPAQUE, OVL_REDIRECT, FdCache, Layer, is_private_xattr, walk_tree
 from .merge import NAME_MAX, Entry, Resolver
 from .namespace import Caller, NamespaceOps, err
 from .nodes import ROOT_ID, Node, NodeTable
@@ -149,23 +149,9 @@ class Union(NamespaceOps, FileOps):
     def _scan_redirects(self) -> list[tuple[bytes, bytes]]:
         """(redirect target, view path) of every redirected upper directory."""
         assert self.upper is not None
-        found: list[tuple[bytes, bytes]] = []
-        stack = [(os.open(syscalls.proc_path(self.upper.fd), os.O_RDONLY | os.O_DIRECTORY), b"")]
-        while stack:
-            fd, path = stack.pop()
-            try:
-                with os.scandir(fd) as it:
-                    for de in it:
-                        if not de.is_dir(follow_symlinks=False):
-                            continue
-                        name = os.fsencode(de.name)
-                        rd = syscalls.getxattr(fd, name, OVL_REDIRECT)
-                        if rd is not None:
-                            found.append((rd, path + b"/" + name))
-                        stack.append((syscalls.open_dir_at(fd, name, os.O_RDONLY), path + b"/" + name))
-            finally:
-                os.close(fd)
-        return found
+        return [(rd, b"/" + path) for fd, path, name, de in walk_tree(self.upper.fd)
+                if de.is_dir(follow_symlinks=False)
+                and (rd := syscalls.getxattr(fd, name, OVL_REDIRECT)) is not None]
 
     def entry_at(self, path: bytes) -> tuple[Node, Entry] | None:
         """Resolve an absolute view path to (parent node, entry), without kernel references."""
