@@ -9,7 +9,6 @@ in WORKDIR/work, and a failure half-way leaves nothing in the upper.
 from __future__ import annotations
 
 import errno
-import inspect
 import os
 import stat
 
@@ -18,32 +17,11 @@ import trio
 
 from unionfs import copyup as copyup_mod
 from unionfs import syscalls
+from unit_helpers import do, walk
 from unionfs.union import Caller, SetAttr
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-def do(fn, *args):
-    """Call a Union method, under trio.run when it is a coroutine function."""
-    if inspect.iscoroutinefunction(fn):
-        return trio.run(fn, *args)
-    res = fn(*args)
-    if inspect.iscoroutine(res):
-        async def wait():
-            return await res
-        return trio.run(wait)
-    return res
-
-
-def walk(u, path: str):
-    node = u.root
-    for part in [p for p in path.split("/") if p]:
-        child, _ = u.lookup(node, part.encode())
-        if child is None:
-            raise FileNotFoundError(errno.ENOENT, "not in the view", path)
-        node = u.nodes.ref(child)
-    return node
-
 
 def read(u, path: str) -> bytes:
     fd = syscalls.open_at(*u.loc(walk(u, path)), os.O_RDONLY)
