@@ -219,14 +219,6 @@ class Resolver:
             if _lower_opaque(fd, lname):
                 return
 
-    def redirect_stack(self, redirect: bytes) -> list[tuple[Layer, bytes]]:
-        """The lower stack an absolute redirect points at (used when a rename sets one)."""
-        e = Entry(b"")
-        root = Node(0, stat.S_IFDIR, None, b"")
-        root.lowers = [(layer, b"") for layer in self.lowers]
-        self._scan_lowers(root, b"", redirect, e)
-        return e.lowers
-
     def lower_positive(self, parent: Node, name: bytes) -> bool:
         """Does any lower layer show something at *name* in *parent*?
 
