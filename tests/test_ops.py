@@ -22,6 +22,7 @@ from typing import Callable
 import pytest
 
 from mounting import kernel_overlay, unionfs_mount
+from unit_helpers import is_whiteout, xattr
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -134,20 +135,6 @@ def write(path: str, data: bytes, flags: int = os.O_WRONLY | os.O_CREAT | os.O_T
         os.write(fd, data)
     finally:
         os.close(fd)
-
-
-def is_whiteout(path: str) -> bool:
-    st = os.lstat(path)
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
-
-
-def xattr(path: str, name: str) -> bytes | None:
-    try:
-        return os.getxattr(path, name, follow_symlinks=False)
-    except OSError as e:
-        if e.errno == errno.ENODATA:
-            return None
-        raise
 
 
 def enoent(path: str) -> bool:

@@ -17,19 +17,11 @@ import trio
 
 from unionfs import copyup as copyup_mod
 from unionfs import syscalls
-from unit_helpers import do, walk
+from unit_helpers import do, read, walk
 from unionfs.union import Caller, SetAttr
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-def read(u, path: str) -> bytes:
-    fd = syscalls.open_at(*u.loc(walk(u, path)), os.O_RDONLY)
-    try:
-        return os.read(fd, 1 << 24)
-    finally:
-        os.close(fd)
-
 
 def up(u, path: str):
     node = walk(u, path)

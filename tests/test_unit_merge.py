@@ -13,7 +13,7 @@ import stat
 
 import pytest
 
-from unit_helpers import do, walk
+from unit_helpers import do, is_whiteout, read, walk, xattr
 from unionfs.union import Caller
 
 
@@ -27,15 +27,6 @@ def exists(u, path: str) -> bool:
         return False
 
 
-def read(u, path: str) -> bytes:
-    from unionfs import syscalls
-    fd = syscalls.open_at(*u.loc(walk(u, path)), os.O_RDONLY)
-    try:
-        return os.read(fd, 1 << 24)
-    finally:
-        os.close(fd)
-
-
 def ls(u, path: str = "") -> set[str]:
     out = [n.decode() for n in u.list_dir(walk(u, path))]
     assert len(out) == len(set(out)), f"duplicate names in {path!r}: {out}"
@@ -45,20 +36,6 @@ def ls(u, path: str = "") -> set[str]:
 def split(u, path: str):
     parent, _, name = path.rpartition("/")
     return walk(u, parent), name.encode()
-
-
-def is_whiteout(path: str) -> bool:
-    st = os.lstat(path)
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
-
-
-def xattr(path: str, name: str) -> bytes | None:
-    try:
-        return os.getxattr(path, name, follow_symlinks=False)
-    except OSError as e:
-        if e.errno == errno.ENODATA:
-            return None
-        raise
 
 
 def rename(u, old: str, new: str, flags: int = 0) -> None:

@@ -1,8 +1,10 @@
-"""Helpers shared by the FUSE-free unit tests: drive a Union the way the kernel would."""
+"""Helpers shared by the tests: drive a Union the way the kernel would, and read the upper."""
 from __future__ import annotations
 
 import errno
 import inspect
+import os
+import stat
 
 import trio
 
@@ -28,3 +30,27 @@ def walk(u, path: str):
             raise FileNotFoundError(errno.ENOENT, "not in the view", path)
         node = u.nodes.ref(child)
     return node
+
+
+def read(u, path: str) -> bytes:
+    """Contents of a view path, read from wherever the union has the object."""
+    from unionfs import syscalls
+    fd = syscalls.open_at(*u.loc(walk(u, path)), os.O_RDONLY)
+    try:
+        return os.read(fd, 1 << 24)
+    finally:
+        os.close(fd)
+
+
+def is_whiteout(path: str) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
+
+
+def xattr(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.ENODATA:
+            return None
+        raise
