@@ -16,10 +16,11 @@ for), and a kernel overlayfs mount of the same upper sees the same.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 import trio
 
@@ -57,6 +58,15 @@ def copy_meta(st: os.stat_result, src_fd: int, src_name: bytes, dst_fd: int, dst
     copy_xattrs(src_fd, src_name, dst_fd, dst_name)
     syscalls.setxattr(dst_fd, dst_name, OWN_INO, str(ino).encode())
     syscalls.utimens_at(dst_fd, dst_name, st.st_atime_ns, st.st_mtime_ns)
+
+
+@contextlib.contextmanager
+def keep_times(dirfd: int) -> Iterator[None]:
+    """Put a directory's atime/mtime back after a copy-up added a name to it: copy-up is
+    not a change the user made to the parent. (Nothing to restore if the body raised.)"""
+    st = os.stat(dirfd)
+    yield
+    syscalls.utimens_at(dirfd, b"", st.st_atime_ns, st.st_mtime_ns)
 
 
 class AliasIndex:
@@ -132,9 +142,8 @@ class CopyUp:
         """Rename a finished temporary into the parent's upper dir, keeping the parent's times."""
         assert node.parent is not None
         pfd = self.r.upper_fd(node.parent)
-        pst = os.stat(pfd)
-        syscalls.renameat2(self.work.fd, tmp, pfd, node.name, syscalls.RENAME_NOREPLACE)
-        syscalls.utimens_at(pfd, b"", pst.st_atime_ns, pst.st_mtime_ns)
+        with keep_times(pfd):
+            syscalls.renameat2(self.work.fd, tmp, pfd, node.name, syscalls.RENAME_NOREPLACE)
 
     # -- everything else -----------------------------------------------------------
 
@@ -198,13 +207,9 @@ class CopyUp:
                     continue  # that name now shows something else (whiteout, shadow, replaced)
                 self.dir(parent)
                 dfd = self.r.upper_fd(parent)
-                pst = os.stat(dfd)
-                try:
+                with contextlib.suppress(FileExistsError), keep_times(dfd):
                     os.link(node.name, entry.name, src_dir_fd=src_fd, dst_dir_fd=dfd,
                             follow_symlinks=False)
-                except FileExistsError:
-                    continue
-                syscalls.utimens_at(dfd, b"", pst.st_atime_ns, pst.st_mtime_ns)
 
 
 class _AlreadyUp(Exception):

@@ -20,6 +20,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from . import syscalls
 from .layers import (OCI_OPAQUE, OCI_WHITEOUT, OVL_OPAQUE, OVL_REDIRECT, OWN_INO, FdCache, Layer,
@@ -156,18 +157,11 @@ class Resolver:
     def _scan_lowers(self, parent: Node, name: bytes, redirect: bytes | None, e: Entry) -> None:
         if name.startswith(OCI_WHITEOUT):
             return  # in a lower layer, .wh.* names are OCI markers, never objects
-        for layer, dirpath in self._search_dirs(parent, name, redirect):
-            try:
-                fd = self.lower_fd(layer, dirpath)
-            except OSError:
-                continue
-            lname = name if redirect is None else redirect.rstrip(b"/").rpartition(b"/")[2]
-            st = syscalls.lstat_at(fd, lname)
-            if _hides(fd, lname, st):
+        lname = name if redirect is None else redirect.rstrip(b"/").rpartition(b"/")[2]
+        for layer, dirpath, fd, st in self._probe(self._search_dirs(parent, name, redirect), lname):
+            if st is None:
                 e.hidden = True
                 return
-            if st is None:
-                continue
             path = child_path(dirpath, lname)
             isdir = stat.S_ISDIR(st.st_mode)
             if e.st is None:
@@ -201,19 +195,9 @@ class Resolver:
             base = e.lowers[-1][1].rpartition(b"/")[0]
             target = child_path(base, target)
         dirpath, _, lname = target.rpartition(b"/")
-        for layer in self.lowers:
-            if layer.index <= after.index:
-                continue
-            try:
-                fd = self.lower_fd(layer, dirpath)
-            except OSError:
-                continue
-            st = syscalls.lstat_at(fd, lname)
-            if _hides(fd, lname, st):
-                return
-            if st is None:
-                continue
-            if not stat.S_ISDIR(st.st_mode):
+        below = [(layer, dirpath) for layer in self.lowers if layer.index > after.index]
+        for layer, _dirpath, fd, st in self._probe(below, lname):
+            if st is None or not stat.S_ISDIR(st.st_mode):
                 return
             e.lowers.append((layer, target))
             if _lower_opaque(fd, lname):
@@ -227,17 +211,26 @@ class Resolver:
         """
         if (parent.opaque and parent.upper) or name.startswith(OCI_WHITEOUT):
             return False
-        for layer, dirpath in parent.lowers:
+        for _layer, _dirpath, _fd, st in self._probe(parent.lowers, name):
+            return st is not None
+        return False
+
+    def _probe(self, dirs: list[tuple[Layer, bytes]], name: bytes
+               ) -> Iterator[tuple[Layer, bytes, int, os.stat_result | None]]:
+        """Look *name* up in each lower directory in turn, top-most first, skipping layers
+        that lack the directory: yields (layer, dir path, dir fd, stat) where something is
+        there; a whiteout is yielded with stat None, and ends the search."""
+        for layer, dirpath in dirs:
             try:
                 fd = self.lower_fd(layer, dirpath)
             except OSError:
                 continue
             st = syscalls.lstat_at(fd, name)
             if _hides(fd, name, st):
-                return False
+                yield layer, dirpath, fd, None
+                return
             if st is not None:
-                return True
-        return False
+                yield layer, dirpath, fd, st
 
     # -- readdir ---------------------------------------------------------------------
 
