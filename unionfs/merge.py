@@ -217,6 +217,11 @@ class Resolver:
             e.lowers.append((layer, target))
             if _lower_opaque(fd, lname):
                 return
+            rd = syscalls.getxattr(fd, lname, OVL_REDIRECT)
+            if rd is not None and valid_redirect(rd):
+                # a lower layer made from an upper with its own renames: follow on, as
+                # overlayfs does (each step goes strictly down the stack, so it ends)
+                return self._scan_redirect(layer, rd, e)
 
     def lower_positive(self, parent: Node, name: bytes) -> bool:
         """Does any lower layer show something at *name* in *parent*?
