@@ -113,8 +113,13 @@ class Operations(pyfuse3.Operations):
         return self._entry(node, st)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # no reply to turn an error into: log it, since an exception escaping a
+        # handler would end pyfuse3's request loop and with it the mount
         for inode, count in inode_list:
-            self.u.nodes.forget(inode, count)
+            try:
+                self.u.nodes.forget(inode, count)
+            except Exception:
+                log.exception("internal error in forget of %#x", inode)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):
