@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import os
 import pickle
-import shutil
 import stat
 import struct
 import traceback
@@ -177,10 +176,3 @@ def in_decoy(guard: Guard, fn: Callable[[], Any]) -> Any:
     if kind != "ok":
         raise AssertionError(f"child failed:\n{value}")
     return value
-
-
-def remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)

@@ -13,20 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount  # noqa: E402
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+from test_cli import wait_for  # noqa: E402
 
 
 def layers(tmp_path: Path) -> tuple[str, str, str, Path]:
@@ -65,7 +56,7 @@ def test_lazy_unmount_from_under_the_daemon_is_logged(tmp_path):
             assert os.read(fd, 100) == b"known\n"      # still served after the detach
         finally:
             os.close(fd)
-        assert wait_for(lambda: pid_gone(pid))
+        assert wait_for(lambda: pid_gone(pid), 30)
     text = log.read_text()
     assert f"the kernel ended the FUSE session: {mnt} was unmounted" in text
     assert "got SIG" not in text and "internal error" not in text
@@ -78,7 +69,7 @@ def test_foreground_logs_to_stderr_and_says_why_it_stops(tmp_path):
         with open(errfile, "w") as err:
             daemon = subprocess.Popen(unionfs_cmd("mount", "-f", low, up, mnt), stderr=err)
         try:
-            assert wait_for(lambda: is_mounted(mnt))
+            assert wait_for(lambda: is_mounted(mnt), 30)
             if how == "umount":
                 subprocess.run(["umount", mnt], check=True)
             else:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import signal
 import stat
 import sys
 import time

@@ -17,8 +17,6 @@ import stat
 import subprocess
 import sys
 
-import pytest
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mounting import daemon_pids, kernel_overlay, unionfs_cmd, unionfs_mount  # noqa: E402
 

@@ -18,35 +18,10 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mounting import kernel_overlay, unionfs_mount  # noqa: E402
+from test_ops import run_as  # noqa: E402
 
 U1, U2, U3 = 1000, 1001, 1002     # U1 is in group G, U2 and U3 are not
 G, G_OTHER = 2000, 3000
-
-
-def as_user(cwd: str, uid: int, gid: int, groups: list[int], fn: Callable[[], object]) -> int:
-    """0 if fn() returned in a child running as uid/gid/groups, else the errno it raised."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(r)
-            os.chdir(cwd)
-            os.setgroups(groups)
-            os.setgid(gid)
-            os.setuid(uid)
-            fn()
-        except OSError as e:
-            code = e.errno or 255
-        except BaseException:  # noqa: BLE001
-            code = 254
-        os.write(w, str(code).encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read()
-    os.waitpid(pid, 0)
-    return int(out) if out else 253
 
 
 def _file(path: str, data: bytes, uid: int, gid: int, mode: int) -> None:
@@ -199,7 +174,7 @@ def test_users_through_allow_other_like_kernel(tmp_path):
         with cm:
             results.append({name: errno.errorcode.get(code, code) if code else 0
                             for name, uid, gid, groups, fn in CASES
-                            for code in [as_user(mnt, uid, gid, groups, fn)]})
+                            for code in [run_as(fn, mnt, uid, gid, groups)]})
             states.append(_state(mnt))
     uf, k = results
     assert {n: (uf[n], k[n]) for n in uf if uf[n] != k[n]} == {}
