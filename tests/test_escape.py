@@ -223,8 +223,8 @@ def _swapper(upper: str, pairs: list[tuple[str, str, str]], stop_fd: int, count_
     os.set_blocking(stop_fd, False)
     while True:
         try:
-            if os.read(stop_fd, 1):
-                break
+            os.read(stop_fd, 1)
+            break           # told to stop, or the test is gone (end of file)
         except BlockingIOError:
             pass
         for d, a, b in pairs:
