@@ -19,7 +19,7 @@ import socket
 import stat
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import pytest
 
@@ -99,9 +99,11 @@ def errno_of(fn: Callable[[], object]) -> int:
     return 0
 
 
-def run_as(fn: Callable[[], object], cwd: str, uid: int = 1000, gid: int = 1000) -> int:
-    """Run fn in a forked child as uid:gid with cwd (entered while still root, since the
-    tmp_path ancestors are 0700); 0 if it returned, else the errno it raised."""
+def run_as(fn: Callable[[], object], cwd: str, uid: int = 1000, gid: int = 1000,
+           groups: Sequence[int] = ()) -> int:
+    """Run fn in a forked child as uid:gid (and supplementary *groups*) with cwd (entered
+    while still root, since the tmp_path ancestors are 0700); 0 if it returned, else the
+    errno it raised."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -109,7 +111,7 @@ def run_as(fn: Callable[[], object], cwd: str, uid: int = 1000, gid: int = 1000)
         try:
             os.close(r)
             os.chdir(cwd)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(gid)
             os.setuid(uid)
             fn()

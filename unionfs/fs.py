@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 import pyfuse3
 import trio
 
+from . import syscalls
 from .config import MountConfig
 from .nodes import Node
 from .union import Caller, SetAttr, Union
@@ -124,8 +125,13 @@ class Operations(pyfuse3.Operations):
         return self._entry(node, st)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # no reply to turn an error into: log it, since an exception escaping a
+        # handler would end pyfuse3's request loop and with it the mount
         for inode, count in inode_list:
-            self.u.nodes.forget(inode, count)
+            try:
+                self.u.nodes.forget(inode, count)
+            except Exception:
+                log.exception("internal error in forget of %#x", inode)
             if ZERO_OPENDIR:
                 self._listings.pop(inode, None)  # a reader that stopped part-way
 
@@ -273,9 +279,9 @@ class Operations(pyfuse3.Operations):
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         node = self._dir(fh)
         if node.upper:
-            dfd, name = self.u.loc(node)
-            fd = os.open(name or b".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd) if name else \
-                os.open(b"/proc/self/fd/%d" % dfd, os.O_RDONLY | os.O_DIRECTORY)
+            # never by a path that could be followed: a symlink put at the name behind
+            # our back would lead out of the upper
+            fd = syscalls.open_at(*self.u.loc(node), os.O_RDONLY | os.O_DIRECTORY)
             try:
                 await trio.to_thread.run_sync(os.fsync, fd)
             finally:

@@ -351,15 +351,22 @@ def _serve(config: MountConfig, session: _Session) -> None:
     import pyfuse3
     import trio
 
+    signalled = False
+
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(terminate_on_signal, signals)
                 await pyfuse3.main(max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
+        if not signalled:  # say why we stop: nobody asked this process to
+            log.info("the kernel ended the FUSE session: %s was unmounted (umount, umount -l "
+                     "or fusermount -u)", config.mountpoint)
 
     async def terminate_on_signal(signals: AsyncIterator[int]) -> None:
+        nonlocal signalled
         async for signum in signals:
+            signalled = True
             log.info("got %s, unmounting %s", signal.Signals(signum).name, config.mountpoint)
             pyfuse3.terminate()
             return
