@@ -327,15 +327,27 @@ def _init_fuse(pyfuse3: Any, ops: Any, mountpoint: str, options: set[str]) -> No
     raise MountError(f"cannot mount on '{mountpoint}': {reason}")
 
 
+LOCK_GRACE = 3.0  # seconds a just-unmounted daemon may take to let go of its layers
+
+
 def _lock_dir(path: str, what: str) -> int:
-    """Hold an exclusive lock for the daemon's life, like overlayfs' "in-use" check."""
+    """Hold an exclusive lock for the daemon's life, like overlayfs' "in-use" check.
+
+    A daemon whose mount is already gone may still be finishing (closing the changes
+    log) when the next mount of the same upper starts, e.g. after a lazy or forced
+    unmount that did not wait for it: give it a moment before calling the upper busy."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise MountError(f"{what} '{path}' is in use by another unionfs mount") from None
-    return fd
+    deadline = time.monotonic() + LOCK_GRACE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            os.close(fd)
+            raise MountError(f"{what} '{path}' is in use by another unionfs mount") from None
 
 
 def _raise_nofile_limit() -> None:
