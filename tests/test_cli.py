@@ -163,6 +163,37 @@ def test_option_parsing() -> None:
             parse_options([bad])
 
 
+def test_rootfs_shorthand_parsing() -> None:
+    opts = parse_options(["rootfs"])
+    assert (opts.allow_other, opts.dev, opts.suid, opts.readonly) == (True, True, True, False)
+    opts = parse_options(["rootfs,nosuid", "ro"])  # expanded in place: later options still win
+    assert (opts.allow_other, opts.dev, opts.suid, opts.readonly) == (True, True, False, True)
+    assert parse_options(["nodev,rootfs"]).dev is True
+    with pytest.raises(ConfigError, match="takes no value"):
+        parse_options(["rootfs=yes"])
+
+
+@pytest.mark.parametrize("form", ["-o rootfs", "--rootfs", "helper -o ...,rootfs"])
+def test_rootfs_shorthand_reaches_the_kernel(tree: Path, form: str) -> None:
+    """allow_other, dev and suid end up in the mount table, in each way of asking."""
+    mnt = str(tree / "mnt")
+    layers = f"{tree}/l1:{tree}/l2", f"{tree}/up", mnt
+    args = {"-o rootfs": ["mount", "-o", "rootfs", *layers],
+            "--rootfs": ["mount", "--rootfs", *layers],
+            "helper -o ...,rootfs": ["unionfs", mnt, "-o",  # as mount.fuse3 runs it for an fstab line
+                                     f"lowerdir={tree}/l1:{tree}/l2,upperdir={tree}/up,rootfs,noauto"]}[form]
+    proc = run(*args)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        (line,) = mounts_under(tree)
+        mount_opts, super_opts = line.split()[5].split(","), line.split(" - ")[1].split()[2].split(",")
+        assert "nosuid" not in mount_opts and "nodev" not in mount_opts, line
+        assert "allow_other" in super_opts and "default_permissions" in super_opts, line
+    finally:
+        run("umount", mnt)
+        force_unmount(mnt)
+
+
 def test_help() -> None:
     proc = run("--help")
     assert proc.returncode == 0
