@@ -100,13 +100,15 @@ def _layers_from(paths: list[str], opts) -> tuple[list[str], str | None, str]:
 # -- umount -----------------------------------------------------------------
 
 def add_umount(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-R", "--recursive", action="store_true",
+                   help="first unmount what is mounted below MOUNTPOINT (e.g. /proc of a root), deepest first")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
 
 def run_umount(args: argparse.Namespace) -> int:
     from . import mount
 
-    mount.unmount(args.mountpoint)
+    mount.unmount(args.mountpoint, recursive=args.recursive)
     return 0
 
 
