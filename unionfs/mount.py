@@ -413,7 +413,7 @@ def unmount(path: str, recursive: bool = False) -> None:
         raise MountError(f"'{path}' is not a unionfs mount (it is {entry.fstype})")
     below = submounts(mnt)
     if below and not recursive:
-        names = ", ".join(e.mountpoint for e in reversed(below))
+        names = ", ".join(dict.fromkeys(e.mountpoint for e in reversed(below)))  # stacked: once
         raise MountError(f"'{path}' has mounts below it: {names} "
                          "(unmount them first, or use `unionfs umount -R`)")
     owner = _read_pidfile(entry.devno)
