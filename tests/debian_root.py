@@ -74,7 +74,7 @@ def run(cmd: list[str], timeout: float = 900, **kw) -> subprocess.CompletedProce
 def in_chroot(root: str, script: str, binds: dict[str, str] | None = None) -> str:
     """Run *script* with /bin/sh chrooted into *root*, /proc mounted, in new mount and pid namespaces."""
     setup = "set -e; mount -t proc proc \"$R/proc\"; "
-    for i, (inside, outside) in enumerate((binds or {}).items()):
+    for i, inside in enumerate(binds or {}):
         setup += f'mount --bind "$B{i}" "$R{inside}"; '
     env = {**ENV, "R": root, **{f"B{i}": o for i, o in enumerate((binds or {}).values())}}
     r = subprocess.run(["unshare", "--mount", "--pid", "--fork", "/bin/sh", "-c",

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
-import stat
 import subprocess
 
 import pytest
