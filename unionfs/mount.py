@@ -406,17 +406,48 @@ def _serve(config: MountConfig, session: _Session) -> None:
 # Stopping
 # --------------------------------------------------------------------------
 
-def unmount(path: str) -> None:
-    """Unmount the unionfs at *path* and wait for its daemon to exit."""
+def submounts(mnt: str) -> list[MountEntry]:
+    """Mounts strictly below *mnt*, in the order to unmount them: children before parents.
+
+    mountinfo lists a mount after the one it sits on, so its reverse is a safe
+    order (also for several mounts stacked on one directory).
+    """
+    prefix = mnt.rstrip("/") + "/"
+    return [e for e in reversed(mount_entries()) if e.mountpoint.startswith(prefix)]
+
+
+def unmount(path: str, recursive: bool = False) -> None:
+    """Unmount the unionfs at *path* and wait for its daemon to exit.
+
+    Mounts below it (/proc, /dev, /sys of a root on the union) make the
+    kernel refuse with EBUSY, which says nothing about why: they are named
+    instead, and nothing is unmounted unless *recursive* asks to unmount
+    them first (deepest first; a unionfs among them also waits for its daemon).
+    """
     mnt = os.path.realpath(os.path.abspath(path))
     entry = top_mount(mnt)
     if entry is None:
         raise MountError(f"'{path}' is not a unionfs mount (nothing is mounted there)")
     if entry.fstype != FSTYPE:
         raise MountError(f"'{path}' is not a unionfs mount (it is {entry.fstype})")
+    below = submounts(mnt)
+    if below and not recursive:
+        names = ", ".join(dict.fromkeys(e.mountpoint for e in reversed(below)))  # stacked: once
+        raise MountError(f"'{path}' has mounts below it: {names} "
+                         "(unmount them first, or use `unionfs umount -R`)")
     owner = _read_pidfile(entry.devno)
     dead = owner is not None and not _alive(*owner)
-    _umount(mnt, lazy=False, dead=dead)
+    if below and dead:
+        # paths below a dead FUSE mount may not resolve (ENOTCONN); detaching
+        # the union takes everything mounted below it along
+        _umount(mnt, lazy=True, dead=dead)
+    else:
+        for sub in below:
+            if sub.fstype == FSTYPE and top_mount(sub.mountpoint) == sub:
+                unmount(sub.mountpoint)
+            else:
+                _umount(sub.mountpoint, lazy=False, dead=False)
+        _umount(mnt, lazy=False, dead=dead)
     if owner is not None:
         _wait_for_exit(*owner)
     if _read_pidfile(entry.devno) == owner:  # not yet another mount's (device numbers get reused)
