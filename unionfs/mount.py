@@ -393,7 +393,8 @@ def _serve(config: MountConfig, session: _Session) -> None:
             pyfuse3.close(unmount=True)
         from .changes import close_all  # compact the changes log, mark the stop clean
         close_all()
-        if session.pidfile:
+        devno = os.path.basename(session.pidfile or "").removesuffix(".pid")
+        if session.pidfile and not any(e.devno == devno for e in mount_entries()):
             # the device number may already serve another mount, with its own pid file
             with contextlib.suppress(OSError, ValueError, IndexError):
                 with open(session.pidfile) as f:
