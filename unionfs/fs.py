@@ -87,6 +87,9 @@ class Operations(pyfuse3.Operations):
         # are no handles): offsets index into it until the reader starts again at 0.
         self._listings: dict[int, list[bytes]] = {}
 
+    def stats(self) -> dict[str, int]:
+        return {**self.u.stats(), "listings": len(self._listings), "dir_handles": len(self._dir_handles)}
+
     # -- attributes --------------------------------------------------------------------
 
     def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:

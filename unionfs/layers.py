@@ -66,6 +66,9 @@ class FdCache:
         self.capacity = capacity
         self._fds: collections.OrderedDict[Hashable, int] = collections.OrderedDict()
 
+
+    def __len__(self) -> int:
+        return len(self._fds)
     def get(self, key: Hashable, opener: Callable[[], int]) -> int:
         fd = self._fds.get(key)
         if fd is not None:

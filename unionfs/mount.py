@@ -269,6 +269,7 @@ class _Session:
 
     pidfile: str | None
     locks: list[int]
+    ops: Any = None  # fs.Operations, for the SIGUSR1 stats
 
 
 def _prepare(config: MountConfig) -> _Session:
@@ -296,7 +297,7 @@ def _prepare(config: MountConfig) -> _Session:
         with contextlib.suppress(OSError):
             pidfile = _write_pidfile(entry.devno, config.mountpoint, config)
     log.info("mounted %s (pid %d)", config.mountpoint, os.getpid())
-    return _Session(pidfile, locks)
+    return _Session(pidfile, locks, ops)
 
 
 def _describe(e: BaseException) -> str:
@@ -350,6 +351,11 @@ def _lock_dir(path: str, what: str) -> int:
             raise MountError(f"{what} '{path}' is in use by another unionfs mount") from None
 
 
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+
+
 def _raise_nofile_limit() -> None:
     """The core keeps a descriptor per open file and layer; allow as many as we may."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -366,7 +372,8 @@ def _serve(config: MountConfig, session: _Session) -> None:
     signalled = False
 
     async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                       signal.SIGUSR1) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(terminate_on_signal, signals)
                 await pyfuse3.main(max_tasks=MAX_TASKS)
@@ -378,6 +385,10 @@ def _serve(config: MountConfig, session: _Session) -> None:
     async def terminate_on_signal(signals: AsyncIterator[int]) -> None:
         nonlocal signalled
         async for signum in signals:
+            if signum == signal.SIGUSR1:  # `kill -USR1 PID`: what the daemon holds, in its log
+                log.info("stats: %s, rss_kib=%s", ", ".join(f"{k}={v}" for k, v in
+                         session.ops.stats().items()), _rss_kib())
+                continue
             signalled = True
             log.info("got %s, unmounting %s", signal.Signals(signum).name, config.mountpoint)
             pyfuse3.terminate()

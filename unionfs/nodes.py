@@ -13,6 +13,7 @@ state (upper fd, copy-up) the child relies on.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 from typing import Iterator
@@ -106,8 +107,13 @@ class NodeTable:
     resources (cached fds) when a node leaves the table.
     """
 
+    # A dict keeps the table it grew to: after a walk of a million names is forgotten,
+    # copy it into one of the right size, and give freed heap back (_shrink).
+    SHRINK_FROM = 65536
+
     def __init__(self, root: Node, on_drop) -> None:
         self._nodes: dict[int, Node] = {ROOT_ID: root}
+        self._peak = 1
         root.registered = True
         root.lookups = 1
         self._on_drop = on_drop
@@ -129,6 +135,7 @@ class NodeTable:
                 node = existing
             else:
                 self._nodes[node.id] = node
+                self._peak = max(self._peak, len(self._nodes))
                 node.registered = True
                 if node.parent is not None:
                     node.parent.child_refs += 1
@@ -141,6 +148,13 @@ class NodeTable:
             return
         node.lookups = max(0, node.lookups - count)
         self._maybe_drop(node)
+        if self._peak >= self.SHRINK_FROM and len(self._nodes) < self._peak // 8:
+            self._shrink()
+
+    def _shrink(self) -> None:
+        self._nodes = dict(self._nodes)
+        self._peak = max(1, len(self._nodes))
+        _malloc_trim()
 
     def name_gone(self, node: Node, parent: Node, name: bytes) -> None:
         """One name of *node* no longer reaches it: forget it, promoting an alias when the
@@ -187,3 +201,11 @@ class NodeTable:
                 return
             parent.child_refs -= 1
             node = parent
+
+
+def _malloc_trim() -> None:
+    """Return free heap pages to the system (glibc); a no-op elsewhere."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -112,6 +112,11 @@ class Union(NamespaceOps, FileOps):
             raise err(errno.ESTALE)
         return node
 
+    def stats(self) -> dict[str, int]:
+        """What the daemon holds, for SIGUSR1 (memory and fds must follow the kernel's
+        references: forget() frees nodes, release() handles)."""
+        return {"nodes": len(self.nodes), "handles": len(self.handles), "cached_dir_fds": len(self.cache)}
+
     def _dropped(self, node: Node) -> None:
         self.cache.drop(("u", node.id))
 
