@@ -101,3 +101,15 @@ def daemon_pids(mnt: str) -> list[int]:
                 and not pid_gone(int(entry))):
             pids.append(int(entry))
     return pids
+
+
+def daemon_pid(mnt: str) -> int:
+    """The daemon serving *mnt*, from its pid file (RUNDIR/MAJOR:MINOR.pid), checked against
+    the live daemons found by command line."""
+    from unionfs.mount import rundir, top_mount
+    entry = top_mount(os.path.realpath(mnt))
+    assert entry is not None, f"{mnt} is not mounted"
+    with open(os.path.join(rundir(), entry.devno + ".pid")) as f:
+        pid = int(f.readline().split()[0])
+    assert pid in daemon_pids(mnt), f"pid file says {pid}, daemons are {daemon_pids(mnt)}"
+    return pid
