@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 import pyfuse3
 import trio
 
+from . import syscalls
 from .config import MountConfig
 from .nodes import Node
 from .union import Caller, SetAttr, Union
@@ -200,7 +201,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return os.pwrite(self.u.handle(fh).fd, buf, off)
+        return syscalls.pwrite_all(self.u.handle(fh).fd, buf, off)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
