@@ -20,6 +20,7 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -154,3 +155,52 @@ def test_enospc_copy_up_and_write(tmp_path):
             assert not pid_gone(pid)
         print(f"page-cache fill: {written} bytes accepted, ENOSPC at {where}; "
               f"O_DIRECT fill: {written_direct} bytes, ENOSPC at {where_direct}")
+
+
+def test_a_file_that_just_does_not_fit_is_never_reported_written(tmp_path):
+    """Files a few KiB bigger or smaller than the free space, written through the page
+    cache: either fsync and close succeed and the upper holds every byte, or one of them
+    says ENOSPC. (The daemon used to answer a short pwrite with its count, which the
+    kernel's writeback took as done: fsync said OK and the tail was gone.)"""
+    lower, mnt = str(tmp_path / "lower"), str(tmp_path / "mnt")
+    os.makedirs(lower)
+    os.makedirs(mnt)
+    with small_tmpfs(str(tmp_path / "small")) as small:
+        upper, work = os.path.join(small, "upper"), os.path.join(small, "work")
+        os.makedirs(upper)
+        os.makedirs(work)
+        outcomes = []
+        with unionfs_mount([lower], upper, mnt, workdir=work):
+            free_blocks = os.statvfs(small).f_bavail
+            for extra in range(-8192, 16384, 2048):
+                st = os.statvfs(small)
+                size = st.f_bavail * st.f_frsize + extra
+                data = seeded(f"fit{extra}", size)
+                path = os.path.join(mnt, "f")
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                error = None
+                try:
+                    assert os.write(fd, data) == size
+                    os.fsync(fd)
+                except OSError as e:
+                    error = e.errno
+                finally:
+                    try:
+                        os.close(fd)
+                    except OSError as e:
+                        error = error or e.errno
+                if error is None:
+                    assert read(os.path.join(upper, "f")) == data, \
+                        f"{size} bytes ({extra:+d} over the free space): fsync and close said OK, " \
+                        f"the upper holds {os.path.getsize(os.path.join(upper, 'f'))}"
+                else:
+                    assert error == errno.ENOSPC, os.strerror(error)
+                outcomes.append("ok" if error is None else "ENOSPC")
+                os.unlink(path)
+                # the daemon closes its fd on RELEASE, which the kernel sends after close(2)
+                # returned: only then is the space free again
+                deadline = time.monotonic() + 30
+                while os.statvfs(small).f_bavail < free_blocks - 16:
+                    assert time.monotonic() < deadline, "the space of a removed file never came back"
+                    time.sleep(0.05)
+        assert "ok" in outcomes and "ENOSPC" in outcomes, outcomes
