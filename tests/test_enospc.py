@@ -102,6 +102,8 @@ def test_enospc_copy_up_and_write(tmp_path):
             pid = daemon_pid(mnt)
             view = os.path.join(mnt, "d", "big")
             base = used(small)
+            os.stat(view)
+            fds = len(os.listdir(f"/proc/{pid}/fd"))
 
             def no_leftovers(what: str) -> None:
                 assert read(view) == big, f"{what}: the view of the lower file changed"
@@ -109,6 +111,11 @@ def test_enospc_copy_up_and_write(tmp_path):
                 assert os.listdir(os.path.join(work, "work")) == [], f"{what}: leftover in work/"
                 assert used(small) <= base + 64 * 1024, f"{what}: space not given back"
                 assert not pid_gone(pid)
+                # (the read above closed its file; the kernel sends RELEASE after close returned)
+                deadline = time.monotonic() + 30
+                while len(os.listdir(f"/proc/{pid}/fd")) > fds:
+                    assert time.monotonic() < deadline, f"{what}: the daemon leaked an fd"
+                    time.sleep(0.05)
 
             # every way to copy the big file up runs out of space, and leaves nothing behind
             for what, call in (("open O_RDWR", lambda: os.close(os.open(view, os.O_RDWR))),
