@@ -156,6 +156,34 @@ def test_many_processes_copy_up_one_file(env):
     assert read(os.path.join(env.lower, "d/big")) == data
 
 
+def test_hard_linked_names_copied_up_at_once(env):
+    """Nine processes write through the three names of one hard-linked lower file at once:
+    one copy-up, one upper inode with all three names, every write in it."""
+    lower_file(env.lower, "h/a", seeded("linked", 4 << 20))
+    for name in ("b", "c"):
+        os.link(os.path.join(env.lower, "h/a"), os.path.join(env.lower, "h", name))
+
+    def worker(i: int) -> Callable[[], None]:
+        def run() -> None:
+            fd = os.open(env.m("h/" + "abc"[i % 3]), os.O_RDWR)
+            try:
+                os.pwrite(fd, b"<%d>" % i, i * 1000)
+            finally:
+                os.close(fd)
+        return run
+
+    with env.mount():
+        pid = daemon_pid(env.mnt)
+        run_workers([worker(i) for i in range(9)], env.errs)
+        sts = [os.stat(os.path.join(env.upper, "h", n)) for n in "abc"]
+        assert len({st.st_ino for st in sts}) == 1 and sts[0].st_nlink == 3
+        assert len({os.stat(env.m("h/" + n)).st_ino for n in "abc"}) == 1
+        data = read(env.m("h/a"))
+        assert all(b"<%d>" % i in data for i in range(9))
+        assert os.listdir(os.path.join(env.work, "work")) == []
+        assert not pid_gone(pid)
+
+
 def test_rename_against_lookup_and_stat(env):
     """One process renames a lower file between two names (across directories) and a
     lower directory between two names; others stat, open and read by both names all the
