@@ -113,3 +113,20 @@ def daemon_pid(mnt: str) -> int:
         pid = int(f.readline().split()[0])
     assert pid in daemon_pids(mnt), f"pid file says {pid}, daemons are {daemon_pids(mnt)}"
     return pid
+
+
+def wait_daemon_gone(pid: int, deadline: float = 60.0) -> None:
+    """After an unmount: fail (saying where the daemon is stuck) unless it exits in time.
+    `unionfs umount` waits for it, but the helpers above ignore a failed umount."""
+    end = time.monotonic() + deadline
+    while not pid_gone(pid):
+        if time.monotonic() > end:
+            where = ""
+            for name in ("wchan", "stack", "status"):
+                try:
+                    with open(f"/proc/{pid}/{name}") as f:
+                        where += f"\n{name}: {f.read()[:2000]}"
+                except OSError:
+                    pass
+            raise AssertionError(f"daemon {pid} still runs {deadline:.0f}s after its unmount:{where}")
+        time.sleep(0.05)

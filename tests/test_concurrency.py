@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pid, pid_gone, unionfs_mount  # noqa: E402
+from mounting import daemon_pid, pid_gone, unionfs_mount, wait_daemon_gone  # noqa: E402
 
 DEADLINE = 180.0   # seconds for one batch of workers; only a hang gets near it
 CTX = multiprocessing.get_context("fork")
@@ -333,6 +333,7 @@ def test_writes_through_two_fds(env):
             assert mine == [(b"[%d:%05d]" % (k, i)).ljust(rec - 1, b"." if k else b"-") + b"\n"
                             for i in range(nrec)], f"appender {k}: records torn, lost or reordered"
         assert not pid_gone(pid)
+    wait_daemon_gone(pid)
     with env.mount():
         assert read(env.m("d/blocks")) == want
         assert read(os.path.join(env.upper, "d/log")) == log

@@ -25,7 +25,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import unionfs_mount  # noqa: E402
+from mounting import daemon_pid, unionfs_mount, wait_daemon_gone  # noqa: E402
 
 SEEDS = [int(s) for s in os.environ.get("UNIONFS_FSX_SEEDS", "1,2,3,4").split(",")]
 OPS = int(os.environ.get("UNIONFS_FSX_OPS", "3000"))
@@ -188,6 +188,7 @@ def test_fsx(tmp_path, seed):
             fh.write(data)
         originals[name] = data
     with unionfs_mount([lower], upper, mnt, workdir=work):
+        pid = daemon_pid(mnt)
         files = {name: FsxFile(os.path.join(mnt, "d", name), bytearray(originals[name]))
                  for name in LOWER_NAMES}
         for f in files.values():   # a read-only fd on the lower file: copy-up happens under it
@@ -211,6 +212,7 @@ def test_fsx(tmp_path, seed):
             else:
                 assert name in LOWER_NAMES and bytes(f.model) == originals[name], \
                     f"{name} changed but is not in the upper"
+    wait_daemon_gone(pid)
     for name in LOWER_NAMES:
         assert read_file(os.path.join(lower, "d", name)) == originals[name], f"lower {name} changed"
     with unionfs_mount([lower], upper, mnt, workdir=work):
