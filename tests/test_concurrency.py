@@ -8,7 +8,6 @@ WORKDIR/work must hold exactly what they should.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import multiprocessing
 import os
@@ -22,18 +21,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mounting import daemon_pid, pid_gone, unionfs_mount, wait_daemon_gone  # noqa: E402
+from unit_helpers import seeded  # noqa: E402
 
 DEADLINE = 180.0   # seconds for one batch of workers; only a hang gets near it
 CTX = multiprocessing.get_context("fork")
-
-
-def seeded(tag: str, size: int) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{tag}:{i}".encode()).digest()
-        i += 1
-    return bytes(out[:size])
 
 
 def run_workers(workers: list[Callable[[], None]], errdir: str) -> None:

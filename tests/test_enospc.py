@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import mmap
 import os
 import subprocess
@@ -26,13 +25,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mounting import daemon_pid, force_unmount, pid_gone, unionfs_mount  # noqa: E402
+from unit_helpers import seeded  # noqa: E402
 
 MiB = 1 << 20
-
-
-def seeded(tag: str, size: int) -> bytes:
-    block = b"".join(hashlib.sha256(f"{tag}:{i}".encode()).digest() for i in range(128))  # 4 KiB
-    return (block * (size // len(block) + 1))[:size]
 
 
 def read(path: str) -> bytes:

@@ -22,8 +22,6 @@ import resource
 import sys
 import time
 
-import pytest
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mounting import daemon_pid, pid_gone, unionfs_mount  # noqa: E402
 

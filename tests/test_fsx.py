@@ -16,7 +16,6 @@ UNIONFS_FSX_SEEDS=$(seq -s, 1 50) UNIONFS_FSX_OPS=20000 pytest -s tests/test_fsx
 """
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import random
@@ -26,21 +25,13 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mounting import daemon_pid, unionfs_mount, wait_daemon_gone  # noqa: E402
+from unit_helpers import seeded  # noqa: E402
 
 SEEDS = [int(s) for s in os.environ.get("UNIONFS_FSX_SEEDS", "1,2,3,4").split(",")]
 OPS = int(os.environ.get("UNIONFS_FSX_OPS", "3000"))
 MAX_SIZE = 300 * 1024
 LOWER_NAMES = ["lower0", "lower1", "lower2"]
 NEW_NAMES = ["new0", "new1"]
-
-
-def seeded(tag: str, size: int) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{tag}:{i}".encode()).digest()
-        i += 1
-    return bytes(out[:size])
 
 
 class FsxFile:
