@@ -50,6 +50,16 @@ def used(path: str) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
+def wait_free(fs: str, blocks: int) -> None:
+    """Wait (bounded) until *fs* has *blocks* free again after a file was removed through
+    the mount: the daemon closes its fd on RELEASE, which the kernel sends after close(2)
+    returned, and only then is the space given back."""
+    deadline = time.monotonic() + 30
+    while os.statvfs(fs).f_bavail < blocks:
+        assert time.monotonic() < deadline, "the space of a removed file never came back"
+        time.sleep(0.05)
+
+
 def fill(path: str, direct: bool = False) -> tuple[int, str]:
     """Write 1 MiB blocks to a new file until ENOSPC; return (bytes accepted, where it failed)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if direct else 0)
@@ -132,6 +142,7 @@ def test_enospc_copy_up_and_write(tmp_path):
             assert where, f"{written} bytes went into an 8 MiB upper without ENOSPC"
             assert not pid_gone(pid)
             os.unlink(os.path.join(mnt, "filler"))
+            wait_free(small, 6 * MiB // 4096)
             written_direct, where_direct = fill(os.path.join(mnt, "filler2"), direct=True)
             assert where_direct == "write" and written_direct < 8 * MiB, (written_direct, where_direct)
             assert os.path.getsize(os.path.join(upper, "filler2")) == written_direct
@@ -143,6 +154,7 @@ def test_enospc_copy_up_and_write(tmp_path):
 
             # free the space: copy-up and writes work again
             os.unlink(os.path.join(mnt, "filler2"))
+            wait_free(small, 6 * MiB // 4096)
             assert os.listdir(os.path.join(work, "work")) == []
             with open(os.path.join(mnt, "d", "medium"), "ab") as f:
                 f.write(b"appended")
@@ -199,10 +211,5 @@ def test_a_file_that_just_does_not_fit_is_never_reported_written(tmp_path):
                     assert error == errno.ENOSPC, os.strerror(error)
                 outcomes.append("ok" if error is None else "ENOSPC")
                 os.unlink(path)
-                # the daemon closes its fd on RELEASE, which the kernel sends after close(2)
-                # returned: only then is the space free again
-                deadline = time.monotonic() + 30
-                while os.statvfs(small).f_bavail < free_blocks - 16:
-                    assert time.monotonic() < deadline, "the space of a removed file never came back"
-                    time.sleep(0.05)
+                wait_free(small, free_blocks - 16)
         assert "ok" in outcomes and "ENOSPC" in outcomes, outcomes
