@@ -163,6 +163,37 @@ def test_option_parsing() -> None:
             parse_options([bad])
 
 
+def test_rootfs_shorthand_parsing() -> None:
+    opts = parse_options(["rootfs"])
+    assert (opts.allow_other, opts.dev, opts.suid, opts.readonly) == (True, True, True, False)
+    opts = parse_options(["rootfs,nosuid", "ro"])  # expanded in place: later options still win
+    assert (opts.allow_other, opts.dev, opts.suid, opts.readonly) == (True, True, False, True)
+    assert parse_options(["nodev,rootfs"]).dev is True
+    with pytest.raises(ConfigError, match="takes no value"):
+        parse_options(["rootfs=yes"])
+
+
+@pytest.mark.parametrize("form", ["-o rootfs", "--rootfs", "helper -o ...,rootfs"])
+def test_rootfs_shorthand_reaches_the_kernel(tree: Path, form: str) -> None:
+    """allow_other, dev and suid end up in the mount table, in each way of asking."""
+    mnt = str(tree / "mnt")
+    layers = f"{tree}/l1:{tree}/l2", f"{tree}/up", mnt
+    args = {"-o rootfs": ["mount", "-o", "rootfs", *layers],
+            "--rootfs": ["mount", "--rootfs", *layers],
+            "helper -o ...,rootfs": ["unionfs", mnt, "-o",  # as mount.fuse3 runs it for an fstab line
+                                     f"lowerdir={tree}/l1:{tree}/l2,upperdir={tree}/up,rootfs,noauto"]}[form]
+    proc = run(*args)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        (line,) = mounts_under(tree)
+        mount_opts, super_opts = line.split()[5].split(","), line.split(" - ")[1].split()[2].split(",")
+        assert "nosuid" not in mount_opts and "nodev" not in mount_opts, line
+        assert "allow_other" in super_opts and "default_permissions" in super_opts, line
+    finally:
+        run("umount", mnt)
+        force_unmount(mnt)
+
+
 def test_help() -> None:
     proc = run("--help")
     assert proc.returncode == 0
@@ -257,6 +288,66 @@ def test_umount_of_a_busy_live_mount_fails(tree: Path) -> None:
         proc = run("umount", mnt)
         assert proc.returncode == 0, proc.stderr
         assert not is_mounted(mnt)
+
+
+def _mount_below(mnt: Path, tree: Path) -> list[str]:
+    """/proc, a tmpfs with a tmpfs inside and a second unionfs, all below *mnt* (as a rootfs has)."""
+    for d in ("proc", "tmp", "srv/inner"):
+        (mnt / d).mkdir(parents=True)
+    subprocess.run(["mount", "-t", "proc", "proc", str(mnt / "proc")], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt / "tmp")], check=True)
+    (mnt / "tmp/deeper").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt / "tmp/deeper")], check=True)
+    proc = run("mount", f"{tree}/l2", str(mnt / "srv/inner"))
+    assert proc.returncode == 0, proc.stderr
+    return [str(mnt / d) for d in ("proc", "tmp", "tmp/deeper", "srv/inner")]
+
+
+def test_umount_with_mounts_below_refuses_and_names_them(tree: Path) -> None:
+    mnt = tree / "mnt"
+    with unionfs_mount([f"{tree}/l1"], str(tree / "up"), str(mnt)):
+        below = _mount_below(mnt, tree)
+        try:
+            proc = run("umount", str(mnt))
+            assert proc.returncode == 1
+            (line,) = proc.stderr.splitlines()
+            assert line.startswith("unionfs: error: ") and "mounts below it" in line and "-R" in line
+            assert all(b in line for b in below), line
+            assert all(is_mounted(b) for b in [str(mnt), *below])  # nothing was unmounted
+            assert (mnt / "top.txt").read_text() == "top\n"
+        finally:
+            for b in reversed(below):
+                force_unmount(b)
+
+
+def test_umount_recursive_unmounts_below_first(tree: Path) -> None:
+    mnt = tree / "mnt"
+    with unionfs_mount([f"{tree}/l1"], str(tree / "up"), str(mnt)):
+        below = _mount_below(mnt, tree)
+        pids = daemon_pids(str(mnt)) + daemon_pids(below[-1])
+        assert len(pids) == 2
+        proc = run("umount", "-R", str(mnt))
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        assert mounts_under(tree) == []
+        assert all(pid_gone(p) for p in pids), "umount -R returned before the daemons exited"
+        assert run("umount", "--recursive", str(mnt)).returncode == 1  # nothing left to unmount
+
+
+def test_umount_recursive_of_a_dead_mount_with_mounts_below(tree: Path) -> None:
+    mnt = tree / "mnt"
+    with unionfs_mount([f"{tree}/l1"], str(tree / "up"), str(mnt)):
+        below = _mount_below(mnt, tree)
+        (pid,) = daemon_pids(str(mnt))
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: pid_gone(pid))
+        try:
+            assert run("umount", str(mnt)).returncode == 1  # still refused without -R
+            proc = run("umount", "-R", str(mnt))
+            assert proc.returncode == 0, proc.stderr
+            assert mounts_under(tree) == []
+        finally:
+            for b in reversed(below):
+                force_unmount(b)
 
 
 def test_read_only_union_without_upper(tree: Path) -> None:

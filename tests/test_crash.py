@@ -28,6 +28,7 @@ import linecache
 import os
 import random
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -72,7 +73,9 @@ def writer(mnt: str, journal_path: str, seed: int) -> None:
     frozen: set[str] = set()   # fsync'd files: never touched again, so their content stays known
     names = {}                 # origin -> current name in the view (None once deleted)
     for rel in BIG_NAMES + SMALL_NAMES:
-        names[rel] = rel
+        # a round that reuses the last round's upper starts from that round's changes:
+        # what it renamed or removed is not there under its lower name any more
+        names[rel] = rel if os.path.lexists(os.path.join(mnt, rel)) else None
     new_count = 0
     mv_count = 0
 
@@ -129,7 +132,7 @@ def writer(mnt: str, journal_path: str, seed: int) -> None:
     print("go", flush=True)
     # copy-ups of the big files early, between other changes, so kills hit them mid-copy
     for origin in rng.sample(BIG_NAMES, len(BIG_NAMES)):
-        if names[origin] not in frozen:
+        if names[origin] is not None and names[origin] not in frozen:
             append(origin, fsync=rng.random() < 0.3)
         for _ in range(rng.randrange(1, 8)):
             step()
@@ -259,8 +262,16 @@ def mount(lower: str, upper: str, work: str, mnt: str) -> None:
 
 
 def umount(mnt: str) -> None:
-    proc = subprocess.run(unionfs_cmd("umount", mnt), capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"umount failed: {proc.stderr.strip()}"
+    # EBUSY can be a passing reference from outside the test (another process walking
+    # /tmp): try again briefly, and say who holds the mount if it stays busy
+    for _ in range(5):
+        proc = subprocess.run(unionfs_cmd("umount", mnt), capture_output=True, text=True, timeout=60)
+        if proc.returncode == 0 or "busy" not in proc.stderr:
+            break
+        time.sleep(0.5)
+    holders = subprocess.run(["fuser", "-vm", mnt], capture_output=True, text=True).stderr \
+        if proc.returncode and shutil.which("fuser") else ""
+    assert proc.returncode == 0, f"umount failed: {proc.stderr.strip()}\n{holders}"
     assert not is_mounted(mnt)
 
 

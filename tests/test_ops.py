@@ -8,16 +8,18 @@ Every mount is unmounted by the helpers in mounting.py, even on failure.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
 import mmap
 import os
+import re
 import socket
 import stat
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import pytest
 
@@ -97,9 +99,11 @@ def errno_of(fn: Callable[[], object]) -> int:
     return 0
 
 
-def run_as(fn: Callable[[], object], cwd: str, uid: int = 1000, gid: int = 1000) -> int:
-    """Run fn in a forked child as uid:gid with cwd (entered while still root, since the
-    tmp_path ancestors are 0700); 0 if it returned, else the errno it raised."""
+def run_as(fn: Callable[[], object], cwd: str, uid: int = 1000, gid: int = 1000,
+           groups: Sequence[int] = ()) -> int:
+    """Run fn in a forked child as uid:gid (and supplementary *groups*) with cwd (entered
+    while still root, since the tmp_path ancestors are 0700); 0 if it returned, else the
+    errno it raised."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -107,7 +111,7 @@ def run_as(fn: Callable[[], object], cwd: str, uid: int = 1000, gid: int = 1000)
         try:
             os.close(r)
             os.chdir(cwd)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(gid)
             os.setuid(uid)
             fn()
@@ -1063,6 +1067,72 @@ def test_other_process_sees_new_file_in_listed_dir(mounted):
     assert "emptydir" not in other_sees("ls", "-a", mounted.mnt).stdout.split()
 
 
+LISTING_CHANGES = {
+    "create": lambda m: write(m("merged/new.txt"), b"n"),
+    "unlink": lambda m: os.unlink(m("merged/t1.txt")),
+    "rename_out": lambda m: os.rename(m("merged/b1.txt"), m("moved-out")),
+    "rename_in": lambda m: os.rename(m("shadow.txt"), m("merged/moved-in")),
+    "mkdir": lambda m: os.mkdir(m("merged/newdir")),
+    "symlink": lambda m: os.symlink("t", m("merged/newlink")),
+    "link": lambda m: os.link(m("times.txt"), m("merged/newhard")),
+    "rename_dir_in": lambda m: os.rename(m("dir"), m("merged/dir-in")),
+}
+
+
+def test_kernel_listing_cache_follows_every_change(mounted):
+    """The kernel keeps listings (cache_readdir); each change through the mount must show in
+    the next listing another process makes of the same directory."""
+    def listing(path: str) -> set[str]:
+        return set(other_sees("ls", "-a", path).stdout.split())
+
+    for what, change in LISTING_CHANGES.items():
+        before_merged, before_root = listing(mounted.m("merged")), listing(mounted.mnt)
+        listing(mounted.m("merged"))  # served from the kernel's copy now
+        change(mounted.m)
+        expect_merged = set(os.listdir(mounted.m("merged"))) | {".", ".."}
+        assert listing(mounted.m("merged")) == expect_merged, what
+        assert listing(mounted.mnt) == set(os.listdir(mounted.mnt)) | {".", ".."}, what
+        assert (before_merged, before_root) != (expect_merged, listing(mounted.mnt)), what
+
+
+def test_symlink_target_cache_follows_replacement(mounted):
+    assert other_sees("readlink", mounted.m("sym_rel")).stdout.strip() == os.readlink(mounted.m("sym_rel"))
+    os.unlink(mounted.m("sym_rel"))
+    os.symlink("elsewhere", mounted.m("sym_rel"))
+    assert other_sees("readlink", mounted.m("sym_rel")).stdout.strip() == "elsewhere"
+
+
+def test_kernel_answers_repeated_listings_and_acls(layers):
+    """The caching levers are in force: once listed, an unchanged directory is answered by
+    the kernel, and so are its entries' POSIX ACLs (the daemon's --debug log counts requests).
+    Exempt: the root, whose inode the kernel makes before FUSE_POSIX_ACL is agreed and so
+    never caches ACLs for, and the listed directory, whose attributes (and with them its
+    cached ACLs) the kernel refreshes after reading it."""
+    def requests() -> tuple[int, collections.Counter]:
+        with open(os.path.join(layers.work, "unionfs.log"), "rb") as f:
+            log = f.read()
+        acls = collections.Counter(int(m) for m in re.findall(rb"getxattr\((\d+), b'system\.posix_acl_", log))
+        return log.count(b"readdir("), acls
+
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work, options=("debug",)):
+        out = other_sees("ls", "-la", layers.m("merged")).stdout
+        first = requests()
+        for _ in range(2):
+            assert other_sees("ls", "-la", layers.m("merged")).stdout == out
+        again = requests()
+        write(layers.m("merged/new.txt"), b"n")
+        assert "new.txt" in other_sees("ls", "-la", layers.m("merged")).stdout
+        changed = requests()
+        exempt = {1, os.stat(layers.m("merged")).st_ino}
+    assert first[0] >= 1 and len(first[1]) >= 4, first
+    assert again[0] == first[0], f"READDIR requests after 1 listing {first[0]}, after 3 {again[0]}"
+    assert changed[0] > again[0], "a changed directory must be listed anew"
+    refetched = {ino: n for ino, n in changed[1].items() if ino not in exempt and n > 2}
+    assert not refetched, f"ACLs asked again for {refetched}"
+    assert {ino: n for ino, n in again[1].items() if ino not in exempt} == \
+        {ino: n for ino, n in first[1].items() if ino not in exempt}
+
+
 # -- permissions as a non-root user -------------------------------------------------------
 
 def test_user_cannot_write_root_file(mounted_other):
@@ -1108,12 +1178,14 @@ def test_user_private_file(mounted_other):
     assert stat.S_IMODE(os.lstat(L.u("owned.txt")).st_mode) == 0o644
 
 
-@pytest.mark.xfail(strict=True, reason="POSIX ACLs are stored but not enforced: fs.Operations does not set enable_acl, so the kernel checks mode bits only")
 def test_user_acl_grants_write(mounted_other):
+    """A named-user ACL entry lets that user in where the mode bits alone would not
+    (FUSE_POSIX_ACL: the kernel checks ACLs), and nobody else."""
     L = mounted_other
     os.chmod(L.m("rootfile.txt"), 0o640)
+    assert run_as(lambda: write("rootfile.txt", b"acl\n", os.O_WRONLY | os.O_TRUNC), cwd=L.mnt) == errno.EACCES
     subprocess.run(["setfacl", "-m", "u:1000:rw", L.m("rootfile.txt")], check=True)
-    assert run_as(lambda: write("rootfile.txt", b"acl\n", os.O_WRONLY), cwd=L.mnt) == 0
+    assert run_as(lambda: write("rootfile.txt", b"acl\n", os.O_WRONLY | os.O_TRUNC), cwd=L.mnt) == 0
     assert read(L.m("rootfile.txt")) == b"acl\n"
     assert run_as(lambda: read("rootfile.txt"), cwd=L.mnt, uid=1001, gid=1001) == errno.EACCES
 
@@ -1696,7 +1768,7 @@ def test_mkdir_over_unlinked_file_like_kernel(pair):
     assert res[0] == res[1]
 
 
-@pytest.mark.xfail(strict=True, reason="no FUSE POSIX ACL support (enable_acl unset): umask applied despite a default ACL, and the daemon's chmod after create rewrites the inherited ACL mask/other")
+@pytest.mark.xfail(strict=True, reason="FUSE_CAP_DONT_MASK not used: the kernel applies the umask despite a default ACL, and the daemon's chmod after create rewrites the inherited ACL mask/other")
 def test_default_acl_create_like_kernel(pair):
     """With a default ACL on the parent the umask is not applied (POSIX.1e)."""
     res = []

@@ -28,7 +28,6 @@ and the script's output: unionfs must show what overlayfs shows.
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import shutil
 import stat
@@ -38,24 +37,10 @@ import tempfile
 import pytest
 
 from mounting import is_mounted, kernel_overlay, unionfs_mount
+from rootfs_helpers import ROOTFS_MARKS, assert_same_views, view
 
 
-def _overlay_available() -> bool:
-    def listed() -> bool:
-        with open("/proc/filesystems") as f:
-            return any(line.split()[-1] == "overlay" for line in f if line.strip())
-    if listed():
-        return True
-    subprocess.run(["modprobe", "overlay"], capture_output=True)
-    return listed()
-
-
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, unshare, mknod, mounts)"),
-    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing"),
-    pytest.mark.skipif(os.geteuid() == 0 and not _overlay_available(),
-                       reason="kernel overlayfs is missing"),
-]
+pytestmark = ROOTFS_MARKS
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "unionfs-rootfs")
 ALICE, BOB = 1000, 1001
@@ -245,28 +230,6 @@ def run_script(mnt: str) -> subprocess.CompletedProcess[str]:
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LC_ALL": "C"})
 
 
-def view(root: str) -> dict[str, tuple]:
-    """Every entry under root: type and mode, owner, link count, size, content or target, rdev."""
-    out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in [".", *dirnames, *filenames]:
-            p = os.path.normpath(os.path.join(dirpath, name))
-            st = os.lstat(p)
-            what: object = None
-            if stat.S_ISREG(st.st_mode):
-                with open(p, "rb") as f:
-                    what = hashlib.sha256(f.read()).hexdigest()
-            elif stat.S_ISLNK(st.st_mode):
-                what = os.readlink(p)
-            is_dir = stat.S_ISDIR(st.st_mode)
-            out[os.path.relpath(p, root)] = (
-                stat.filemode(st.st_mode), st.st_mode, st.st_uid, st.st_gid,
-                None if is_dir else st.st_nlink, None if is_dir else st.st_size, what,
-                st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None)
-    return out
-
-
 def read_outcomes(mnt: str) -> list[str]:
     with open(os.path.join(mnt, "var/log/outcomes")) as f:
         return f.read().splitlines()
@@ -333,11 +296,6 @@ def test_busybox_rootfs_unionfs_matches_overlayfs(tmp_path):
     # ... and unionfs behaved the same
     assert uf_log == k_log
     assert uf_out == k_out
-    only_k = sorted(set(k_view) - set(uf_view))
-    only_uf = sorted(set(uf_view) - set(k_view))
-    differ = {p: (uf_view[p], k_view[p]) for p in sorted(set(k_view) & set(uf_view))
-              if uf_view[p] != k_view[p]}
-    assert not only_k and not only_uf and not differ, \
-        f"only in overlayfs: {only_k}\nonly in unionfs: {only_uf}\ndiffer (unionfs, overlayfs): {differ}"
+    assert_same_views(uf_view, k_view)
     assert "srv/renamed/extra.txt" in uf_view and "srv/old.txt" not in uf_view
     assert uf_view["dev/mynull"][7] == os.makedev(1, 3)

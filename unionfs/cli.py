@@ -44,10 +44,13 @@ class Command:
 # -- mount ------------------------------------------------------------------
 
 def add_mount(p: argparse.ArgumentParser) -> None:
-    p.usage = (f"{PROG} mount [-o OPTS] [--workdir DIR] [-f] [--debug] "
+    p.usage = (f"{PROG} mount [-o OPTS] [--rootfs] [--workdir DIR] [-f] [--debug] "
                "LOWER[:LOWER...] [UPPER] MOUNTPOINT")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                    help="comma-separated mount options (see README), may repeat")
+    p.add_argument("--rootfs", action="store_true",
+                   help="same as -o rootfs: allow_other,dev,suid,default_permissions (given first, "
+                        "so -o nosuid etc. still override it)")
     p.add_argument("--workdir", metavar="DIR", help="work directory (default: .UPPER.unionfs-work beside UPPER)")
     p.add_argument("-f", "--foreground", action="store_true", help="do not daemonise; log to stderr")
     p.add_argument("--debug", action="store_true", help="log every request")
@@ -59,7 +62,7 @@ def add_mount(p: argparse.ArgumentParser) -> None:
 def run_mount(args: argparse.Namespace) -> int:
     from . import mount
 
-    opts = parse_options(args.options)
+    opts = parse_options((["rootfs"] if args.rootfs else []) + args.options)
     if args.fsname and not opts.fsname:
         opts.fsname = args.fsname
     lowers, upper, mountpoint = _layers_from(args.paths, opts)
@@ -97,13 +100,15 @@ def _layers_from(paths: list[str], opts) -> tuple[list[str], str | None, str]:
 # -- umount -----------------------------------------------------------------
 
 def add_umount(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-R", "--recursive", action="store_true",
+                   help="first unmount what is mounted below MOUNTPOINT (e.g. /proc of a root), deepest first")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
 
 def run_umount(args: argparse.Namespace) -> int:
     from . import mount
 
-    mount.unmount(args.mountpoint)
+    mount.unmount(args.mountpoint, recursive=args.recursive)
     return 0
 
 

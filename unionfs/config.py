@@ -141,9 +141,22 @@ _FLAG_FIELDS: dict[str, tuple[str | None, bool]] = {
 }
 _STRING_FIELDS = {"upperdir", "workdir", "fsname"}
 
+# Shorthands: one word for a usual set. `rootfs` is what a root filesystem
+# needs (other users, device nodes, setuid binaries, mode-bit checks); it is
+# expanded in place, so a later `nosuid` still wins.
+SHORTHANDS: dict[str, tuple[str, ...]] = {
+    "rootfs": ("allow_other", "dev", "suid", "default_permissions"),
+}
+
 
 def _apply_option(opts: MountOptions, item: str) -> None:
     name, has_value, value = item.partition("=")
+    if name in SHORTHANDS:
+        if has_value:
+            raise ConfigError(f"mount option '{name}' takes no value")
+        for expanded in SHORTHANDS[name]:
+            _apply_option(opts, expanded)
+        return
     if name in UNSUPPORTED and item != "metacopy=off":
         raise ConfigError(UNSUPPORTED[name])
     if name.startswith("x-") or name == "comment" or (name == "user" and has_value):

@@ -30,6 +30,11 @@ log = logging.getLogger("unionfs")
 
 TIMEOUT = 86400.0  # seconds the kernel may trust an entry or attributes
 
+# pyfuse3 with patches/pyfuse3-3.5.0-unionfs.patch (scripts/setup) answers OPENDIR with
+# ENOSYS itself: directories are then opened without a round trip, as files stay opened
+# with one (OPEN decides copy-up and O_TRUNC).
+ZERO_OPENDIR = getattr(pyfuse3, "UNIONFS_PATCH", 0) >= 2
+
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -65,15 +70,22 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
+    enable_acl = True  # the kernel checks and caches POSIX ACLs (no GETXATTR per ls -l)
+    # patched pyfuse3 only (scripts/setup), ignored by a stock one:
+    cache_readdir = True  # listings stay in the kernel until the directory changes
+    enable_cache_symlinks = True  # a symlink's target never changes: the kernel keeps it
+    no_opendir = ZERO_OPENDIR  # no OPENDIR/RELEASEDIR round trips; readdir gets the inode
     supports_dot_lookup = True
 
     def __init__(self, union: Union, debug: bool = False) -> None:
         super().__init__()
         self.u = union
         self.debug = debug
-        self._dirs: dict[int, tuple[Node, list[bytes]]] = {}
-        self._listed: dict[int, bool] = {}  # a handle's listing was served from offset 0 once
+        self._dir_handles: dict[int, Node] = {}  # stock pyfuse3 only: opendir's handles
         self._next_dh = 1
+        # The listing a reader is part-way through, by handle (or by inode when there
+        # are no handles): offsets index into it until the reader starts again at 0.
+        self._listings: dict[int, list[bytes]] = {}
 
     # -- attributes --------------------------------------------------------------------
 
@@ -113,8 +125,15 @@ class Operations(pyfuse3.Operations):
         return self._entry(node, st)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # no reply to turn an error into: log it, since an exception escaping a
+        # handler would end pyfuse3's request loop and with it the mount
         for inode, count in inode_list:
-            self.u.nodes.forget(inode, count)
+            try:
+                self.u.nodes.forget(inode, count)
+            except Exception:
+                log.exception("internal error in forget of %#x", inode)
+            if ZERO_OPENDIR:
+                self._listings.pop(inode, None)  # a reader that stopped part-way
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):
@@ -203,9 +222,11 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return syscalls.pwrite_all(self.u.handle(fh).fd, buf, off)
 
-    @fuse_errors
     async def flush(self, fh: int) -> None:
-        pass
+        # Nothing to do at close: data reaches the upper fd at write, and locks are the
+        # kernel's (no lock handlers). ENOSYS tells the kernel so once: it then stops
+        # sending FLUSH at every close(), still writing dirty pages back first.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @fuse_errors
     async def release(self, fh: int) -> None:
@@ -220,25 +241,30 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self.u.node(inode)
-        names = [b".", b".."] + self.u.list_dir(node)
+        """Stock pyfuse3 only (the patched one answers OPENDIR itself). The listing is made
+        at the first readdir: with cache_readdir the kernel often never asks."""
         dh = self._next_dh
         self._next_dh += 1
-        self._dirs[dh] = (node, names)
+        self._dir_handles[dh] = self.u.node(inode)
         return dh
+
+    def _dir(self, fh: int) -> Node:
+        return self.u.node(fh) if ZERO_OPENDIR else self._dir_handles[fh]
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        node, names = self._dirs[fh]
-        if start_id == 0 and self._listed.get(fh):
-            names = [b".", b".."] + self.u.list_dir(node)  # rewinddir: see what is there now
-            self._dirs[fh] = (node, names)
-        self._listed[fh] = True
+        node = self._dir(fh)
+        names = self._listings.get(fh)
+        if start_id == 0 or names is None:  # a first read or rewinddir: what is there now
+            names = self._listings[fh] = [b".", b".."] + self.u.list_dir(node)
+        if start_id >= len(names):  # the end: with no RELEASEDIR coming, drop it now
+            self._listings.pop(fh, None)
+            return
         for i in range(start_id, len(names)):
             name = names[i]
             child, st = self.u.lookup(node, name)
             if child is None or st is None:
-                continue  # gone since opendir
+                continue  # gone since the listing was made
             if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), i + 1):
                 return
             if name not in (b".", b".."):
@@ -246,16 +272,16 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
-        self._listed.pop(fh, None)
+        self._dir_handles.pop(fh, None)
+        self._listings.pop(fh, None)
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        node, _ = self._dirs[fh]
+        node = self._dir(fh)
         if node.upper:
-            dfd, name = self.u.loc(node)
-            fd = os.open(name or b".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd) if name else \
-                os.open(b"/proc/self/fd/%d" % dfd, os.O_RDONLY | os.O_DIRECTORY)
+            # never by a path that could be followed: a symlink put at the name behind
+            # our back would lead out of the upper
+            fd = syscalls.open_at(*self.u.loc(node), os.O_RDONLY | os.O_DIRECTORY)
             try:
                 await trio.to_thread.run_sync(os.fsync, fd)
             finally:

@@ -25,7 +25,7 @@ from typing import Iterator
 from . import syscalls
 from .layers import (OCI_OPAQUE, OCI_WHITEOUT, OVL_OPAQUE, OVL_REDIRECT, OWN_INO, FdCache, Layer,
                      walk_dir)
-from .nodes import ROOT_ID, Node, make_ino
+from .nodes import ROOT_ID, Node, make_ino, parse_ino
 
 NAME_MAX = 255
 
@@ -42,6 +42,7 @@ class Entry:
     whiteout: bool = False                       # the upper holds a whiteout at this name
     hidden: bool = False                         # a whiteout was met in some layer
     ino: int = 0
+    origin: int = 0                              # view inode of the first lower under an upper dir
 
     @property
     def exists(self) -> bool:
@@ -131,6 +132,7 @@ class Resolver:
         """What the view shows at *name* in directory *parent*."""
         e = Entry(name)
         redirect: bytes | None = None
+        own: int | None = None
         if parent.upper and self.upper is not None:
             ufd = self.upper_fd(parent)
             st = syscalls.lstat_at(ufd, name)
@@ -139,19 +141,30 @@ class Resolver:
                     e.whiteout = e.hidden = True
                     return e
                 e.st, e.upper = st, True
-                own = syscalls.getxattr(ufd, name, OWN_INO)
-                e.ino = int(own) if own and own.isdigit() else make_ino(0, st.st_ino)
+                own = parse_ino(syscalls.getxattr(ufd, name, OWN_INO))
+                e.ino = own if own is not None else make_ino(0, st.st_ino)
                 if not stat.S_ISDIR(st.st_mode):
                     return e
                 if syscalls.getxattr(ufd, name, OVL_OPAQUE) == b"y":
                     e.opaque = True
-                    return e
+                    return self._check_origin(e, own)
                 rd = syscalls.getxattr(ufd, name, OVL_REDIRECT)
                 if rd is not None and valid_redirect(rd):
                     redirect = rd
         if parent.opaque and parent.upper and not (redirect and redirect.startswith(b"/")):
-            return e  # an absolute redirect searches from the layer roots, as overlayfs does
+            # an absolute redirect searches from the layer roots, as overlayfs does
+            return self._check_origin(e, own) if e.upper else e
         self._scan_lowers(parent, name, redirect, e)
+        return self._check_origin(e, own) if e.upper else e
+
+    @staticmethod
+    def _check_origin(e: Entry, claim: int | None) -> Entry:
+        """An upper directory keeps the inode number of the lower directory it was copied up
+        from; a claim that no lower directory here backs (a forged or stale xattr) would make it
+        another directory's node, so it falls back to its own number."""
+        if claim is not None and claim != e.origin:
+            assert e.st is not None
+            e.ino = make_ino(0, e.st.st_ino)
         return e
 
     def _scan_lowers(self, parent: Node, name: bytes, redirect: bytes | None, e: Entry) -> None:
@@ -173,6 +186,8 @@ class Resolver:
             elif not stat.S_ISDIR(e.st.st_mode) or not isdir:
                 return
             else:
+                if not e.lowers:
+                    e.origin = make_ino(layer.index, st.st_ino)
                 e.lowers.append((layer, path))
             if _lower_opaque(fd, lname):
                 return
@@ -202,6 +217,11 @@ class Resolver:
             e.lowers.append((layer, target))
             if _lower_opaque(fd, lname):
                 return
+            rd = syscalls.getxattr(fd, lname, OVL_REDIRECT)
+            if rd is not None and valid_redirect(rd):
+                # a lower layer made from an upper with its own renames: follow on, as
+                # overlayfs does (each step goes strictly down the stack, so it ends)
+                return self._scan_redirect(layer, rd, e)
 
     def lower_positive(self, parent: Node, name: bytes) -> bool:
         """Does any lower layer show something at *name* in *parent*?

@@ -327,15 +327,27 @@ def _init_fuse(pyfuse3: Any, ops: Any, mountpoint: str, options: set[str]) -> No
     raise MountError(f"cannot mount on '{mountpoint}': {reason}")
 
 
+LOCK_GRACE = 3.0  # seconds a just-unmounted daemon may take to let go of its layers
+
+
 def _lock_dir(path: str, what: str) -> int:
-    """Hold an exclusive lock for the daemon's life, like overlayfs' "in-use" check."""
+    """Hold an exclusive lock for the daemon's life, like overlayfs' "in-use" check.
+
+    A daemon whose mount is already gone may still be finishing (closing the changes
+    log) when the next mount of the same upper starts, e.g. after a lazy or forced
+    unmount that did not wait for it: give it a moment before calling the upper busy."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise MountError(f"{what} '{path}' is in use by another unionfs mount") from None
-    return fd
+    deadline = time.monotonic() + LOCK_GRACE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            os.close(fd)
+            raise MountError(f"{what} '{path}' is in use by another unionfs mount") from None
 
 
 def _raise_nofile_limit() -> None:
@@ -351,15 +363,22 @@ def _serve(config: MountConfig, session: _Session) -> None:
     import pyfuse3
     import trio
 
+    signalled = False
+
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(terminate_on_signal, signals)
                 await pyfuse3.main(max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
+        if not signalled:  # say why we stop: nobody asked this process to
+            log.info("the kernel ended the FUSE session: %s was unmounted (umount, umount -l "
+                     "or fusermount -u)", config.mountpoint)
 
     async def terminate_on_signal(signals: AsyncIterator[int]) -> None:
+        nonlocal signalled
         async for signum in signals:
+            signalled = True
             log.info("got %s, unmounting %s", signal.Signals(signum).name, config.mountpoint)
             pyfuse3.terminate()
             return
@@ -374,7 +393,8 @@ def _serve(config: MountConfig, session: _Session) -> None:
             pyfuse3.close(unmount=True)
         from .changes import close_all  # compact the changes log, mark the stop clean
         close_all()
-        if session.pidfile:
+        devno = os.path.basename(session.pidfile or "").removesuffix(".pid")
+        if session.pidfile and not any(e.devno == devno for e in mount_entries()):
             # the device number may already serve another mount, with its own pid file
             with contextlib.suppress(OSError, ValueError, IndexError):
                 with open(session.pidfile) as f:
@@ -387,17 +407,48 @@ def _serve(config: MountConfig, session: _Session) -> None:
 # Stopping
 # --------------------------------------------------------------------------
 
-def unmount(path: str) -> None:
-    """Unmount the unionfs at *path* and wait for its daemon to exit."""
+def submounts(mnt: str) -> list[MountEntry]:
+    """Mounts strictly below *mnt*, in the order to unmount them: children before parents.
+
+    mountinfo lists a mount after the one it sits on, so its reverse is a safe
+    order (also for several mounts stacked on one directory).
+    """
+    prefix = mnt.rstrip("/") + "/"
+    return [e for e in reversed(mount_entries()) if e.mountpoint.startswith(prefix)]
+
+
+def unmount(path: str, recursive: bool = False) -> None:
+    """Unmount the unionfs at *path* and wait for its daemon to exit.
+
+    Mounts below it (/proc, /dev, /sys of a root on the union) make the
+    kernel refuse with EBUSY, which says nothing about why: they are named
+    instead, and nothing is unmounted unless *recursive* asks to unmount
+    them first (deepest first; a unionfs among them also waits for its daemon).
+    """
     mnt = os.path.realpath(os.path.abspath(path))
     entry = top_mount(mnt)
     if entry is None:
         raise MountError(f"'{path}' is not a unionfs mount (nothing is mounted there)")
     if entry.fstype != FSTYPE:
         raise MountError(f"'{path}' is not a unionfs mount (it is {entry.fstype})")
+    below = submounts(mnt)
+    if below and not recursive:
+        names = ", ".join(dict.fromkeys(e.mountpoint for e in reversed(below)))  # stacked: once
+        raise MountError(f"'{path}' has mounts below it: {names} "
+                         "(unmount them first, or use `unionfs umount -R`)")
     owner = _read_pidfile(entry.devno)
     dead = owner is not None and not _alive(*owner)
-    _umount(mnt, lazy=False, dead=dead)
+    if below and dead:
+        # paths below a dead FUSE mount may not resolve (ENOTCONN); detaching
+        # the union takes everything mounted below it along
+        _umount(mnt, lazy=True, dead=dead)
+    else:
+        for sub in below:
+            if sub.fstype == FSTYPE and top_mount(sub.mountpoint) == sub:
+                unmount(sub.mountpoint)
+            else:
+                _umount(sub.mountpoint, lazy=False, dead=False)
+        _umount(mnt, lazy=False, dead=dead)
     if owner is not None:
         _wait_for_exit(*owner)
     if _read_pidfile(entry.devno) == owner:  # not yet another mount's (device numbers get reused)

@@ -21,11 +21,28 @@ from .layers import Layer
 
 ROOT_ID = 1
 _LAYER_SHIFT = 48
+# The top bit is never part of a number make_ino gives (layer indexes stay far below
+# 2**15): a lower object whose number an upper object claimed falsely takes it | ALT_INO.
+ALT_INO = 1 << 63
 
 
 def make_ino(layer_index: int, st_ino: int) -> int:
     """The st_ino a union object reports, unique across layers and stable across mounts."""
     return ((layer_index + 1) << _LAYER_SHIFT) | (st_ino & ((1 << _LAYER_SHIFT) - 1))
+
+
+def parse_ino(value: bytes | None) -> int | None:
+    """An inode number kept in an xattr, or None if it is not one make_ino can give.
+
+    The value is on-disk data anyone with access to the upper may have written:
+    0 would read as a negative entry, 1 is the root's id, and anything past 64
+    bits cannot be sent to the kernel, so only decimal numbers with a layer
+    part (the top 16 bits) of 1 or more, below ALT_INO, are trusted.
+    """
+    if not value or not value.isdigit() or len(value) > 20:
+        return None
+    ino = int(value)
+    return ino if 1 << _LAYER_SHIFT <= ino < ALT_INO else None
 
 
 class Node:

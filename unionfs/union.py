@@ -26,7 +26,7 @@ from .files import FileOps, Handle
 from .layers import OVL_OPAQUE, OVL_REDIRECT, FdCache, Layer, is_private_xattr, walk_tree
 from .merge import NAME_MAX, Entry, Resolver
 from .namespace import Caller, NamespaceOps, err
-from .nodes import ROOT_ID, Node, NodeTable
+from .nodes import ALT_INO, ROOT_ID, Node, NodeTable, make_ino
 from .workdir import WorkDir
 
 __all__ = ["Union", "Caller", "SetAttr", "Handle", "err"]
@@ -124,6 +124,18 @@ class Union(NamespaceOps, FileOps):
         """The node an entry resolves to: the registered one for its id, or a new one."""
         assert e.st is not None
         node = self.nodes.get(e.ino)
+        if node is not None and node.kind != stat.S_IFMT(e.st.st_mode):
+            # an identity claim (trusted.overlay.unionfs.ino) naming an object of another
+            # type is not ours to believe: the claimant keeps its own number; if the
+            # claimant got the number first, the rightful object takes its alternate one
+            if e.upper:
+                log.warning("%r: ignoring the inode number it claims (%#x)", e.name, e.ino)
+                e.ino = make_ino(0, e.st.st_ino)
+            else:
+                log.warning("%r: its inode number %#x was claimed by an upper object; "
+                            "using another", e.name, e.ino)
+                e.ino |= ALT_INO
+            node = self.nodes.get(e.ino)
         if node is not None:
             if node.id != ROOT_ID:
                 self.nodes.name_added(node, parent, e.name)
