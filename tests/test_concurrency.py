@@ -8,11 +8,13 @@ WORKDIR/work must hold exactly what they should.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import multiprocessing
 import os
 import signal
 import stat
+import struct
 import sys
 import traceback
 from typing import Callable
@@ -277,6 +279,53 @@ def test_readdir_while_creating_and_deleting(env):
         assert stable <= set(names)
         assert os.listdir(os.path.join(env.work, "work")) == []
         assert not pid_gone(pid)
+
+
+def getdents(fd: int, size: int = 1024) -> list[bytes]:
+    """One getdents64(2) call with a small buffer: the names it returned."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(size)
+    n = libc.syscall(217, fd, buf, size)   # SYS_getdents64 on x86-64
+    assert n >= 0, os.strerror(ctypes.get_errno())
+    names, pos = [], 0
+    while pos < n:
+        _ino, _off, reclen, _type = struct.unpack_from("QqHB", buf.raw, pos)
+        names.append(buf.raw[pos + 19:pos + reclen].split(b"\0", 1)[0])
+        pos += reclen
+    return names
+
+
+def test_two_readers_of_one_directory_interleaved(env):
+    """Reader A lists part of a directory, a name is added, reader B lists it all, then A
+    goes on: A must not continue in B's newer listing (it used to, through the one listing
+    kept per directory inode, and listed a name twice)."""
+    stable = {b"lower_file_with_a_longish_name_%03d" % i for i in range(300)}
+    for name in stable:
+        lower_file(env.lower, "d/" + name.decode(), b"")
+    with env.mount():
+        a = os.open(env.m("d"), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            first = getdents(a)
+            assert 0 < len(first) < 300
+            with open(env.m("d/inserted"), "w"):
+                pass
+            b = os.open(env.m("d"), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                listed_b = []
+                while batch := getdents(b):
+                    listed_b += batch
+            finally:
+                os.close(b)
+            listed_a = list(first)
+            while batch := getdents(a):
+                listed_a += batch
+        finally:
+            os.close(a)
+        for who, names in (("A", listed_a), ("B", listed_b)):
+            assert len(names) == len(set(names)), f"{who} listed twice: " \
+                f"{sorted({n for n in names if names.count(n) > 1})}"
+            assert stable <= set(names), f"{who} missed names"
+        assert b"inserted" in listed_b
 
 
 def test_writes_through_two_fds(env):
