@@ -101,3 +101,32 @@ def daemon_pids(mnt: str) -> list[int]:
                 and not pid_gone(int(entry))):
             pids.append(int(entry))
     return pids
+
+
+def daemon_pid(mnt: str) -> int:
+    """The daemon serving *mnt*, from its pid file (RUNDIR/MAJOR:MINOR.pid), checked against
+    the live daemons found by command line."""
+    from unionfs.mount import rundir, top_mount
+    entry = top_mount(os.path.realpath(mnt))
+    assert entry is not None, f"{mnt} is not mounted"
+    with open(os.path.join(rundir(), entry.devno + ".pid")) as f:
+        pid = int(f.readline().split()[0])
+    assert pid in daemon_pids(mnt), f"pid file says {pid}, daemons are {daemon_pids(mnt)}"
+    return pid
+
+
+def wait_daemon_gone(pid: int, deadline: float = 60.0) -> None:
+    """After an unmount: fail (saying where the daemon is stuck) unless it exits in time.
+    `unionfs umount` waits for it, but the helpers above ignore a failed umount."""
+    end = time.monotonic() + deadline
+    while not pid_gone(pid):
+        if time.monotonic() > end:
+            where = ""
+            for name in ("wchan", "stack", "status"):
+                try:
+                    with open(f"/proc/{pid}/{name}") as f:
+                        where += f"\n{name}: {f.read()[:2000]}"
+                except OSError:
+                    pass
+            raise AssertionError(f"daemon {pid} still runs {deadline:.0f}s after its unmount:{where}")
+        time.sleep(0.05)

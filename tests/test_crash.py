@@ -36,7 +36,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd  # noqa: E402
+from mounting import daemon_pid, force_unmount, is_mounted, pid_gone, unionfs_cmd  # noqa: E402
 
 BIG_SIZE = 64 * 1024 * 1024
 BIG_NAMES = [f"big/b{i}" for i in range(4)]
@@ -253,17 +253,6 @@ def check_tree(root: str, lower_hashes: dict[str, str], upper: bool) -> list[str
             else:
                 problems.append(f"{rel}: unexpected name (work/ leak?)")
     return problems
-
-
-def daemon_pid(mnt: str) -> int:
-    """The daemon serving *mnt*, from its pid file (RUNDIR/MAJOR:MINOR.pid)."""
-    from unionfs.mount import rundir, top_mount
-    entry = top_mount(os.path.realpath(mnt))
-    assert entry is not None, f"{mnt} is not mounted"
-    with open(os.path.join(rundir(), entry.devno + ".pid")) as f:
-        pid = int(f.readline().split()[0])
-    assert pid in daemon_pids(mnt), f"pid file says {pid}, daemons are {daemon_pids(mnt)}"
-    return pid
 
 
 def mount(lower: str, upper: str, work: str, mnt: str) -> None:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from mounting import force_unmount, is_mounted, unionfs_cmd, unionfs_mount
+from mounting import daemon_pid, force_unmount, is_mounted, unionfs_cmd, unionfs_mount
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, trusted xattrs)")
 
@@ -378,21 +378,13 @@ def test_damaged_or_missing_log_is_rebuilt_and_said(tmp_path, lower):
     assert lines(diff(u.upper)) == ["D /keep", "A /sneaky", "C /x"]
 
 
-def _daemon_pid(mnt: str) -> int:
-    from unionfs.mount import rundir, top_mount
-
-    entry = top_mount(os.path.realpath(mnt))
-    with open(os.path.join(rundir(), entry.devno + ".pid")) as f:
-        return int(f.readline().split()[0])
-
-
 def test_sigkill_then_diff_and_remount(tmp_path, lower):
     u = Union(tmp_path, [lower])
     proc = run("mount", ":".join(u.lowers), u.upper, u.mnt)
     try:
         write(u.p("x"), "changed")
         os.mkdir(u.p("newdir"))
-        os.kill(_daemon_pid(u.mnt), signal.SIGKILL)
+        os.kill(daemon_pid(u.mnt), signal.SIGKILL)
         # recorded before the replies: the log alone already names both
         named = {r.split(" ")[2] for r in _records(u.workdir)}
         assert {"/x", "/newdir"} <= named

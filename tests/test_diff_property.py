@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from mounting import force_unmount, is_mounted, unionfs_cmd, unionfs_mount
+from mounting import daemon_pid, force_unmount, is_mounted, unionfs_cmd, unionfs_mount
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, trusted xattrs)")
 
@@ -349,14 +349,6 @@ def diff_json(target: str, *args: str) -> tuple[list[dict], str]:
     return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
 
 
-def _daemon_pid(mnt: str) -> int:
-    from unionfs.mount import rundir, top_mount
-
-    entry = top_mount(os.path.realpath(mnt))
-    with open(os.path.join(rundir(), entry.devno + ".pid")) as f:
-        return int(f.readline().split()[0])
-
-
 def _explain(ops: Ops, got: list[dict], want: list[dict], what: str) -> str:
     g = {r["path"]: r for r in got}
     w = {r["path"]: r for r in want}
@@ -389,7 +381,7 @@ def test_diff_matches_the_view(tmp_path, seed):
         # more changes, then the daemon dies without warning
         ops.log.append("-- marked m1; then, killed after:")
         ops.run(N_OPS // 3)
-        os.kill(_daemon_pid(mnt), signal.SIGKILL)
+        os.kill(daemon_pid(mnt), signal.SIGKILL)
         time.sleep(0.1)
         force_unmount(mnt)
         assert not is_mounted(mnt)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import inspect
 import os
 import stat
@@ -54,3 +55,14 @@ def xattr(path: str, name: str) -> bytes | None:
         if e.errno == errno.ENODATA:
             return None
         raise
+
+
+def seeded(tag: str, size: int) -> bytes:
+    """*size* bytes determined by *tag*, different in every 32-byte piece (so data written
+    at a wrong offset, or another write's data, never compares equal)."""
+    out = bytearray()
+    i = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{tag}:{i}".encode()).digest()
+        i += 1
+    return bytes(out[:size])

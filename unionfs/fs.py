@@ -34,6 +34,7 @@ TIMEOUT = 86400.0  # seconds the kernel may trust an entry or attributes
 # ENOSYS itself: directories are then opened without a round trip, as files stay opened
 # with one (OPEN decides copy-up and O_TRUNC).
 ZERO_OPENDIR = getattr(pyfuse3, "UNIONFS_PATCH", 0) >= 2
+MAX_LISTINGS = 16  # snapshots kept per directory (or handle) for readers part-way through
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -83,9 +84,13 @@ class Operations(pyfuse3.Operations):
         self.debug = debug
         self._dir_handles: dict[int, Node] = {}  # stock pyfuse3 only: opendir's handles
         self._next_dh = 1
-        # The listing a reader is part-way through, by handle (or by inode when there
-        # are no handles): offsets index into it until the reader starts again at 0.
-        self._listings: dict[int, list[bytes]] = {}
+        # The listings readers are part-way through, by handle (or by inode when there are
+        # no handles, so every reader of a directory shares the key) and then by generation:
+        # each read from offset 0 takes a new snapshot, and the offsets handed out carry
+        # its generation (high 32 bits) and an index into it (low 32 bits), so readers that
+        # started at different times never continue in each other's snapshot.
+        self._listings: dict[int, dict[int, list[bytes]]] = {}
+        self._listing_gen = 0
 
     def stats(self) -> dict[str, int]:
         return {**self.u.stats(), "listings": len(self._listings), "dir_handles": len(self._dir_handles)}
@@ -223,7 +228,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return os.pwrite(self.u.handle(fh).fd, buf, off)
+        return syscalls.pwrite_all(self.u.handle(fh).fd, buf, off)
 
     async def flush(self, fh: int) -> None:
         # Nothing to do at close: data reaches the upper fd at write, and locks are the
@@ -257,18 +262,26 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         node = self._dir(fh)
-        names = self._listings.get(fh)
-        if start_id == 0 or names is None:  # a first read or rewinddir: what is there now
-            names = self._listings[fh] = [b".", b".."] + self.u.list_dir(node)
-        if start_id >= len(names):  # the end: with no RELEASEDIR coming, drop it now
-            self._listings.pop(fh, None)
+        kept = self._listings.setdefault(fh, {})
+        gen, start = start_id >> 32, start_id & 0xFFFFFFFF
+        names = kept.get(gen) if start_id else None
+        if names is None:  # a first read, rewinddir, or a snapshot since dropped: what is there now
+            self._listing_gen = self._listing_gen % 0x7FFFFFFF + 1
+            gen = self._listing_gen
+            names = kept[gen] = [b".", b".."] + self.u.list_dir(node)
+            while len(kept) > MAX_LISTINGS:  # readers that stopped part-way
+                del kept[next(iter(kept))]
+        if start >= len(names):  # the end: with no RELEASEDIR coming, drop it now
+            del kept[gen]
+            if not kept:
+                del self._listings[fh]
             return
-        for i in range(start_id, len(names)):
+        for i in range(start, len(names)):
             name = names[i]
             child, st = self.u.lookup(node, name)
             if child is None or st is None:
                 continue  # gone since the listing was made
-            if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), gen << 32 | i + 1):
                 return
             if name not in (b".", b".."):
                 self.u.nodes.ref(child)

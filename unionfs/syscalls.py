@@ -194,6 +194,17 @@ def chmod_at(dirfd: int, name: bytes, mode: int) -> None:
         os.close(fd)
 
 
+def pwrite_all(fd: int, data: bytes, offset: int) -> int:
+    """Write all of *data* at *offset*, or raise: FUSE takes a short write for an error
+    (an O_DIRECT writer gets EIO, written-back pages lose their tail), so a pwrite cut
+    short (the upper filled up) goes on until the call itself fails with the reason."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
+
+
 def copy_data(src: int, dst: int, size: int) -> None:
     """Copy *size* bytes between file fds inside the kernel: reflink, else copy_file_range."""
     try:

@@ -1,0 +1,148 @@
+"""Durability: what fsync, fdatasync, O_SYNC, O_DSYNC, msync and fsync of a directory
+promise through the mount reaches the upper layer.
+
+After each, the bytes are in the upper file read directly (not through the
+mount), and strace on the daemon shows it calling fsync/fdatasync on that very
+upper file (strace -y prints the path behind each fd, so a sync of the wrong
+file, of the work/ temporary, or none at all fails the test).
+
+syncfs(2) is different: the kernel sends FUSE filesystems on /dev/fuse no
+SYNCFS request (only virtiofs gets one), so the daemon cannot know. The test
+checks what syncfs does give: the kernel's writeback cache is flushed into the
+upper file; and it checks that the daemon was not asked (so that the day a
+kernel starts sending it, this test says so). README Limits has it.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from typing import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mounting import daemon_pid, pid_gone, unionfs_mount  # noqa: E402
+
+pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/setup)")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+SYNC_CALL = re.compile(r"^\d+\s+(fsync|fdatasync|syncfs)\((\d+)<([^>]*)>\)\s+= 0", re.M)
+
+
+@contextlib.contextmanager
+def traced(pid: int, out: str) -> Iterator[list[tuple[str, str]]]:
+    """strace the daemon's sync calls while the body runs; the list gets (call, path) after."""
+    calls: list[tuple[str, str]] = []
+    proc = subprocess.Popen(["strace", "-f", "-y", "-p", str(pid), "-o", out,
+                             "-e", "trace=fsync,fdatasync,syncfs"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        # strace says "Process PID attached" once it has the main thread
+        while True:
+            line = proc.stderr.readline()
+            assert line, "strace could not attach"
+            if f"Process {pid} attached" in line:
+                break
+        yield calls
+    finally:
+        proc.send_signal(signal.SIGINT)   # detaches, after writing all it saw
+        proc.communicate(timeout=30)
+    with open(out) as f:
+        calls.extend((m.group(1), m.group(3)) for m in SYNC_CALL.finditer(f.read()))
+
+
+def upper_bytes(path: str, off: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, off)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def union(tmp_path):
+    lower, upper, work, mnt = (str(tmp_path / n) for n in ("lower", "upper", "work", "mnt"))
+    for d in (upper, work, mnt, os.path.join(lower, "d")):
+        os.makedirs(d)
+    for name in ("fsync", "fdatasync", "osync", "odsync", "msync", "syncfs"):
+        with open(os.path.join(lower, "d", name), "wb") as f:
+            f.write(b"L" * 100_000)
+    with unionfs_mount([lower], upper, mnt, workdir=work):
+        yield lower, upper, mnt, daemon_pid(mnt)
+
+
+def test_sync_calls_reach_the_upper(union, tmp_path):
+    lower, upper, mnt, pid = union
+    # (name, open flags, how the data is synced, the daemon call that must show)
+    cases = [("fsync", 0, os.fsync, "fsync"),
+             ("fdatasync", 0, os.fdatasync, "fdatasync"),
+             ("osync", os.O_SYNC, None, "fsync"),
+             ("odsync", os.O_DSYNC, None, "fdatasync")]
+    for n, (name, flags, sync, want) in enumerate(cases):
+        view, up = os.path.join(mnt, "d", name), os.path.join(upper, "d", name)
+        data = f"<{name} reached the upper>".encode()
+        off = 4096 * 7 + 11
+        # copy-up first (its own fdatasync is on a work/ temporary), outside the trace
+        fd = os.open(view, os.O_RDWR | flags)
+        try:
+            with traced(pid, str(tmp_path / f"strace{n}")) as calls:
+                os.pwrite(fd, data, off)
+                if sync is not None:
+                    sync(fd)
+                assert upper_bytes(up, off, len(data)) == data, f"{name}: bytes not in the upper"
+        finally:
+            os.close(fd)
+        assert (want, up) in calls, f"{name}: daemon did not {want} {up}; it did {calls}"
+        assert not pid_gone(pid)
+
+
+def test_msync_and_directory_fsync_reach_the_upper(union, tmp_path):
+    lower, upper, mnt, pid = union
+    view, up = os.path.join(mnt, "d", "msync"), os.path.join(upper, "d", "msync")
+    fd = os.open(view, os.O_RDWR)
+    try:
+        m = mmap.mmap(fd, 100_000)
+        try:
+            with traced(pid, str(tmp_path / "strace-msync")) as calls:
+                m[50_000:50_010] = b"mmapped!!!"
+                m.flush()   # msync(MS_SYNC)
+                assert upper_bytes(up, 50_000, 10) == b"mmapped!!!"
+        finally:
+            m.close()
+    finally:
+        os.close(fd)
+    assert ("fdatasync", up) in calls or ("fsync", up) in calls, calls
+
+    # a new name made durable by fsync of its directory: the upper directory is synced
+    with open(os.path.join(mnt, "d", "new"), "wb") as f:
+        f.write(b"new")
+    dfd = os.open(os.path.join(mnt, "d"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with traced(pid, str(tmp_path / "strace-dir")) as calls:
+            os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    assert ("fsync", os.path.join(upper, "d")) in calls, calls
+
+
+def test_syncfs_flushes_the_writeback_cache_into_the_upper(union, tmp_path):
+    lower, upper, mnt, pid = union
+    view, up = os.path.join(mnt, "d", "syncfs"), os.path.join(upper, "d", "syncfs")
+    fd = os.open(view, os.O_RDWR)
+    try:
+        with traced(pid, str(tmp_path / "strace-syncfs")) as calls:
+            os.pwrite(fd, b"syncfs data", 60_000)
+            assert _libc.syncfs(fd) == 0, os.strerror(ctypes.get_errno())
+            assert upper_bytes(up, 60_000, 11) == b"syncfs data"
+    finally:
+        os.close(fd)
+    # the kernel sent nothing the daemon could sync on (if this fails, FUSE_SYNCFS reaches
+    # FUSE daemons now: handle it and sync the upper's filesystem)
+    assert [c for c in calls if c[1] == up] == [], calls
