@@ -13,9 +13,9 @@ interleaved (in a rotating order) so that drift on the machine hits them all.
 
 Examples:
 
-    sudo /tmp/venv/bin/python scripts/bench.py --scale 0.1
-    sudo /tmp/venv/bin/python scripts/bench.py --repeat 3 --json /tmp/bench.json
-    sudo /tmp/venv/bin/python scripts/bench.py --only find,tar --impl unionfs --profile /tmp/prof
+    sudo .venv/bin/python scripts/bench.py --scale 0.1
+    sudo .venv/bin/python scripts/bench.py --repeat 3 --json /tmp/bench.json
+    sudo .venv/bin/python scripts/bench.py --only find,tar --impl unionfs --profile /tmp/prof
 
 Everything it mounted is unmounted on exit, Ctrl-C and errors included.
 """
