@@ -10,8 +10,7 @@ import signal
 import subprocess
 import time
 
-from mounting import unionfs_mount
-from unionfs.mount import _read_pidfile, top_mount
+from mounting import daemon_pid, unionfs_mount
 
 
 def _stats(pid: int, log: str, seen: int) -> tuple[dict[str, int], int]:
@@ -38,8 +37,7 @@ def test_forgotten_nodes_are_freed(tmp_path):
         os.mkdir(p)
     log = os.path.join(work, "unionfs.log")
     with unionfs_mount([lower], upper, mnt, workdir=work):
-        entry = top_mount(os.path.realpath(mnt))
-        pid = _read_pidfile(entry.devno)[0]
+        pid = daemon_pid(mnt)
         before, seen = _stats(pid, log, 0)
         subprocess.run(["find", mnt, "-printf", ""], check=True)
         walked, seen = _stats(pid, log, seen)
