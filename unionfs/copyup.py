@@ -2,9 +2,11 @@
 
 Order and atomicity follow overlayfs: parents first (directories are metadata
 only, so they never wait), then the object is built complete in the work
-directory (data by reflink or copy_file_range, then owner, mode, xattrs,
-times) and renamed into place. The parent's times are put back afterwards,
-since a copy-up is not a change the user made to the parent.
+directory (data by reflink or copy_file_range, fdatasync'd unless fsync=0,
+then owner, mode, xattrs, times) and only then given its name in the upper:
+a regular file is an unnamed O_TMPFILE linked into place (as overlayfs does),
+anything else a named temporary renamed into place. The parent's times are
+put back afterwards, since a copy-up is not a change the user made to the parent.
 
 Identity: the upper copy carries ``trusted.overlay.unionfs.ino`` with the st_ino the
 lower object had in the view, so inode numbers survive copy-up and remounts.
@@ -31,6 +33,9 @@ from .nodes import Node
 from .workdir import WorkDir
 
 Blocking = Callable[..., Awaitable[object]]
+
+#: files up to this size are copied on the trio loop when no fsync follows (see CopyUp._fill)
+INLINE_COPY = 128 * 1024
 
 
 def copy_xattrs(src_fd: int, src_name: bytes, dst_fd: int, dst_name: bytes) -> None:
@@ -105,6 +110,7 @@ class CopyUp:
         self.fsync = fsync
         self.blocking = blocking
         self.aliases = AliasIndex()
+        self._no_clone: set[int] = set()  # lower layers FICLONE to the upper failed for
         # set by the owner: resolves a view path to (parent node, entry), for hard-link aliases
         self.entry_at: Callable[[bytes], tuple[Node, Entry] | None] = lambda path: None
         self.view_paths: Callable[[bytes], list[bytes]] = lambda path: [b"/" + path]
@@ -154,43 +160,82 @@ class CopyUp:
         layer, path = node.lowers[0]
         sfd, sname = self.r.lower_loc(layer, path)
         st = syscalls.stat_at(sfd, sname)
+        if stat.S_ISREG(st.st_mode):
+            placed = await self._regular(node, layer, sfd, sname, st, data)
+        else:
+            placed = self._special(node, sfd, sname, st)
+        if not placed:
+            return
+        node.upper = True
+        if st.st_nlink > 1:
+            self._link_aliases(node, layer, path, st)
+
+    async def _regular(self, node: Node, layer: Layer, sfd: int, sname: bytes,
+                       st: os.stat_result, data: bool) -> bool:
+        """A regular file: data and metadata go into an unnamed O_TMPFILE (or a named
+        temporary), which gets its name in the upper only when complete."""
+        dst, tmp = self.work.new_file()
+        try:
+            if data and st.st_size:
+                src = syscalls.open_at(sfd, sname, os.O_RDONLY | os.O_NOATIME)
+                try:
+                    await self._fill(layer, src, dst, st.st_size)
+                finally:
+                    os.close(src)
+            copy_meta(st, sfd, sname, dst, b"", node.id)
+            if not self._still_wanted(node):
+                return False
+            pfd = self.r.upper_fd(node.parent)
+            with keep_times(pfd):
+                if tmp is None:
+                    os.link(syscalls.proc_path(dst), node.name, dst_dir_fd=pfd, follow_symlinks=True)
+                else:
+                    syscalls.renameat2(self.work.fd, tmp, pfd, node.name, syscalls.RENAME_NOREPLACE)
+                    tmp = None
+            return True
+        finally:
+            os.close(dst)
+            if tmp is not None:
+                self.work.remove_tree(tmp)
+
+    async def _fill(self, layer: Layer, src: int, dst: int, size: int) -> None:
+        """Copy the data (and fdatasync it when asked). A small file without fsync is
+        copied on the trio loop: the hop to a worker thread costs more than the copy."""
+        clone = layer.index not in self._no_clone
+        if self.fsync or size > INLINE_COPY:
+            ok = await self.blocking(_copy_and_sync, src, dst, size, clone, self.fsync)
+        else:
+            ok = syscalls.copy_data(src, dst, size, clone)
+        if not ok:  # this layer and the upper cannot share extents: do not ask again
+            self._no_clone.add(layer.index)
+
+    def _special(self, node: Node, sfd: int, sname: bytes, st: os.stat_result) -> bool:
+        """A symlink, device, fifo or socket: built under a name in work/, then renamed."""
         tmp = self.work.tmpname()
         try:
-            if stat.S_ISREG(st.st_mode):
-                dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                              dir_fd=self.work.fd)
-                try:
-                    if data and st.st_size:
-                        src = syscalls.open_at(sfd, sname, os.O_RDONLY | os.O_NOATIME)
-                        try:
-                            await self.blocking(syscalls.copy_data, src, dst, st.st_size)
-                        finally:
-                            os.close(src)
-                    if self.fsync:
-                        await self.blocking(os.fdatasync, dst)
-                finally:
-                    os.close(dst)
-            elif stat.S_ISLNK(st.st_mode):
+            if stat.S_ISLNK(st.st_mode):
                 os.symlink(syscalls.readlink_at(sfd, sname), tmp, dir_fd=self.work.fd)
             else:
                 os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=self.work.fd)
             copy_meta(st, sfd, sname, self.work.fd, tmp, node.id)
-            # the await above may have let other requests run: check the node is still named
-            if node.upper:
-                raise _AlreadyUp()
-            if node.parent is None:
-                raise OSError(errno.ENOENT, "copy-up of a removed file")
-            self.dir(node.parent)
+            if not self._still_wanted(node):
+                self.work.remove_tree(tmp)
+                return False
             self._place(node, tmp)
-        except _AlreadyUp:
-            self.work.remove_tree(tmp)
-            return
         except BaseException:
             self.work.remove_tree(tmp)
             raise
-        node.upper = True
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            self._link_aliases(node, layer, path, st)
+        return True
+
+    def _still_wanted(self, node: Node) -> bool:
+        """After an await other requests may have run: False if another copy-up of *node*
+        won, ENOENT if its last name went; else its parents are made ready in the upper."""
+        if node.upper:
+            return False
+        if node.parent is None:
+            raise OSError(errno.ENOENT, "copy-up of a removed file")
+        self.dir(node.parent)
+        return True
 
     def _link_aliases(self, node: Node, layer: Layer, path: bytes, st: os.stat_result) -> None:
         assert node.parent is not None
@@ -212,8 +257,11 @@ class CopyUp:
                             follow_symlinks=False)
 
 
-class _AlreadyUp(Exception):
-    pass
+def _copy_and_sync(src: int, dst: int, size: int, clone: bool, fsync: bool) -> bool:
+    ok = syscalls.copy_data(src, dst, size, clone)
+    if fsync:
+        os.fdatasync(dst)
+    return ok
 
 
 async def run_in_thread(fn: Callable[..., object], *args: object) -> object:

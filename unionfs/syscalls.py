@@ -205,13 +205,17 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> int:
     return done
 
 
-def copy_data(src: int, dst: int, size: int) -> None:
-    """Copy *size* bytes between file fds inside the kernel: reflink, else copy_file_range."""
-    try:
-        fcntl.ioctl(dst, FICLONE, src)
-        return
-    except OSError:
-        pass
+def copy_data(src: int, dst: int, size: int, clone: bool = True) -> bool:
+    """Copy *size* bytes between file fds inside the kernel: reflink (unless *clone* is
+    False), else copy_file_range. Returns False when a reflink was tried and refused, so
+    the caller can skip the attempt next time."""
+    refused = False
+    if clone:
+        try:
+            fcntl.ioctl(dst, FICLONE, src)
+            return True
+        except OSError:
+            refused = True
     for start, end in _data_extents(src, size):
         off = start
         while off < end:
@@ -226,6 +230,7 @@ def copy_data(src: int, dst: int, size: int) -> None:
                 break
             off += n
     os.ftruncate(dst, size)  # holes at the end stay holes
+    return not refused
 
 
 def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:

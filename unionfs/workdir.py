@@ -36,6 +36,21 @@ class WorkDir:
         """A fresh name in work/ (pid-prefixed, so two mounts' leftovers never clash)."""
         return self._prefix + str(next(self._seq)).encode()
 
+    def new_file(self) -> tuple[int, bytes | None]:
+        """A new empty regular file (mode 0600) open for writing, and its name in work/.
+
+        O_TMPFILE where the filesystem has it: the file has no name at all until it
+        is linked into place, so nothing is left behind by a crash and no work/
+        entry is made and removed. Elsewhere a named temporary (name not None)."""
+        try:
+            return os.open(b".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=self.fd), None
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+        name = self.tmpname()
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                       dir_fd=self.fd), name
+
     def cleanup(self) -> int:
         """Remove every leftover of an earlier (crashed) mount; returns how many."""
         count = 0
