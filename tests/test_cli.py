@@ -81,6 +81,8 @@ def bad_cases(t: Path) -> dict[str, tuple[list[str], int, str, dict[str, str]]]:
         "workdir without upper": (["mount", "-o", f"workdir={t}/work", l1, mnt], 1, "needs an upper", {}),
         "unknown option": (["mount", "-o", "rw,bogus", l1, up, mnt], 1, "unknown mount option 'bogus'", {}),
         "bad fsync": (["mount", "-o", "fsync=yes", l1, up, mnt], 1, "fsync must be 0 or 1", {}),
+        "bad poll_us": (["mount", "-o", "poll_us=-5", l1, up, mnt], 1, "poll_us must be a number", {}),
+        "huge poll_us": (["mount", "-o", "poll_us=100001", l1, up, mnt], 1, "from 0 to 100000", {}),
         "unsupported option": (["mount", "-o", "metacopy=on", l1, up, mnt], 1, "not supported", {}),
         "too few arguments": (["mount", l1], 2, "too few arguments", {}),
         "no arguments": (["mount"], 2, "too few arguments", {}),
@@ -155,10 +157,12 @@ def test_option_parsing() -> None:
     assert (opts.readonly, opts.dev, opts.suid, opts.allow_other, opts.fsync) == (True, True, True, True, False)
     assert "noexec" in opts.extra and opts.extra["redirect_dir"] == "on"
     assert parse_options(["ro", "rw,nodev"]).readonly is False  # later wins, as in mount(8)
+    assert parse_options([]).poll_us == 200 and parse_options(["poll_us=0"]).poll_us == 0
     opts = parse_options([r"lowerdir=/a\:b:/c,upperdir=/u\,v,workdir=/w"])
     assert (opts.lowerdir, opts.upperdir, opts.workdir) == (["/a:b", "/c"], "/u,v", "/w")
     assert split_lowers("/x:/y") == ["/x", "/y"]
-    for bad in ("nodev=1", "lowerdir=", "index=maybe", "volatile", "userxattr", "sloppy"):
+    for bad in ("nodev=1", "lowerdir=", "index=maybe", "volatile", "userxattr", "sloppy", "poll_us=",
+                "poll_us=1e3"):
         with pytest.raises(ConfigError):
             parse_options([bad])
 

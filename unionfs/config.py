@@ -25,6 +25,7 @@ class MountConfig:
     dev: bool = False                 # honour device nodes (mount(8) `dev`)
     suid: bool = False                # honour setuid bits (mount(8) `suid`)
     fsync: bool = True                # fsync copied-up data before it becomes visible
+    poll_us: int = 200                # poll this long for the next request before sleeping
     foreground: bool = False
     debug: bool = False
     fsname: str = "unionfs"
@@ -43,6 +44,9 @@ class MountConfig:
 FSTYPE = "fuse.unionfs"          # what /proc/self/mountinfo shows for our mounts
 SUBTYPE = "unionfs"
 DEV_FUSE_ENV = "UNIONFS_DEV_FUSE"  # tests point this at a missing path
+
+
+MAX_POLL_US = 100_000
 
 
 class ConfigError(ValueError):
@@ -89,6 +93,7 @@ class MountOptions:
     dev: bool = False
     suid: bool = False
     fsync: bool = True
+    poll_us: int = MountConfig.poll_us
     debug: bool = False
     fsname: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
@@ -172,7 +177,7 @@ def _apply_option(opts: MountOptions, item: str) -> None:
         else:
             opts.extra[name] = ""
         return
-    if name not in _STRING_FIELDS and name not in IGNORED_VALUED and name not in ("lowerdir", "fsync"):
+    if name not in _STRING_FIELDS and name not in IGNORED_VALUED and name not in ("lowerdir", "fsync", "poll_us"):
         raise ConfigError(f"unknown mount option '{item}'")
     if not value:
         raise ConfigError(f"mount option '{name}' needs a value")
@@ -182,6 +187,11 @@ def _apply_option(opts: MountOptions, item: str) -> None:
         if value not in ("0", "1"):
             raise ConfigError(f"fsync must be 0 or 1, not '{value}'")
         opts.fsync = value == "1"
+    elif name == "poll_us":
+        if not value.isdigit() or int(value) > MAX_POLL_US:
+            raise ConfigError(f"poll_us must be a number of microseconds from 0 to {MAX_POLL_US},"
+                              f" not '{value}'")
+        opts.poll_us = int(value)
     elif name in IGNORED_VALUED:
         if value not in IGNORED_VALUED[name]:
             raise ConfigError(f"unsupported value in mount option '{item}'")
@@ -267,7 +277,7 @@ def build_config(lowers: list[str], upper: str | None, mountpoint: str,
         upper=layers[-1][1] if upper is not None else None,
         workdir=work, mountpoint=mnt, readonly=opts.readonly,
         allow_other=opts.allow_other, dev=opts.dev, suid=opts.suid, fsync=opts.fsync,
-        foreground=foreground, debug=debug or opts.debug,
+        poll_us=opts.poll_us, foreground=foreground, debug=debug or opts.debug,
         fsname=opts.fsname or MountConfig.fsname, extra=dict(opts.extra))
     return config, create
 

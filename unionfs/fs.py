@@ -76,6 +76,8 @@ class Operations(pyfuse3.Operations):
     cache_readdir = True  # listings stay in the kernel until the directory changes
     enable_cache_symlinks = True  # a symlink's target never changes: the kernel keeps it
     no_opendir = ZERO_OPENDIR  # no OPENDIR/RELEASEDIR round trips; readdir gets the inode
+    # after a reply, poll for the next request this long before sleeping (-o poll_us=)
+    poll_us = MountConfig.poll_us
     supports_dot_lookup = True
 
     def __init__(self, union: Union, debug: bool = False) -> None:
@@ -354,4 +356,6 @@ def fuse_options(config: MountConfig) -> set[str]:
 
 def make_operations(config: MountConfig) -> Operations:
     """Open the layers and build the Operations for a mount (raises OSError/ValueError)."""
-    return Operations(Union(config), debug=config.debug)
+    ops = Operations(Union(config), debug=config.debug)
+    ops.poll_us = config.poll_us
+    return ops
