@@ -176,16 +176,19 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext):
-        return self._entry(*self.u.mknod(self.u.node(parent_inode), name, mode, rdev, _caller(ctx)))
+        node = self.u.mknod(self.u.node(parent_inode), name, mode, rdev, _caller(ctx))
+        return self._entry(node)
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext):
-        return self._entry(*self.u.mkdir(self.u.node(parent_inode), name, mode, _caller(ctx)))
+        node = self.u.mkdir(self.u.node(parent_inode), name, mode, _caller(ctx))
+        return self._entry(node)
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext):
-        return self._entry(*self.u.symlink(self.u.node(parent_inode), name, target, _caller(ctx)))
+        node = self.u.symlink(self.u.node(parent_inode), name, target, _caller(ctx))
+        return self._entry(node)
 
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -218,8 +221,8 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext):
-        node, fh, st = self.u.create(self.u.node(parent_inode), name, mode, flags, _caller(ctx))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node, st)
+        node, fh = self.u.create(self.u.node(parent_inode), name, mode, flags, _caller(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:

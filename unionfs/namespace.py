@@ -97,26 +97,20 @@ class NamespaceOps:
         return node
 
     def _make(self: "Union", parent: Node, name: bytes, caller: Caller, mode: int,
-              build: Callable[[int, bytes], int | None],
-              opaque_if_hidden: bool = False) -> tuple[Node, os.stat_result]:
+              build: Callable[[int, bytes], None], opaque_if_hidden: bool = False) -> Node:
         """Create an object with *build(dirfd, name)*: directly in the upper when the name is
-        free there, else in work/ first and then over the whiteout, atomically. *build* may
-        return an fd open on the new object, through which owner and mode are then set."""
+        free there, else in work/ first and then over the whiteout, atomically."""
         e, ufd = self._prepare_create(parent, name)
         assert self.work is not None
         uid, gid, mode = self._owner(parent, caller, mode)
         opaque = opaque_if_hidden and (e.hidden or self.r.lower_positive(parent, name))
         via_work = e.whiteout or opaque
         dfd, dname = (self.work.fd, self.work.tmpname()) if via_work else (ufd, name)
-        fd = build(dfd, dname)
+        build(dfd, dname)
         try:
-            if fd is not None:
-                os.fchown(fd, uid, gid)
-                os.fchmod(fd, stat.S_IMODE(mode))
-            else:
-                syscalls.chown_at(dfd, dname, uid, gid)
-                if not stat.S_ISLNK(mode):
-                    syscalls.chmod_at(dfd, dname, stat.S_IMODE(mode))
+            syscalls.chown_at(dfd, dname, uid, gid)
+            if not stat.S_ISLNK(mode):
+                syscalls.chmod_at(dfd, dname, stat.S_IMODE(mode))
             if opaque:
                 syscalls.setxattr(dfd, dname, OVL_OPAQUE, b"y")
             st = self._finish_new(parent, name, dfd, dname if via_work else None, e,
@@ -124,41 +118,37 @@ class NamespaceOps:
         except BaseException:
             remove_tree_at(dfd, dname)
             raise
-        return self._new_node(parent, name, st, opaque), st
+        return self._new_node(parent, name, st, opaque)
 
-    def mkdir(self: "Union", parent: Node, name: bytes, mode: int,
-              caller: Caller) -> tuple[Node, os.stat_result]:
+    def mkdir(self: "Union", parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
         return self._make(parent, name, caller, stat.S_IFDIR | mode,
                           lambda d, n: os.mkdir(n, 0o700, dir_fd=d), opaque_if_hidden=True)
 
-    def mknod(self: "Union", parent: Node, name: bytes, mode: int, rdev: int,
-              caller: Caller) -> tuple[Node, os.stat_result]:
+    def mknod(self: "Union", parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
         if stat.S_ISCHR(mode) and rdev == WHITEOUT_DEV:
             raise err(errno.EPERM, "a 0/0 character device is a whiteout")
         return self._make(parent, name, caller, mode,
                           lambda d, n: os.mknod(n, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=d))
 
-    def symlink(self: "Union", parent: Node, name: bytes, target: bytes,
-                caller: Caller) -> tuple[Node, os.stat_result]:
+    def symlink(self: "Union", parent: Node, name: bytes, target: bytes, caller: Caller) -> Node:
         return self._make(parent, name, caller, stat.S_IFLNK | 0o777,
                           lambda d, n: os.symlink(target, n, dir_fd=d))
 
     def create(self: "Union", parent: Node, name: bytes, mode: int, flags: int,
-               caller: Caller) -> tuple[Node, int, os.stat_result]:
-        """Create and open a regular file; returns the node, a file handle and its stat."""
+               caller: Caller) -> tuple[Node, int]:
+        """Create and open a regular file; returns the node and a file handle."""
         fds: list[int] = []
 
-        def build(d: int, n: bytes) -> int:
+        def build(d: int, n: bytes) -> None:
             fds.append(os.open(n, self._open_flags(flags) | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=d))
-            return fds[0]
 
         try:
-            node, st = self._make(parent, name, caller, stat.S_IFREG | mode, build)
+            node = self._make(parent, name, caller, stat.S_IFREG | mode, build)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        return node, self._new_handle(fds[0], node, True, flags), st
+        return node, self._new_handle(fds[0], node, True, flags)
 
     async def link(self: "Union", node: Node, parent: Node, name: bytes) -> os.stat_result:
         self._check_name(name)
