@@ -185,6 +185,7 @@ class CopyUp:
             copy_meta(st, sfd, sname, dst, b"", node.id)
             if not self._still_wanted(node):
                 return False
+            assert node.parent is not None
             pfd = self.r.upper_fd(node.parent)
             with keep_times(pfd):
                 if tmp is None:
