@@ -2,8 +2,8 @@
 
 Order and atomicity follow overlayfs: parents first (directories are metadata
 only, so they never wait), then the object is built complete in the work
-directory (data by reflink or copy_file_range, fdatasync'd unless fsync=0,
-then owner, mode, xattrs, times) and only then given its name in the upper:
+directory (data by reflink or copy_file_range, then owner, mode, xattrs,
+times) and only then given its name in the upper:
 a regular file is an unnamed O_TMPFILE linked into place (as overlayfs does),
 anything else a named temporary renamed into place. The parent's times are
 put back afterwards, since a copy-up is not a change the user made to the parent.
@@ -29,6 +29,7 @@ import trio
 from . import syscalls
 from .layers import OWN_INO, Layer, is_private_xattr, walk_tree
 from .merge import Entry, Resolver
+from .durable import Syncer
 from .nodes import Node
 from .workdir import WorkDir
 
@@ -103,11 +104,12 @@ class AliasIndex:
 
 class CopyUp:
     def __init__(self, resolver: Resolver, upper: Layer, work: WorkDir, fsync: bool,
-                 blocking: Blocking) -> None:
+                 blocking: Blocking, syncer: Syncer | None = None) -> None:
         self.r = resolver
         self.upper = upper
         self.work = work
         self.fsync = fsync
+        self.syncer = syncer  # defers the fsync (None: fsync before the link, if at all)
         self.blocking = blocking
         self.aliases = AliasIndex()
         self._no_clone: set[int] = set()  # lower layers FICLONE to the upper failed for
@@ -161,7 +163,7 @@ class CopyUp:
         sfd, sname = self.r.lower_loc(layer, path)
         st = syscalls.stat_at(sfd, sname)
         if stat.S_ISREG(st.st_mode):
-            placed = await self._regular(node, layer, sfd, sname, st, data)
+            placed = await self._regular(node, layer, path, sfd, sname, st, data)
         else:
             placed = self._special(node, sfd, sname, st)
         if not placed:
@@ -170,18 +172,25 @@ class CopyUp:
         if st.st_nlink > 1:
             self._link_aliases(node, layer, path, st)
 
-    async def _regular(self, node: Node, layer: Layer, sfd: int, sname: bytes,
+    async def _regular(self, node: Node, layer: Layer, path: bytes, sfd: int, sname: bytes,
                        st: os.stat_result, data: bool) -> bool:
         """A regular file: data and metadata go into an unnamed O_TMPFILE (or a named
         temporary), which gets its name in the upper only when complete."""
         dst, tmp = self.work.new_file()
+        handed_over = marked = False
         try:
             if data and st.st_size:
+                defer = self.fsync and self.syncer is not None and self.syncer.has_room()
                 src = syscalls.open_at(sfd, sname, os.O_RDONLY | os.O_NOATIME)
                 try:
-                    await self._fill(layer, src, dst, st.st_size)
+                    await self._fill(layer, src, dst, st.st_size, self.fsync and not defer)
                 finally:
                     os.close(src)
+                if defer:
+                    assert self.syncer is not None
+                    marked = self.syncer.mark(dst, layer.index, path, st)
+                    if not marked:
+                        await self.blocking(os.fdatasync, dst)
             copy_meta(st, sfd, sname, dst, b"", node.id)
             if not self._still_wanted(node):
                 return False
@@ -193,18 +202,23 @@ class CopyUp:
                 else:
                     syscalls.renameat2(self.work.fd, tmp, pfd, node.name, syscalls.RENAME_NOREPLACE)
                     tmp = None
+            if marked:
+                assert self.syncer is not None
+                self.syncer.add(dst)
+                handed_over = True
             return True
         finally:
-            os.close(dst)
+            if not handed_over:
+                os.close(dst)
             if tmp is not None:
                 self.work.remove_tree(tmp)
 
-    async def _fill(self, layer: Layer, src: int, dst: int, size: int) -> None:
+    async def _fill(self, layer: Layer, src: int, dst: int, size: int, sync: bool) -> None:
         """Copy the data (and fdatasync it when asked). A small file without fsync is
         copied on the trio loop: the hop to a worker thread costs more than the copy."""
         clone = layer.index not in self._no_clone
-        if self.fsync or size > INLINE_COPY:
-            ok = await self.blocking(_copy_and_sync, src, dst, size, clone, self.fsync)
+        if sync or size > INLINE_COPY:
+            ok = await self.blocking(_copy_and_sync, src, dst, size, clone, sync)
         else:
             ok = syscalls.copy_data(src, dst, size, clone)
         if not ok:  # this layer and the upper cannot share extents: do not ask again

@@ -94,6 +94,10 @@ class Operations(pyfuse3.Operations):
         self._listings: dict[int, dict[int, list[bytes]]] = {}
         self._listing_gen = 0
 
+    def shutdown(self) -> None:
+        """At unmount: copy-ups still pending made durable (see durable.py)."""
+        self.u.flush()
+
     def stats(self) -> dict[str, int]:
         return {**self.u.stats(), "listings": len(self._listings), "dir_handles": len(self._dir_handles)}
 
@@ -245,7 +249,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         fd = self.u.handle(fh).fd
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        await trio.to_thread.run_sync(self.u.fsync, fd, datasync)
 
     # -- directories -------------------------------------------------------------------------
 

@@ -402,6 +402,11 @@ def _serve(config: MountConfig, session: _Session) -> None:
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
+        if session.ops is not None:
+            try:
+                session.ops.shutdown()
+            except Exception:  # noqa: BLE001 - the next mount settles what is still marked
+                log.exception("making copied-up files durable failed")
         from .changes import close_all  # compact the changes log, mark the stop clean
         close_all()
         devno = os.path.basename(session.pidfile or "").removesuffix(".pid")

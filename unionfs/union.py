@@ -18,7 +18,7 @@ import stat
 from dataclasses import dataclass
 import trio
 
-from . import syscalls
+from . import durable, syscalls
 from .changes import Journal
 from .config import MountConfig
 from .copyup import CopyUp, run_in_thread
@@ -66,6 +66,7 @@ class Union(NamespaceOps, FileOps):
         self.nodes = NodeTable(root, self._dropped)
         self.work: WorkDir | None = None
         self.copyup: CopyUp | None = None
+        self.syncer: durable.Syncer | None = None
         self.journal = Journal(None)
         if self.upper is not None and config.workdir:
             self.work = WorkDir(config.workdir)
@@ -74,7 +75,13 @@ class Union(NamespaceOps, FileOps):
             leftovers = self.work.cleanup()
             if leftovers:
                 log.info("removed %d leftover work files of an earlier mount", leftovers)
-            self.copyup = CopyUp(self.r, self.upper, self.work, config.fsync, run_in_thread)
+            repaired = durable.recover(config.upper, config.workdir, self._origin)
+            if repaired:
+                log.warning("copied the data of %d files up again after a power loss", repaired)
+            if config.fsync:
+                self.syncer = durable.Syncer(config.upper, config.workdir)
+            self.copyup = CopyUp(self.r, self.upper, self.work, config.fsync, run_in_thread,
+                                 self.syncer)
             self.copyup.entry_at = self.entry_at
             self.copyup.view_paths = self.view_paths
             self.journal = Journal(config.workdir, config.upper)
@@ -93,7 +100,30 @@ class Union(NamespaceOps, FileOps):
             f.write("".join(p + "\n" for p in config.lowers))
         os.replace(tmp, path)
 
+    def _origin(self, index: int, path: bytes) -> tuple[int, bytes] | None:
+        """(dirfd, name) of *path* in lower layer number *index* (1 = top-most)."""
+        if not 1 <= index <= len(self.lowers):
+            return None
+        try:
+            return self.r.lower_loc(self.lowers[index - 1], path)
+        except OSError:
+            return None
+
+    def flush(self) -> None:
+        """At unmount, before the changes log is closed: pending copy-ups made durable."""
+        if self.syncer is not None:
+            self.syncer.close()
+            self.syncer = None
+
+    def fsync(self, fd: int, datasync: bool) -> None:
+        """The user's fsync (blocking: run it in a worker thread)."""
+        if self.syncer is not None:
+            self.syncer.fsync(fd, datasync)
+        else:
+            (os.fdatasync if datasync else os.fsync)(fd)
+
     def close(self) -> None:
+        self.flush()
         for h in self.handles.values():
             os.close(h.fd)
         self.handles.clear()
