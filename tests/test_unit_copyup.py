@@ -291,7 +291,7 @@ def test_mkdir_in_lower_dir_copies_parent_up(layers, union):
 # -- atomicity ----------------------------------------------------------------------------
 
 def test_failure_in_data_copy_leaves_nothing(layers, union, monkeypatch):
-    def boom(src, dst, size, clone=True):
+    def boom(src, dst, size, clone=True, sparse=True):
         os.write(dst, b"partial")
         raise OSError(errno.EIO, "injected")
 

@@ -74,7 +74,12 @@ SLACK = 1024
 _RECORD = re.compile(rb"^([ACDT?]) (\d+\.\d{6}) (/\S*|-)$")
 
 
+_PLAIN = re.compile(rb"[\x21-\x5b\x5d-\x7e]*\Z")
+
+
 def escape(path: bytes) -> bytes:
+    if _PLAIN.match(path):
+        return path  # nothing to escape: the common case, without a loop over the bytes
     out = bytearray()
     for b in path:
         if b == 0x5C or b < 0x21 or b > 0x7E:

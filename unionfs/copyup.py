@@ -66,6 +66,36 @@ def copy_meta(st: os.stat_result, src_fd: int, src_name: bytes, dst_fd: int, dst
     syscalls.utimens_at(dst_fd, dst_name, st.st_atime_ns, st.st_mtime_ns)
 
 
+def copy_meta_fd(st: os.stat_result, src: int, dst: int, ino: int) -> None:
+    """copy_meta for a regular file whose source and copy are both open: every call goes
+    to the fd itself, with no /proc/self/fd path for the kernel to resolve."""
+    os.fchown(dst, st.st_uid, st.st_gid)
+    os.fchmod(dst, stat.S_IMODE(st.st_mode))
+    try:
+        names = os.listxattr(src)
+    except OSError as e:
+        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        names = []
+    for name in names:
+        attr = name.encode("utf-8", "surrogateescape")
+        if is_private_xattr(attr):
+            continue
+        try:
+            value = os.getxattr(src, attr)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                continue
+            raise
+        try:
+            os.setxattr(dst, attr, value)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
+                raise
+    os.setxattr(dst, OWN_INO, str(ino).encode())
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 @contextlib.contextmanager
 def keep_times(dirfd: int) -> Iterator[None]:
     """Put a directory's atime/mtime back after a copy-up added a name to it: copy-up is
@@ -139,7 +169,12 @@ class CopyUp:
         tmp = self.work.tmpname()
         os.mkdir(tmp, 0o700, dir_fd=self.work.fd)
         try:
-            copy_meta(st, sfd, sname, self.work.fd, tmp, node.id)
+            syscalls.chown_at(self.work.fd, tmp, st.st_uid, st.st_gid)
+            # our own new directory in the private work/: a plain chmod cannot be misled
+            os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=self.work.fd)
+            copy_xattrs(sfd, sname, self.work.fd, tmp)
+            syscalls.setxattr(self.work.fd, tmp, OWN_INO, str(node.id).encode())
+            syscalls.utimens_at(self.work.fd, tmp, st.st_atime_ns, st.st_mtime_ns)
             self._place(node, tmp)
         except BaseException:
             self.work.remove_tree(tmp)
@@ -179,19 +214,20 @@ class CopyUp:
         dst, tmp = self.work.new_file()
         handed_over = marked = False
         try:
-            if data and st.st_size:
-                defer = self.fsync and self.syncer is not None and self.syncer.has_room()
-                src = syscalls.open_at(sfd, sname, os.O_RDONLY | os.O_NOATIME)
-                try:
-                    await self._fill(layer, src, dst, st.st_size, self.fsync and not defer)
-                finally:
-                    os.close(src)
-                if defer:
-                    assert self.syncer is not None
-                    marked = self.syncer.mark(dst, layer.index, path, st)
-                    if not marked:
-                        await self.blocking(os.fdatasync, dst)
-            copy_meta(st, sfd, sname, dst, b"", node.id)
+            src = syscalls.open_at(sfd, sname, os.O_RDONLY | os.O_NOATIME)
+            try:
+                if data and st.st_size:
+                    defer = self.fsync and self.syncer is not None and self.syncer.has_room()
+                    await self._fill(layer, src, dst, st.st_size, self.fsync and not defer,
+                                     st.st_blocks * 512 < st.st_size)
+                    if defer:
+                        assert self.syncer is not None
+                        marked = self.syncer.mark(dst, layer.index, path, st)
+                        if not marked:
+                            await self.blocking(os.fdatasync, dst)
+                copy_meta_fd(st, src, dst, node.id)
+            finally:
+                os.close(src)
             if not self._still_wanted(node):
                 return False
             assert node.parent is not None
@@ -213,14 +249,15 @@ class CopyUp:
             if tmp is not None:
                 self.work.remove_tree(tmp)
 
-    async def _fill(self, layer: Layer, src: int, dst: int, size: int, sync: bool) -> None:
+    async def _fill(self, layer: Layer, src: int, dst: int, size: int, sync: bool,
+                    sparse: bool = True) -> None:
         """Copy the data (and fdatasync it when asked). A small file without fsync is
         copied on the trio loop: the hop to a worker thread costs more than the copy."""
         clone = layer.index not in self._no_clone
         if sync or size > INLINE_COPY:
-            ok = await self.blocking(_copy_and_sync, src, dst, size, clone, sync)
+            ok = await self.blocking(_copy_and_sync, src, dst, size, clone, sync, sparse)
         else:
-            ok = syscalls.copy_data(src, dst, size, clone)
+            ok = syscalls.copy_data(src, dst, size, clone, sparse)
         if not ok:  # this layer and the upper cannot share extents: do not ask again
             self._no_clone.add(layer.index)
 
@@ -272,8 +309,9 @@ class CopyUp:
                             follow_symlinks=False)
 
 
-def _copy_and_sync(src: int, dst: int, size: int, clone: bool, fsync: bool) -> bool:
-    ok = syscalls.copy_data(src, dst, size, clone)
+def _copy_and_sync(src: int, dst: int, size: int, clone: bool, fsync: bool,
+                   sparse: bool = True) -> bool:
+    ok = syscalls.copy_data(src, dst, size, clone, sparse)
     if fsync:
         os.fdatasync(dst)
     return ok

@@ -59,15 +59,9 @@ def boot_id() -> bytes:
         return f.read().strip()
 
 
-def syncfs(fd: int) -> None:
-    if syscalls._libc.syncfs(fd) != 0:
-        e = syscalls.ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
 def _unmark(fd: int) -> None:
     with contextlib.suppress(OSError):  # ENODATA: a repair or a user fsync got there first
-        syscalls.removexattr(fd, b"", MARK)
+        os.removexattr(fd, MARK)  # fremovexattr: no /proc path to resolve
 
 
 class Syncer:
@@ -95,7 +89,7 @@ class Syncer:
             self._hint()
         value = b"1 %s %d %d %d %s" % (self.boot, layer, st.st_size, st.st_mtime_ns, path)
         try:
-            syscalls.setxattr(fd, b"", MARK, value)
+            os.setxattr(fd, MARK, value)
         except OSError as e:
             if e.errno in (errno.E2BIG, errno.ENOSPC, errno.ERANGE, errno.ENOTSUP):
                 return False
@@ -164,11 +158,11 @@ class Syncer:
 
     def _flush(self, batch: dict[int, int]) -> None:
         """Data durable first, then the markers go, and that is committed too."""
-        syncfs(self.upper_fd)
+        syscalls.syncfs(self.upper_fd)
         for fd in batch.values():
             _unmark(fd)
             os.close(fd)
-        syncfs(self.upper_fd)
+        syscalls.syncfs(self.upper_fd)
 
     def close(self) -> None:
         """At unmount: everything pending synced and unmarked, durably; the hint removed."""
@@ -200,7 +194,7 @@ def recover(upper: str, workdir: str,
     upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         repaired = _recover_tree(upper_fd, boot, origin)
-        syncfs(upper_fd)
+        syscalls.syncfs(upper_fd)
     finally:
         os.close(upper_fd)
     os.unlink(os.path.join(workdir, HINT))

@@ -26,6 +26,7 @@ UTIME_OMIT = (1 << 30) - 2
 
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
 
 FICLONE = 0x40049409
 
@@ -180,11 +181,36 @@ def open_dir_at(dirfd: int, name: bytes, flags: int = os.O_PATH) -> int:
     return os.open(name, flags | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
 
 
+_SYS_FCHMODAT2 = 452   # Linux 6.6+, the same number on every architecture
+_libc.syscall.restype = ctypes.c_long
+_fchmodat2 = [True]    # cleared once the kernel says ENOSYS
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): write back and flush the whole filesystem *fd* is on (a real fd, not O_PATH)."""
+    _check(_libc.syncfs(fd), "syncfs", b"")
+
+
+def futimens(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Times of the open file *fd* (None leaves one as it is)."""
+    times = (_Timespec * 2)(_ts(atime_ns, False), _ts(mtime_ns, False))
+    _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH), "futimens", b"")
+
+
 def chmod_at(dirfd: int, name: bytes, mode: int) -> None:
-    """fchmodat that refuses to follow a final symlink (symlinks have no mode on Linux)."""
+    """fchmodat that refuses to follow a final symlink (symlinks have no mode on Linux):
+    fchmodat2(AT_SYMLINK_NOFOLLOW) where the kernel has it, one call instead of four."""
     if not name:
         os.chmod(proc_path(dirfd), mode)
         return
+    if _fchmodat2[0]:
+        if _libc.syscall(ctypes.c_long(_SYS_FCHMODAT2), ctypes.c_int(dirfd), ctypes.c_char_p(name),
+                         ctypes.c_uint(mode), ctypes.c_int(AT_SYMLINK_NOFOLLOW)) == 0:
+            return
+        e = ctypes.get_errno()
+        if e != errno.ENOSYS:
+            raise OSError(e, os.strerror(e), name)
+        _fchmodat2[0] = False
     fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
     try:
         if stat.S_ISLNK(os.fstat(fd).st_mode):
@@ -205,10 +231,11 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> int:
     return done
 
 
-def copy_data(src: int, dst: int, size: int, clone: bool = True) -> bool:
+def copy_data(src: int, dst: int, size: int, clone: bool = True, sparse: bool = True) -> bool:
     """Copy *size* bytes between file fds inside the kernel: reflink (unless *clone* is
     False), else copy_file_range. Returns False when a reflink was tried and refused, so
-    the caller can skip the attempt next time."""
+    the caller can skip the attempt next time. *sparse* False: the source has no holes
+    (st_blocks covers st_size), so the SEEK_DATA/SEEK_HOLE walk is skipped."""
     refused = False
     if clone:
         try:
@@ -216,7 +243,8 @@ def copy_data(src: int, dst: int, size: int, clone: bool = True) -> bool:
             return True
         except OSError:
             refused = True
-    for start, end in _data_extents(src, size):
+    extents = _data_extents(src, size) if sparse else [(0, size)]
+    for start, end in extents:
         off = start
         while off < end:
             try:
@@ -229,7 +257,8 @@ def copy_data(src: int, dst: int, size: int, clone: bool = True) -> bool:
             if n == 0:
                 break
             off += n
-    os.ftruncate(dst, size)  # holes at the end stay holes
+    if not extents or extents[-1][1] < size:
+        os.ftruncate(dst, size)  # holes at the end stay holes
     return not refused
 
 
