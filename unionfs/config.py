@@ -24,7 +24,7 @@ class MountConfig:
     default_permissions: bool = True  # the kernel checks mode bits; always on
     dev: bool = False                 # honour device nodes (mount(8) `dev`)
     suid: bool = False                # honour setuid bits (mount(8) `suid`)
-    fsync: bool = True                # fsync copied-up data before it becomes visible
+    fsync: bool = True                # copy-ups made durable (deferred: see durable.py)
     poll_us: int = 200                # poll this long for the next request before sleeping
     foreground: bool = False
     debug: bool = False

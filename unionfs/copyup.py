@@ -35,7 +35,7 @@ from .workdir import WorkDir
 
 Blocking = Callable[..., Awaitable[object]]
 
-#: files up to this size are copied on the trio loop when no fsync follows (see CopyUp._fill)
+#: files up to this size are copied on the trio loop when cached and no fsync follows (CopyUp._fill)
 INLINE_COPY = 128 * 1024
 
 
@@ -251,10 +251,11 @@ class CopyUp:
 
     async def _fill(self, layer: Layer, src: int, dst: int, size: int, sync: bool,
                     sparse: bool = True) -> None:
-        """Copy the data (and fdatasync it when asked). A small file without fsync is
-        copied on the trio loop: the hop to a worker thread costs more than the copy."""
+        """Copy the data (and fdatasync it when asked). A small file already in the page
+        cache, without fsync, is copied on the trio loop: the hop to a worker thread costs
+        more than the copy. Anything that may wait for the disk goes to a thread."""
         clone = layer.index not in self._no_clone
-        if sync or size > INLINE_COPY:
+        if sync or size > INLINE_COPY or not syscalls.in_page_cache(src, size):
             ok = await self.blocking(_copy_and_sync, src, dst, size, clone, sync, sparse)
         else:
             ok = syscalls.copy_data(src, dst, size, clone, sparse)

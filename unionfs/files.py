@@ -83,6 +83,21 @@ class FileOps:
             h.fd, h.on_upper = fd, True
         return h
 
+    def write(self: "Union", fh: int, off: int, data: bytes) -> int:
+        """Write through to the upper file. With the writeback cache the kernel owns a
+        file's mtime: it sets its own at write(2) and sends it in a SETATTR later, but
+        not when the write fell in the clock tick of the mtime it already had. Our
+        pwrite would move the upper's mtime all the same, and the view would show
+        another time after a remount; so the upper keeps the mtime the kernel knows."""
+        fd = self.handle(fh).fd
+        if not self.writeback:
+            return syscalls.pwrite_all(fd, data, off)
+        mtime = os.fstat(fd).st_mtime_ns
+        try:
+            return syscalls.pwrite_all(fd, data, off)
+        finally:
+            syscalls.futimens(fd, None, mtime)
+
     def release(self: "Union", fh: int) -> None:
         h = self.handles.pop(fh, None)
         if h is not None:

@@ -234,7 +234,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return syscalls.pwrite_all(self.u.handle(fh).fd, buf, off)
+        return self.u.write(fh, off, buf)
 
     async def flush(self, fh: int) -> None:
         # Nothing to do at close: data reaches the upper fd at write, and locks are the

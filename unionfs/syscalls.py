@@ -186,6 +186,35 @@ _libc.syscall.restype = ctypes.c_long
 _fchmodat2 = [True]    # cleared once the kernel says ENOSYS
 
 
+class _CacheRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [("nr_cache", ctypes.c_uint64), ("nr_dirty", ctypes.c_uint64),
+                ("nr_writeback", ctypes.c_uint64), ("nr_evicted", ctypes.c_uint64),
+                ("nr_recently_evicted", ctypes.c_uint64)]
+
+
+_SYS_CACHESTAT = 451  # Linux 6.5+, the same number on every architecture
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_cachestat = [True]   # cleared once the kernel says ENOSYS
+
+
+def in_page_cache(fd: int, size: int) -> bool:
+    """Are all of the first *size* bytes of *fd* in the page cache, so that reading them
+    cannot block on the disk? (cachestat(2); False where the kernel lacks it.)"""
+    if not _cachestat[0]:
+        return False
+    rng, out = _CacheRange(0, size), _CacheStat()
+    if _libc.syscall(ctypes.c_long(_SYS_CACHESTAT), ctypes.c_int(fd), ctypes.byref(rng),
+                     ctypes.byref(out), ctypes.c_uint(0)) != 0:
+        if ctypes.get_errno() == errno.ENOSYS:
+            _cachestat[0] = False
+        return False
+    return out.nr_cache >= (size + _PAGE - 1) // _PAGE
+
+
 def syncfs(fd: int) -> None:
     """syncfs(2): write back and flush the whole filesystem *fd* is on (a real fd, not O_PATH)."""
     _check(_libc.syncfs(fd), "syncfs", b"")
