@@ -109,7 +109,7 @@ class NodeTable:
 
     # A dict keeps the table it grew to: after a walk of a million names is forgotten,
     # copy it into one of the right size, and give freed heap back (_shrink).
-    SHRINK_FROM = 65536
+    SHRINK_FROM = 16384
 
     def __init__(self, root: Node, on_drop) -> None:
         self._nodes: dict[int, Node] = {ROOT_ID: root}
