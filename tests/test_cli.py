@@ -448,3 +448,16 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
+
+
+def test_launcher_restarts_only_mounts():
+    """unionfs/launch.py restarts mounts on the C allocator (see test_scale); its list of
+    the other commands must follow cli.COMMANDS."""
+    from unionfs import cli, launch
+    assert launch.OTHER_COMMANDS == set(cli.COMMANDS) - {"mount"}
+    assert launch.wants_restart(["mount", "l", "u", "m"], {})
+    assert launch.wants_restart(["unionfs", "/mnt", "-o", "lowerdir=/l"], {})  # helper form
+    assert not launch.wants_restart(["mount", "l", "u", "m"], {"PYTHONMALLOC": "malloc"})
+    assert not launch.wants_restart(["mount"], {"PYTHONMALLOC": "debug"})
+    for argv in (["diff", "/mnt"], ["umount", "/mnt"], ["mark", "/mnt", "x"], ["--help"], []):
+        assert not launch.wants_restart(argv, {}), argv

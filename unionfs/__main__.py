@@ -1,5 +1,5 @@
 """`python -m unionfs`: the same as the `unionfs` command."""
-from .cli import main
+from .launch import main
 
 if __name__ == "__main__":
     main()

@@ -69,7 +69,6 @@ def run_mount(args: argparse.Namespace) -> int:
     config, create_workdir = build_config(lowers, upper, mountpoint, opts, workdir=args.workdir,
                                           foreground=args.foreground, debug=args.debug)
     check_dev_fuse()
-    _restart_with_c_malloc()
     if create_workdir and config.workdir:
         try:
             os.mkdir(config.workdir, 0o700)
@@ -77,23 +76,6 @@ def run_mount(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot create workdir '{config.workdir}': {e.strerror}") from None
     mount.start(config, created_workdir=create_workdir)
     return 0
-
-
-def _restart_with_c_malloc() -> None:
-    """Start `unionfs mount` once more with PYTHONMALLOC=malloc, before it has changed
-    anything. CPython's own allocator keeps an arena as long as one object in it lives,
-    so after the kernel forgets a million nodes the daemon would keep ~500 MiB; with the
-    C allocator (and malloc_trim after a large forget) it goes back near its start.
-    The variable only works at interpreter start. A PYTHONMALLOC already set (by this
-    restart, or by a user debugging) is kept; so is a caller that is not the command
-    line (tests calling in-process)."""
-    if os.environ.get("PYTHONMALLOC"):
-        return
-    argv = list(getattr(sys, "orig_argv", []))
-    if len(argv) < 2 or not (argv[1:3] == ["-m", "unionfs"]
-                             or os.path.basename(argv[1]) in ("unionfs", "mount.unionfs")):
-        return
-    os.execve(sys.executable, argv, dict(os.environ, PYTHONMALLOC="malloc"))
 
 
 def _layers_from(paths: list[str], opts) -> tuple[list[str], str | None, str]:
