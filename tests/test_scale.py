@@ -27,15 +27,21 @@ def _stats(pid: int, log: str, seen: int) -> tuple[dict[str, int], int]:
     raise AssertionError("no stats line after SIGUSR1")
 
 
-def test_forgotten_nodes_are_freed(tmp_path):
+def _union(tmp_path, dirs: int, files: int, name: str) -> tuple[str, str, str, str, str]:
+    """A lower of *dirs* directories of *files* empty files each; (lower, upper, work,
+    mnt, the daemon's log)."""
     lower, upper, work, mnt = (str(tmp_path / n) for n in ("lower", "upper", "work", "mnt"))
-    for d in range(20):
+    for d in range(dirs):
         os.makedirs(os.path.join(lower, f"d{d}"))
-        for f in range(100):
-            open(os.path.join(lower, f"d{d}", f"f{f}"), "w").close()
+        for f in range(files):
+            open(os.path.join(lower, f"d{d}", f"{name}{f}"), "w").close()
     for p in (upper, work, mnt):
         os.mkdir(p)
-    log = os.path.join(work, "unionfs.log")
+    return lower, upper, work, mnt, os.path.join(work, "unionfs.log")
+
+
+def test_forgotten_nodes_are_freed(tmp_path):
+    lower, upper, work, mnt, log = _union(tmp_path, 20, 100, "f")
     with unionfs_mount([lower], upper, mnt, workdir=work):
         pid = daemon_pid(mnt)
         before, seen = _stats(pid, log, 0)
@@ -61,17 +67,10 @@ def _rss_kib(pid: int) -> int:
 
 
 def test_forget_gives_the_memory_back(tmp_path):
-    """The daemon runs on the C allocator (cli restarts `mount` with PYTHONMALLOC=malloc),
+    """The daemon runs on the C allocator (launch.py restarts `mount` with PYTHONMALLOC=malloc),
     so what a walk took goes back to the system once the kernel forgets the nodes; with
     CPython's own allocator over 90% of it stayed."""
-    lower, upper, work, mnt = (str(tmp_path / n) for n in ("lower", "upper", "work", "mnt"))
-    for d in range(60):
-        os.makedirs(os.path.join(lower, f"d{d}"))
-        for f in range(500):
-            open(os.path.join(lower, f"d{d}", f"file-with-a-longer-name-{f}"), "w").close()
-    for p in (upper, work, mnt):
-        os.mkdir(p)
-    log = os.path.join(work, "unionfs.log")
+    lower, upper, work, mnt, log = _union(tmp_path, 60, 500, "file-with-a-longer-name-")
     with unionfs_mount([lower], upper, mnt, workdir=work):
         pid = daemon_pid(mnt)
         with open(f"/proc/{pid}/environ", "rb") as f:
