@@ -39,8 +39,9 @@ Blocking = Callable[..., Awaitable[object]]
 INLINE_COPY = 128 * 1024
 
 
-def copy_xattrs(src_fd: int, src_name: bytes, dst_fd: int, dst_name: bytes) -> None:
-    """Copy every xattr but the union's own markers (opaque, redirect, ino, ...)."""
+def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes | None) -> None:
+    """Copy every xattr but the union's own markers (opaque, redirect, ino, ...). Objects
+    are addressed as in syscalls (a name None: the fd is the open object itself)."""
     for attr in syscalls.listxattr(src_fd, src_name):
         if is_private_xattr(attr):
             continue
@@ -55,45 +56,17 @@ def copy_xattrs(src_fd: int, src_name: bytes, dst_fd: int, dst_name: bytes) -> N
                 raise
 
 
-def copy_meta(st: os.stat_result, src_fd: int, src_name: bytes, dst_fd: int, dst_name: bytes,
-              ino: int) -> None:
-    """Owner, then mode (chown clears set-id bits), xattrs, identity, then times last."""
+def copy_meta(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: int,
+              dst_name: bytes | None, ino: int) -> None:
+    """Owner, then mode (chown clears set-id bits), xattrs, identity, then times last.
+    With names None both fds are open files and every call goes to the fd itself, with
+    no /proc/self/fd path for the kernel to resolve."""
     syscalls.chown_at(dst_fd, dst_name, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         syscalls.chmod_at(dst_fd, dst_name, stat.S_IMODE(st.st_mode))
     copy_xattrs(src_fd, src_name, dst_fd, dst_name)
     syscalls.setxattr(dst_fd, dst_name, OWN_INO, str(ino).encode())
     syscalls.utimens_at(dst_fd, dst_name, st.st_atime_ns, st.st_mtime_ns)
-
-
-def copy_meta_fd(st: os.stat_result, src: int, dst: int, ino: int) -> None:
-    """copy_meta for a regular file whose source and copy are both open: every call goes
-    to the fd itself, with no /proc/self/fd path for the kernel to resolve."""
-    os.fchown(dst, st.st_uid, st.st_gid)
-    os.fchmod(dst, stat.S_IMODE(st.st_mode))
-    try:
-        names = os.listxattr(src)
-    except OSError as e:
-        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-        names = []
-    for name in names:
-        attr = name.encode("utf-8", "surrogateescape")
-        if is_private_xattr(attr):
-            continue
-        try:
-            value = os.getxattr(src, attr)
-        except OSError as e:
-            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-                continue
-            raise
-        try:
-            os.setxattr(dst, attr, value)
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
-                raise
-    os.setxattr(dst, OWN_INO, str(ino).encode())
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 @contextlib.contextmanager
@@ -169,12 +142,7 @@ class CopyUp:
         tmp = self.work.tmpname()
         os.mkdir(tmp, 0o700, dir_fd=self.work.fd)
         try:
-            syscalls.chown_at(self.work.fd, tmp, st.st_uid, st.st_gid)
-            # our own new directory in the private work/: a plain chmod cannot be misled
-            os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=self.work.fd)
-            copy_xattrs(sfd, sname, self.work.fd, tmp)
-            syscalls.setxattr(self.work.fd, tmp, OWN_INO, str(node.id).encode())
-            syscalls.utimens_at(self.work.fd, tmp, st.st_atime_ns, st.st_mtime_ns)
+            copy_meta(st, sfd, sname, self.work.fd, tmp, node.id)
             self._place(node, tmp)
         except BaseException:
             self.work.remove_tree(tmp)
@@ -225,7 +193,7 @@ class CopyUp:
                         marked = self.syncer.mark(dst, layer.index, path, st)
                         if not marked:
                             await self.blocking(os.fdatasync, dst)
-                copy_meta_fd(st, src, dst, node.id)
+                copy_meta(st, src, None, dst, None, node.id)
             finally:
                 os.close(src)
             if not self._still_wanted(node):

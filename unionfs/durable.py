@@ -170,10 +170,7 @@ class Syncer:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join()
-        if self._pending:
-            self._flush(self._pending)
-            self._pending = {}
+            self._thread.join()  # it drains what is pending before it returns
         if self._hinted:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(HINT, dir_fd=self.work_root_fd)

@@ -77,19 +77,22 @@ def proc_path(fd: int) -> bytes:
     return b"/proc/self/fd/%d" % fd
 
 
-def _xpath(dirfd: int, name: bytes) -> tuple[bytes, bool]:
-    """A path for the xattr syscalls and whether to follow it.
+def _xpath(dirfd: int, name: bytes | None) -> tuple[bytes | int, bool]:
+    """A path (or fd) for the xattr syscalls and whether to follow it.
 
     An empty name means the object *dirfd* itself, reached by following its
-    magic link (which stops at that object even if it is a symlink); any other
-    name is one component below the directory, never followed.
+    magic link (which stops at that object even if it is a symlink); None means
+    *dirfd* is an open file (not O_PATH), used as it is (f*xattr, no path to
+    resolve); any other name is one component below the directory, never followed.
     """
+    if name is None:
+        return dirfd, True
     if not name:
         return proc_path(dirfd), True
     return b"/proc/self/fd/%d/%s" % (dirfd, name), False
 
 
-def getxattr(dirfd: int, name: bytes, attr: bytes) -> bytes | None:
+def getxattr(dirfd: int, name: bytes | None, attr: bytes) -> bytes | None:
     """The value of *attr*, or None when it is not set (or xattrs are unsupported)."""
     path, follow = _xpath(dirfd, name)
     try:
@@ -100,22 +103,22 @@ def getxattr(dirfd: int, name: bytes, attr: bytes) -> bytes | None:
         raise
 
 
-def getxattr_strict(dirfd: int, name: bytes, attr: bytes) -> bytes:
+def getxattr_strict(dirfd: int, name: bytes | None, attr: bytes) -> bytes:
     path, follow = _xpath(dirfd, name)
     return os.getxattr(path, attr, follow_symlinks=follow)
 
 
-def setxattr(dirfd: int, name: bytes, attr: bytes, value: bytes, flags: int = 0) -> None:
+def setxattr(dirfd: int, name: bytes | None, attr: bytes, value: bytes, flags: int = 0) -> None:
     path, follow = _xpath(dirfd, name)
     os.setxattr(path, attr, value, flags, follow_symlinks=follow)
 
 
-def removexattr(dirfd: int, name: bytes, attr: bytes) -> None:
+def removexattr(dirfd: int, name: bytes | None, attr: bytes) -> None:
     path, follow = _xpath(dirfd, name)
     os.removexattr(path, attr, follow_symlinks=follow)
 
 
-def listxattr(dirfd: int, name: bytes) -> list[bytes]:
+def listxattr(dirfd: int, name: bytes | None) -> list[bytes]:
     path, follow = _xpath(dirfd, name)
     try:
         names = os.listxattr(path, follow_symlinks=follow)
@@ -135,16 +138,22 @@ def stat_at(dirfd: int, name: bytes) -> os.stat_result:
     return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
 
 
-def chown_at(dirfd: int, name: bytes, uid: int, gid: int) -> None:
-    if not name:
+def chown_at(dirfd: int, name: bytes | None, uid: int, gid: int) -> None:
+    """As the xattr calls: name None is the open file *dirfd*, b"" the object it holds."""
+    if name is None:
+        os.fchown(dirfd, uid, gid)
+    elif not name:
         os.chown(proc_path(dirfd), uid, gid)
     else:
         os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
 
 
-def utimens_at(dirfd: int, name: bytes, atime_ns: int | None, mtime_ns: int | None) -> None:
-    """Set times (None leaves one as it is) without following a final symlink."""
-    if not name:
+def utimens_at(dirfd: int, name: bytes | None, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Set times (None leaves one as it is) without following a final symlink; name None:
+    the open file *dirfd*."""
+    if name is None:
+        futimens(dirfd, atime_ns, mtime_ns)
+    elif not name:
         utimensat(AT_FDCWD, proc_path(dirfd), atime_ns, mtime_ns, follow=True)
     else:
         utimensat(dirfd, name, atime_ns, mtime_ns)
@@ -226,9 +235,13 @@ def futimens(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
     _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH), "futimens", b"")
 
 
-def chmod_at(dirfd: int, name: bytes, mode: int) -> None:
+def chmod_at(dirfd: int, name: bytes | None, mode: int) -> None:
     """fchmodat that refuses to follow a final symlink (symlinks have no mode on Linux):
-    fchmodat2(AT_SYMLINK_NOFOLLOW) where the kernel has it, one call instead of four."""
+    fchmodat2(AT_SYMLINK_NOFOLLOW) where the kernel has it, one call instead of four.
+    Name None: the open file *dirfd* (fchmod)."""
+    if name is None:
+        os.fchmod(dirfd, mode)
+        return
     if not name:
         os.chmod(proc_path(dirfd), mode)
         return

@@ -299,51 +299,33 @@ class Union(NamespaceOps, FileOps):
         truncating_all = attrs.size == 0 and attrs.mode is None and attrs.uid is None
         await self.ensure_upper(node, data=not truncating_all)
         h = self.handles.get(fh) if fh is not None else None
+        writable: int | None = None
+        name: bytes | None
         if h is not None and h.on_upper and node.upper:
-            st = self._setattr_fd(h, attrs)   # the open file itself: no name to resolve
+            dfd, name = h.fd, None  # the open file itself: no name to resolve
+            if h.flags & os.O_ACCMODE != os.O_RDONLY:
+                writable = h.fd
         else:
-            st = self._setattr_at(node, attrs)
-        self.journal.record(b"C", node.path())
-        return st
-
-    @staticmethod
-    def _setattr_fd(h: Handle, attrs: SetAttr) -> os.stat_result:
-        fd = h.fd
+            dfd, name = self.loc(node)
         if attrs.size is not None:
-            if h.flags & os.O_ACCMODE == os.O_RDONLY:
-                fd = syscalls.open_at(fd, b"", os.O_WRONLY)
+            fd = writable if writable is not None else \
+                syscalls.open_at(dfd, name or b"", os.O_WRONLY)
             try:
                 os.ftruncate(fd, attrs.size)
             finally:
-                if fd != h.fd:
+                if fd != writable:
                     os.close(fd)
         if attrs.uid is not None or attrs.gid is not None:
             # chown(2) drops set-uid on disk just as the kernel's VFS did before sending
             # this request (with the cleared mode in it, applied below)
-            os.fchown(h.fd, -1 if attrs.uid is None else attrs.uid,
-                      -1 if attrs.gid is None else attrs.gid)
-        if attrs.mode is not None:
-            os.fchmod(h.fd, stat.S_IMODE(attrs.mode))
-        if attrs.atime_ns is not None or attrs.mtime_ns is not None:
-            syscalls.futimens(h.fd, attrs.atime_ns, attrs.mtime_ns)
-        return os.fstat(h.fd)
-
-    def _setattr_at(self, node: Node, attrs: SetAttr) -> os.stat_result:
-        dfd, name = self.loc(node)
-        if attrs.size is not None:
-            fd = syscalls.open_at(dfd, name, os.O_WRONLY)
-            try:
-                os.ftruncate(fd, attrs.size)
-            finally:
-                os.close(fd)
-        if attrs.uid is not None or attrs.gid is not None:
             syscalls.chown_at(dfd, name, -1 if attrs.uid is None else attrs.uid,
                               -1 if attrs.gid is None else attrs.gid)
         if attrs.mode is not None and node.kind != stat.S_IFLNK:
             syscalls.chmod_at(dfd, name, stat.S_IMODE(attrs.mode))
         if attrs.atime_ns is not None or attrs.mtime_ns is not None:
             syscalls.utimens_at(dfd, name, attrs.atime_ns, attrs.mtime_ns)
-        return syscalls.stat_at(dfd, name)
+        self.journal.record(b"C", node.path())
+        return os.fstat(dfd) if name is None else syscalls.stat_at(dfd, name)
 
     # -- xattrs ------------------------------------------------------------------------
 
