@@ -76,6 +76,7 @@ class Syncer:
         self._pending: dict[int, int] = {}   # st_ino of the upper file -> an fd on it
         self._inflight: set[int] = set()     # inodes of the batch being synced right now
         self._hinted = False
+        self._failed = False                 # a batch could not be synced: keep the hint
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -149,6 +150,7 @@ class Syncer:
                 self._flush(batch)
             except OSError:
                 log.exception("syncing copied-up files failed; they stay marked")
+                self._failed = True
                 for fd in batch.values():
                     os.close(fd)
             finally:
@@ -171,7 +173,7 @@ class Syncer:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()  # it drains what is pending before it returns
-        if self._hinted:
+        if self._hinted and not self._failed:  # else the next mount walks and settles
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(HINT, dir_fd=self.work_root_fd)
             self._hinted = False
