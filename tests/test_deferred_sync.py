@@ -10,7 +10,6 @@ id in the marker and a torn file: the data is copied again from the lower).
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mounting import daemon_pid, force_unmount, kernel_overlay, unionfs_mount, wait_daemon_gone  # noqa: E402
+from unit_helpers import xattr  # noqa: E402
 
 MARK = "trusted.overlay.unionfs.pending"
 HINT = "copyup.pending"
@@ -29,11 +29,7 @@ SIZE = 50_000
 
 
 def marker(path: str) -> bytes | None:
-    try:
-        return os.getxattr(path, MARK, follow_symlinks=False)
-    except OSError as e:
-        assert e.errno == errno.ENODATA, e
-        return None
+    return xattr(path, MARK)
 
 
 @pytest.fixture

@@ -190,9 +190,31 @@ def open_dir_at(dirfd: int, name: bytes, flags: int = os.O_PATH) -> int:
     return os.open(name, flags | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
 
 
-_SYS_FCHMODAT2 = 452   # Linux 6.6+, the same number on every architecture
 _libc.syscall.restype = ctypes.c_long
-_fchmodat2 = [True]    # cleared once the kernel says ENOSYS
+
+
+class _NewSyscall:
+    """A syscall newer than glibc's wrappers, called by its number (the same on every
+    architecture for these); after one ENOSYS it is not tried again."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.available = True
+
+    def __call__(self, *args: object) -> int:
+        """0, or the errno it failed with."""
+        if not self.available:
+            return errno.ENOSYS
+        if _libc.syscall(ctypes.c_long(self.number), *args) == 0:
+            return 0
+        e = ctypes.get_errno()
+        if e == errno.ENOSYS:
+            self.available = False
+        return e
+
+
+_fchmodat2 = _NewSyscall(452)   # Linux 6.6+
+_cachestat = _NewSyscall(451)   # Linux 6.5+
 
 
 class _CacheRange(ctypes.Structure):
@@ -205,21 +227,14 @@ class _CacheStat(ctypes.Structure):
                 ("nr_recently_evicted", ctypes.c_uint64)]
 
 
-_SYS_CACHESTAT = 451  # Linux 6.5+, the same number on every architecture
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-_cachestat = [True]   # cleared once the kernel says ENOSYS
 
 
 def in_page_cache(fd: int, size: int) -> bool:
     """Are all of the first *size* bytes of *fd* in the page cache, so that reading them
     cannot block on the disk? (cachestat(2); False where the kernel lacks it.)"""
-    if not _cachestat[0]:
-        return False
     rng, out = _CacheRange(0, size), _CacheStat()
-    if _libc.syscall(ctypes.c_long(_SYS_CACHESTAT), ctypes.c_int(fd), ctypes.byref(rng),
-                     ctypes.byref(out), ctypes.c_uint(0)) != 0:
-        if ctypes.get_errno() == errno.ENOSYS:
-            _cachestat[0] = False
+    if _cachestat(ctypes.c_int(fd), ctypes.byref(rng), ctypes.byref(out), ctypes.c_uint(0)):
         return False
     return out.nr_cache >= (size + _PAGE - 1) // _PAGE
 
@@ -245,14 +260,12 @@ def chmod_at(dirfd: int, name: bytes | None, mode: int) -> None:
     if not name:
         os.chmod(proc_path(dirfd), mode)
         return
-    if _fchmodat2[0]:
-        if _libc.syscall(ctypes.c_long(_SYS_FCHMODAT2), ctypes.c_int(dirfd), ctypes.c_char_p(name),
-                         ctypes.c_uint(mode), ctypes.c_int(AT_SYMLINK_NOFOLLOW)) == 0:
-            return
-        e = ctypes.get_errno()
-        if e != errno.ENOSYS:
-            raise OSError(e, os.strerror(e), name)
-        _fchmodat2[0] = False
+    e = _fchmodat2(ctypes.c_int(dirfd), ctypes.c_char_p(name), ctypes.c_uint(mode),
+                   ctypes.c_int(AT_SYMLINK_NOFOLLOW))
+    if e == 0:
+        return
+    if e != errno.ENOSYS:
+        raise OSError(e, os.strerror(e), name)
     fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
     try:
         if stat.S_ISLNK(os.fstat(fd).st_mode):
