@@ -1,11 +1,13 @@
 """Deferred copy-up durability (unionfs/durable.py), on real mounts.
 
-A copied-up file is linked before its data is synced, under the private marker
-trusted.overlay.unionfs.pending; a background batch syncs and unmarks it. These
-tests hold the batch back (UNIONFS_SYNC_DELAY) so the pending state can be seen,
-then check each way out of it: the batch, the user's fsync, a clean unmount, a
-SIGKILLed daemon (same boot: data kept) and a simulated power loss (another boot
-id in the marker and a torn file: the data is copied again from the lower).
+A copied-up file is linked before its data is synced, with a tag after the inode
+number in trusted.overlay.unionfs.ino: its batch, a short boot id and the origin's
+size. A background batch syncs and then records its number in WORKDIR/copyup.synced;
+a tag is pending while its batch is newer than that record. These tests hold the
+batch back (UNIONFS_SYNC_DELAY) so the pending state can be seen, then check each
+way out of it: the batch, the user's fsync, a clean unmount, a SIGKILLed daemon
+(same boot: data kept) and a simulated power loss (another boot id in the tag and a
+torn file: the data is copied again from the lower file, found by its inode number).
 """
 from __future__ import annotations
 
@@ -23,14 +25,35 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mounting import daemon_pid, force_unmount, kernel_overlay, unionfs_mount, wait_daemon_gone  # noqa: E402
 from unit_helpers import xattr  # noqa: E402
 
-MARK = "trusted.overlay.unionfs.pending"
+IDENTITY = "trusted.overlay.unionfs.ino"
+SYNCED = "copyup.synced"  # the newest batch known synced
 HINT = "copyup.pending"   # left only by a batch that failed to sync
 CLEAN = "changes.clean"   # the changes log's clean-stop marker: a mount removes it at once
 SIZE = 50_000
 
 
-def marker(path: str) -> bytes | None:
-    return xattr(path, MARK)
+def tag(path: str) -> list[bytes] | None:
+    """[ino, batch, boot, size] of a copy-up's tag, or None if its identity has none."""
+    value = xattr(path, IDENTITY)
+    assert value is not None, f"{path} has no identity xattr"
+    parts = value.split(b" ")
+    if len(parts) == 1:
+        return None
+    assert len(parts) == 4, value
+    return parts
+
+
+def synced(work: str) -> int:
+    try:
+        with open(os.path.join(work, SYNCED), "rb") as f:
+            return int(f.read().strip() or b"0")
+    except FileNotFoundError:
+        return 0
+
+
+def pending(path: str, work: str) -> bool:
+    t = tag(path)
+    return t is not None and int(t[1]) > synced(work)
 
 
 @pytest.fixture
@@ -63,39 +86,49 @@ def append(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def test_pending_marker_hidden_then_synced_by_the_batch_and_gone_at_unmount(layers):
+def test_pending_tag_hidden_then_synced_by_the_batch_and_settled_at_unmount(layers):
     lower, upper, work, mnt = layers
     with held("1.5"), unionfs_mount([lower], upper, mnt, workdir=work):
         view, up = os.path.join(mnt, "d", "f0"), os.path.join(upper, "d", "f0")
+        ino = os.stat(view).st_ino
         append(view, b"+")
-        value = marker(up)
-        assert value is not None and value.startswith(b"1 "), "copy-up not pending"
-        assert value.endswith(b" 1 %d %d d/f0" % (SIZE, os.stat(os.path.join(lower, "d", "f0")).st_mtime_ns))
-        # what makes the next mount look for markers if this one dies: no clean marker
+        assert pending(up, work), "copy-up not pending"
+        t = tag(up)
+        assert t is not None and int(t[0]) == ino and len(t[2]) == 8 and int(t[3]) == SIZE
+        assert os.stat(view).st_ino == ino   # the tag does not disturb the identity
+        # what makes the next mount look for tags if this one dies: no clean marker
         assert not os.path.exists(os.path.join(work, CLEAN))
         assert not os.path.exists(os.path.join(work, HINT))
         # private: neither shown nor accepted through the mount
-        assert MARK not in os.listxattr(view)
+        assert IDENTITY not in os.listxattr(view)
         with pytest.raises(OSError):
-            os.getxattr(view, MARK)
+            os.getxattr(view, IDENTITY)
         with pytest.raises(OSError):
-            os.setxattr(view, MARK, b"x")
+            os.setxattr(view, IDENTITY, b"x")
         deadline = time.monotonic() + 30
-        while marker(up) is not None:
-            assert time.monotonic() < deadline, "the batch never unmarked the copy-up"
+        while pending(up, work):
+            assert time.monotonic() < deadline, "the batch never recorded the copy-up synced"
             time.sleep(0.1)
+        assert tag(up) is not None   # settled by the record, not by touching the file
         append(os.path.join(mnt, "d", "f1"), b"+")
-        assert marker(os.path.join(upper, "d", "f1")) is not None
+        assert pending(os.path.join(upper, "d", "f1"), work)
     # a clean unmount settles what was still pending before it marks the stop clean
     for name in os.listdir(os.path.join(upper, "d")):
-        assert marker(os.path.join(upper, "d", name)) is None, name
+        assert not pending(os.path.join(upper, "d", name), work), name
     assert not os.path.exists(os.path.join(work, HINT))
     assert os.path.exists(os.path.join(work, CLEAN))
     with open(os.path.join(upper, "d", "f1"), "rb") as f:
         assert f.read() == b"B" * SIZE + b"+"
+    # the next mount's batches are numbered on from the record
+    before = synced(work)
+    with held("600"), unionfs_mount([lower], upper, mnt, workdir=work):
+        assert os.stat(os.path.join(mnt, "d", "f0")).st_ino == ino
+        append(os.path.join(mnt, "d", "f2"), b"+")
+        t2 = tag(os.path.join(upper, "d", "f2"))
+        assert t2 is not None and int(t2[1]) > before
 
 
-def test_user_fsync_unmarks_a_pending_copy_up_at_once(layers):
+def test_user_fsync_drops_a_pending_tag_at_once(layers):
     lower, upper, work, mnt = layers
     with held("600"), unionfs_mount([lower], upper, mnt, workdir=work):
         for name, sync in (("f0", os.fsync), ("f1", os.fdatasync)):
@@ -103,14 +136,14 @@ def test_user_fsync_unmarks_a_pending_copy_up_at_once(layers):
             fd = os.open(os.path.join(mnt, "d", name), os.O_RDWR)
             try:
                 os.pwrite(fd, b"synced", 100)
-                assert marker(up) is not None, "copy-up not pending"
+                assert pending(up, work), "copy-up not pending"
                 sync(fd)
-                assert marker(up) is None, f"{sync.__name__} left the copy-up marked"
+                assert tag(up) is None, f"{sync.__name__} left the copy-up tagged"
             finally:
                 os.close(fd)
         assert not os.path.exists(os.path.join(upper, "d", "f2"))  # not copied up yet
         append(os.path.join(mnt, "d", "f2"), b"+")
-        assert marker(os.path.join(upper, "d", "f2")) is not None  # the others are not synced
+        assert pending(os.path.join(upper, "d", "f2"), work)  # the others are not synced
 
 
 def _kill(mnt: str) -> None:
@@ -126,9 +159,9 @@ def test_daemon_killed_with_copy_ups_pending_keeps_their_data(layers):
         append(os.path.join(mnt, "d", "f0"), b"after")
         _kill(mnt)
     up = os.path.join(upper, "d", "f0")
-    assert marker(up) is not None and not os.path.exists(os.path.join(work, CLEAN))
+    assert pending(up, work) and not os.path.exists(os.path.join(work, CLEAN))
     with unionfs_mount([lower], upper, mnt, workdir=work):
-        assert marker(up) is None
+        assert not pending(up, work)
         assert not os.path.exists(os.path.join(work, HINT))
         with open(os.path.join(mnt, "d", "f0"), "rb") as f:
             assert f.read() == b"A" * SIZE + b"after"
@@ -140,19 +173,18 @@ def test_power_loss_torn_copy_up_is_copied_again(layers, tmp_path):
         for name in ("f0", "f1", "f2"):
             append(os.path.join(mnt, "d", name), b"after")
         _kill(mnt)
-    # what a power loss can leave: the names (journalled with their markers), the data of
+    # what a power loss can leave: the names (journalled with their tags), the data of
     # f0 written back only in part, f1 fully, f2 not at all; the boot id is another
     for name in ("f0", "f1", "f2"):
         up = os.path.join(upper, "d", name)
-        value = marker(up)
-        assert value is not None
-        parts = value.split(b" ")
-        parts[1] = b"00000000-0000-4000-8000-000000000000"
-        os.setxattr(up, MARK, b" ".join(parts), follow_symlinks=False)
+        parts = tag(up)
+        assert parts is not None and pending(up, work)
+        parts[2] = b"00000000"
+        os.setxattr(up, IDENTITY, b" ".join(parts), follow_symlinks=False)
     os.truncate(os.path.join(upper, "d", "f0"), 12_288)
     os.truncate(os.path.join(upper, "d", "f2"), 0)
     before = os.stat(os.path.join(upper, "d", "f0"))
-    # kernel overlayfs, given this upper, shows no marker either
+    # kernel overlayfs, given this upper, shows no tag either
     kmnt, kwork = str(tmp_path / "kmnt"), str(tmp_path / "kwork")
     os.makedirs(kmnt)
     os.makedirs(kwork)
@@ -162,7 +194,7 @@ def test_power_loss_torn_copy_up_is_copied_again(layers, tmp_path):
         assert "unionfs" not in out.stdout
     with unionfs_mount([lower], upper, mnt, workdir=work):
         for name in ("f0", "f1", "f2"):
-            assert marker(os.path.join(upper, "d", name)) is None, name
+            assert not pending(os.path.join(upper, "d", name), work), name
         with open(os.path.join(mnt, "d", "f0"), "rb") as f:
             assert f.read() == b"A" * SIZE   # torn: the copy-up again, the unsynced append lost
         with open(os.path.join(mnt, "d", "f2"), "rb") as f:
@@ -176,39 +208,42 @@ def test_power_loss_torn_copy_up_is_copied_again(layers, tmp_path):
     assert "/d/f1 was not known durable" not in log
 
 
-def test_fsync_off_marks_nothing(layers):
+def test_fsync_off_tags_nothing(layers):
     lower, upper, work, mnt = layers
     with held("600"), unionfs_mount([lower], upper, mnt, workdir=work, options=["fsync=0"]):
         append(os.path.join(mnt, "d", "f0"), b"+")
-        assert marker(os.path.join(upper, "d", "f0")) is None
+        assert tag(os.path.join(upper, "d", "f0")) is None
         assert not os.path.exists(os.path.join(work, HINT))
 
 
 def test_failed_batch_leaves_the_hint_and_the_next_mount_settles(layers, monkeypatch):
-    """A batch whose syncfs fails keeps its markers, and leaves the hint even though the
-    stop that follows is clean; recover() then walks the upper and settles them.
+    """A batch whose syncfs fails records nothing, and leaves the hint even though the
+    stop that follows is clean; recover() then walks the upper and settles the tag.
     (Durable's own logic, driven directly: a failing syncfs cannot be made on demand.)"""
     from unionfs import durable
-    lower, upper, work, _mnt = layers
+    _lower, upper, work, _mnt = layers
     os.makedirs(os.path.join(upper, "d"))
     path = os.path.join(upper, "d", "f0")
     with open(path, "wb") as f:
         f.write(b"A" * SIZE)
     open(os.path.join(work, CLEAN), "w").close()   # the stop will be clean: only the hint says
     syncer = durable.Syncer(upper, work)
-    fd = os.open(path, os.O_RDWR)
-    assert syncer.mark(fd, 0, b"d/f0", os.stat(os.path.join(lower, "d", "f0")))
+    os.setxattr(path, IDENTITY, syncer.tag((2 << 48) | os.stat(path).st_ino, SIZE))
 
     def broken(_fd: int) -> None:
         raise OSError(5, "simulated I/O error")
     monkeypatch.setattr(durable.syscalls, "syncfs", broken)
-    syncer.add(fd)
+    syncer.add()
     syncer.close()
     monkeypatch.undo()
-    assert marker(path) is not None and os.path.exists(os.path.join(work, HINT))
-    assert durable.recover(upper, work, lambda layer, p: None) == 0   # same boot: nothing torn
-    assert marker(path) is None and not os.path.exists(os.path.join(work, HINT))
+    assert pending(path, work) and os.path.exists(os.path.join(work, HINT))
+
+    def no_origin(_layer: int, _inos: set[int]) -> dict[int, bytes]:
+        raise AssertionError("same boot: nothing is torn, no layer is walked")
+    assert durable.recover(upper, work, no_origin, lambda layer, p: -1) == 0
+    assert not pending(path, work) and not os.path.exists(os.path.join(work, HINT))
     # with neither hint nor an unclean stop, a mount does not walk the upper
-    os.setxattr(path, MARK, b"1 x 0 1 1 d/f0")
-    assert durable.recover(upper, work, lambda layer, p: None) == 0
-    assert marker(path) == b"1 x 0 1 1 d/f0"
+    forged = b"%d 999999999 x 1" % ((2 << 48) | 5)
+    os.setxattr(path, IDENTITY, forged)
+    assert durable.recover(upper, work, no_origin, lambda layer, p: -1) == 0
+    assert xattr(path, IDENTITY) == forged and pending(path, work)

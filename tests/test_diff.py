@@ -210,6 +210,18 @@ def test_hard_link_other_name_removed_then_written(union):
     final(union, ["D /h1", "C /h2"])
 
 
+@pytest.mark.parametrize("known", [True, False], ids=["other-name-looked-up", "other-name-unseen"])
+def test_hard_link_written_then_that_name_removed(union, known):
+    """The log names a hard-linked file by one name; diff finds the others by inode from
+    it. When that name goes, the name left (or, if the daemon never saw it, a rescan)
+    must still lead diff to the change."""
+    write(union.p("h1"), "more\n", "a")
+    if known:
+        os.stat(union.p("h2"))
+    os.unlink(union.p("h1"))
+    final(union, ["D /h1", "C /h2"])
+
+
 def test_xattr_only(union):
     os.setxattr(union.p("keep"), "user.note", b"hi")
     final(union, ["C /keep"])

@@ -353,3 +353,39 @@ def test_copy_up_symlink_times(layers, union):
     up(union, "sym_dangling")
     st = os.lstat(layers.u("sym_dangling"))
     assert (st.st_atime_ns, st.st_mtime_ns) == t
+
+
+def test_rename_noreplace_racing_a_create_of_its_target(layers, union):
+    """A rename whose copy-up hops to a thread must look at its names again afterwards:
+    another request may have created the target meanwhile, and RENAME_NOREPLACE must not
+    replace it (nor may a plain rename replace an object it never resolved)."""
+    root = walk(union, "")
+    outcome: list[object] = []
+
+    async def rename() -> None:
+        try:
+            await union.rename(root, b"big.bin", root, b"target", syscalls.RENAME_NOREPLACE)
+            outcome.append("renamed")
+        except OSError as e:
+            outcome.append(e.errno)
+
+    async def create_target(before: int) -> None:
+        for _ in range(100_000):  # until the rename's copy-up is on its thread
+            if union.yields != before:
+                break
+            await trio.sleep(0)
+        else:
+            raise AssertionError("the copy-up's thread hop was not counted in yields")
+        _node, fh = union.create(root, b"target", 0o644, os.O_WRONLY, Caller(0, 0))
+        union.write(fh, 0, b"mine")
+        union.release(fh)
+
+    async def both() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(create_target, union.yields)
+            n.start_soon(rename)
+
+    trio.run(both)
+    assert outcome == [errno.EAGAIN]
+    assert read(union, "target") == b"mine"
+    assert read(union, "big.bin") == layers.big

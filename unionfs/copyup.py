@@ -57,15 +57,15 @@ def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: byte
 
 
 def copy_meta(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: int,
-              dst_name: bytes | None, ino: int) -> None:
-    """Owner, then mode (chown clears set-id bits), xattrs, identity, then times last.
-    With names None both fds are open files and every call goes to the fd itself, with
-    no /proc/self/fd path for the kernel to resolve."""
+              dst_name: bytes | None, ino: int, identity: bytes | None = None) -> None:
+    """Owner, then mode (chown clears set-id bits), xattrs, identity (*identity*, or the
+    bare inode number), then times last. With names None both fds are open files and
+    every call goes to the fd itself, with no /proc/self/fd path for the kernel to resolve."""
     syscalls.chown_at(dst_fd, dst_name, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         syscalls.chmod_at(dst_fd, dst_name, stat.S_IMODE(st.st_mode))
     copy_xattrs(src_fd, src_name, dst_fd, dst_name)
-    syscalls.setxattr(dst_fd, dst_name, OWN_INO, str(ino).encode())
+    syscalls.setxattr(dst_fd, dst_name, OWN_INO, identity or str(ino).encode())
     syscalls.utimens_at(dst_fd, dst_name, st.st_atime_ns, st.st_mtime_ns)
 
 
@@ -166,7 +166,7 @@ class CopyUp:
         sfd, sname = self.r.lower_loc(layer, path)
         st = syscalls.stat_at(sfd, sname)
         if stat.S_ISREG(st.st_mode):
-            placed = await self._regular(node, layer, path, sfd, sname, st, data)
+            placed = await self._regular(node, layer, sfd, sname, st, data)
         else:
             placed = self._special(node, sfd, sname, st)
         if not placed:
@@ -175,25 +175,24 @@ class CopyUp:
         if st.st_nlink > 1:
             self._link_aliases(node, layer, path, st)
 
-    async def _regular(self, node: Node, layer: Layer, path: bytes, sfd: int, sname: bytes,
+    async def _regular(self, node: Node, layer: Layer, sfd: int, sname: bytes,
                        st: os.stat_result, data: bool) -> bool:
         """A regular file: data and metadata go into an unnamed O_TMPFILE (or a named
         temporary), which gets its name in the upper only when complete."""
         dst, tmp = self.work.new_file()
-        handed_over = marked = False
+        tagged = None
         try:
             src = syscalls.open_at(sfd, sname, os.O_RDONLY | os.O_NOATIME)
             try:
                 if data and st.st_size:
-                    defer = self.fsync and self.syncer is not None and self.syncer.has_room()
+                    defer = self.fsync and self.syncer is not None
                     await self._fill(layer, src, dst, st.st_size, self.fsync and not defer,
                                      st.st_blocks * 512 < st.st_size)
                     if defer:
                         assert self.syncer is not None
-                        marked = self.syncer.mark(dst, layer.index, path, st)
-                        if not marked:
-                            await self.blocking(os.fdatasync, dst)
-                copy_meta(st, src, None, dst, None, node.id)
+                        # after the data: its batch must not begin syncing before that
+                        tagged = self.syncer.tag(node.id, st.st_size)
+                copy_meta(st, src, None, dst, None, node.id, tagged)
             finally:
                 os.close(src)
             if not self._still_wanted(node):
@@ -206,14 +205,12 @@ class CopyUp:
                 else:
                     syscalls.renameat2(self.work.fd, tmp, pfd, node.name, syscalls.RENAME_NOREPLACE)
                     tmp = None
-            if marked:
+            if tagged is not None:
                 assert self.syncer is not None
-                self.syncer.add(dst)
-                handed_over = True
+                self.syncer.add()
             return True
         finally:
-            if not handed_over:
-                os.close(dst)
+            os.close(dst)
             if tmp is not None:
                 self.work.remove_tree(tmp)
 

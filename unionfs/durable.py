@@ -1,102 +1,213 @@
 """Deferred durability for copy-up: the same crash guarantee as an fsync per copy-up,
-without a journal commit on the path of every first write.
+without a journal commit on the path of every first write, and without touching each
+file again once its data is safe.
 
 Kernel overlayfs fdatasyncs each copied-up file before linking it into place, so a
 power loss can never leave a half-copied file under the name. That costs one
 journal commit (about 450 µs on ext4 here) inside the first write to every lower
 file. We link first and sync later, in batches, and keep the guarantee:
 
-* Before the link the new file gets the marker ``trusted.overlay.unionfs.pending``
-  (boot id and origin: layer, size, mtime, path). An xattr is metadata, and a
-  journalling filesystem commits it no later than the link that follows, so a
-  name that survives a power loss carries its marker until the data is safe.
-* A background thread syncfs()es the upper's filesystem for a whole batch, then
-  removes the markers (the removals reach the disk with a later commit; until
-  then a marker only means "check me").
-* fsync of a marked file through the mount makes the data durable, removes the
-  marker and commits again: a repair must never undo data the user synced.
-* Unmount flushes everything and syncs before the stop is marked clean.
-* A mount removes the changes log's clean marker, durably, before it serves
-  anything (changes.py), so a marker can only outlive a stop that was not clean.
-  (Or a batch that could not be synced: that one leaves ``WORKDIR/copyup.pending``.)
-  The first copy-up of a mount so costs no extra journal commit (it used to create
-  and sync that hint file: 7-25 ms here, once per mount, inside the first write).
-  A mount that finds the last stop unclean, or the hint, walks the upper for markers:
-  one from this boot means only the daemon died (the page cache kept the data),
-  so the file is synced and unmarked; one from an earlier boot means the machine
-  went down with the data perhaps unwritten. A lost writeback leaves a file shorter
+* Batches are numbered. Before the link, the new file's identity xattr
+  (``trusted.overlay.unionfs.ino``, which every copy-up writes anyway) gets a tag
+  after the inode number: the batch, a short boot id and the origin's size
+  (``"<ino> <batch> <boot> <size>"``). An xattr is metadata, and a journalling
+  filesystem commits it no later than the link that follows, so a name that
+  survives a power loss carries its tag. The value is short enough to stay inside
+  an ext4 inode: the tag costs no syscall and no xattr block of its own.
+* A background thread syncfs()es the upper's filesystem once a batch has gathered
+  (50 ms), then writes the batch's number to ``WORKDIR/copyup.synced``. That write
+  reaches the disk with the next batch's syncfs (or the fsync at unmount), and from
+  then on every tag up to that number means "synced": tags are never removed one
+  by one, so a batch costs one syncfs and one small write, whatever its size.
+* fsync of a file through the mount whose tag is not yet known durable syncs its
+  data, then drops the tag and syncs again: a repair must never undo data the
+  user synced.
+* Unmount syncs the last batch and fsyncs ``copyup.synced`` before the stop is
+  marked clean. A mount removes the changes log's clean marker, durably, before it
+  serves anything (changes.py), so a tag newer than ``copyup.synced`` can only
+  outlive a stop that was not clean (or a batch that could not be synced: that one
+  leaves ``WORKDIR/copyup.pending``, the hint).
+  A mount that finds the last stop unclean, or the hint, walks the upper for such
+  tags: one from this boot means only the daemon died (the page cache kept the
+  data), so the file is synced; one from an earlier boot means the machine went
+  down with the data perhaps unwritten. A lost writeback leaves a file shorter
   than it was (ext4, xfs and btrfs move the on-disk size only after the data), so a
-  marked file shorter than its origin gets its data copied again from the origin
-  (lower layers never change): what it held right after the copy-up. Writes made to
-  it afterwards that were never fsynced are lost, as POSIX allows after a power loss.
-  A file at least as long as its origin is kept: it holds the user's writes.
+  tagged file shorter than its origin gets its data copied again from the origin
+  (found by its inode number in its layer: lower layers never change): what it held
+  right after the copy-up. Writes made to it afterwards that were never fsynced are
+  lost, as POSIX allows after a power loss. A file at least as long as its origin is
+  kept: it holds the user's writes. The walk ends by recording its newest tag as
+  synced.
 
-With ``-o fsync=0`` none of this happens (no marker, no sync), as fuse-overlayfs.
+With ``-o fsync=0`` none of this happens (no tag, no sync), as fuse-overlayfs.
 """
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import stat
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 from . import syscalls
 from .changes import fsync_dir, is_clean
-from .layers import OWN_PREFIX, walk_tree
+from .layers import OWN_INO, walk_tree
 
 log = logging.getLogger("unionfs")
 
-MARK = OWN_PREFIX + b"pending"
 HINT = "copyup.pending"
-#: more pending copy-ups than this and new ones fsync at once (bounds held fds)
-MAX_PENDING = 4096
+SYNCED = "copyup.synced"
+_SYNCED_WIDTH = 20  # digits: every write of the number is one same-sized overwrite
 #: the flusher waits this long after the first pending copy-up, to batch the next ones
 #: (UNIONFS_SYNC_DELAY, in seconds, lets the tests hold copy-ups pending)
 BATCH_DELAY = float(os.environ.get("UNIONFS_SYNC_DELAY", "0.05"))
+#: an inode number's split as nodes.make_ino builds it: layer part above, st_ino below
+_LAYER_SHIFT = 48
+
+#: find(layer index, wanted st_inos) -> {st_ino: path} of regular files in that lower layer
+FindOrigins = Callable[[int, set[int]], dict[int, bytes]]
+#: open(layer index, path) -> a read-only fd on that lower file (OSError if it cannot be)
+OpenOrigin = Callable[[int, bytes], int]
 
 
 def boot_id() -> bytes:
+    """The first 8 hex digits of this boot's id: enough to tell two boots apart."""
     with open("/proc/sys/kernel/random/boot_id", "rb") as f:
-        return f.read().strip()
+        return f.read().strip().replace(b"-", b"")[:8]
 
 
-def _unmark(fd: int) -> None:
-    with contextlib.suppress(OSError):  # ENODATA: a repair or a user fsync got there first
-        os.removexattr(fd, MARK)  # fremovexattr: no /proc path to resolve
+@dataclass(frozen=True)
+class Tag:
+    ino: int
+    batch: int
+    boot: bytes
+    size: int
+
+
+def parse_tag(value: bytes | None) -> Tag | None:
+    """The pending tag in an identity xattr's value, or None (no tag, or not one of ours)."""
+    if not value or b" " not in value:
+        return None
+    try:
+        ino, batch, boot, size = value.split(b" ")
+        return Tag(int(ino), int(batch), boot, int(size))
+    except ValueError:
+        return None
+
+
+def read_synced(workdir_fd: int) -> int:
+    """The newest batch known synced (0: none, or the record is missing or damaged)."""
+    try:
+        fd = os.open(SYNCED, os.O_RDONLY | os.O_CLOEXEC, dir_fd=workdir_fd)
+    except FileNotFoundError:
+        return 0
+    try:
+        text = os.read(fd, 64).strip()
+    finally:
+        os.close(fd)
+    return int(text) if text.isdigit() else 0
+
+
+def _write_synced(fd: int, batch: int) -> None:
+    os.pwrite(fd, b"%0*d\n" % (_SYNCED_WIDTH, batch), 0)
+
+
+def _untag(fd: int, tag: Tag) -> None:
+    os.setxattr(fd, OWN_INO, b"%d" % tag.ino)
 
 
 class Syncer:
-    """Pending copy-ups of one mount: marked, linked, not yet known durable."""
+    """Copy-ups of one mount that are linked but not yet known durable, by batch."""
 
     def __init__(self, upper: str, workdir: str) -> None:
-        # real (not O_PATH) fds: syncfs and fsync refuse O_PATH ones
+        # a real (not O_PATH) fd: syncfs refuses O_PATH ones
         self.upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.work_root_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.boot = boot_id()
+        # recover() ran first: every tag up to the record is settled, and the record is durable
+        self.durable = read_synced(self.work_root_fd)
+        self._record_fd = os.open(SYNCED, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600,
+                                  dir_fd=self.work_root_fd)
+        self._written = self.durable          # the number last written to the record
+        self.batch = self.durable + 1         # the batch copy-ups join now
         self._cond = threading.Condition()
-        self._pending: dict[int, int] = {}   # st_ino of the upper file -> an fd on it
-        self._inflight: set[int] = set()     # inodes of the batch being synced right now
-        self._failed = False                 # a batch could not be synced: hint at close
+        self._dirty = False                   # copy-ups linked since the last batch began
+        self._failed = False                  # a batch could not be synced: hint at close
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-    def has_room(self) -> bool:
-        return len(self._pending) < MAX_PENDING
+    def tag(self, ino: int, size: int) -> bytes:
+        """The identity xattr's value for a copy-up of *size* bytes whose data is complete
+        (the batch read here must not begin its sync before the data was written)."""
+        return b"%d %d %s %d" % (ino, self.batch, self.boot, size)
 
-    def mark(self, fd: int, layer: int, path: bytes, st: os.stat_result) -> bool:
-        """Mark the new (not yet linked) file *fd* copied from (*layer*, *path*); False if
-        it cannot be (the xattr too big for the filesystem): then the caller fsyncs it."""
-        value = b"1 %s %d %d %d %s" % (self.boot, layer, st.st_size, st.st_mtime_ns, path)
+    def add(self) -> None:
+        """A tagged copy-up was linked into place: have a batch sync it."""
+        with self._cond:
+            if self._dirty:
+                return  # the thread knows: waking it would cut its batch short
+            self._dirty = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="unionfs-syncer", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def fsync(self, fd: int, datasync: bool) -> None:
+        """The user's fsync of *fd*. If its tag is not known durable yet, drop the tag, and
+        that durably too, so that no repair ever copies the origin over data the user
+        synced. Blocking."""
+        tag = parse_tag(syscalls.getxattr(fd, None, OWN_INO))
+        (os.fdatasync if datasync else os.fsync)(fd)
+        if tag is not None and tag.batch > self.durable:
+            _untag(fd, tag)   # only now: the data is on disk before the tag goes
+            os.fsync(fd)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._dirty and not self._stopping:
+                    self._cond.wait()
+                if not self._dirty:
+                    return
+                if not self._stopping:
+                    self._cond.wait(BATCH_DELAY)  # only close() notifies meanwhile
+                batch, self.batch = self.batch, self.batch + 1
+                self._dirty = False
+            try:
+                self._flush(batch)
+            except Exception:  # noqa: BLE001 - the thread must go on; close() leaves the hint
+                log.exception("syncing copied-up files failed; their tags stay unsettled")
+                self._failed = True
+
+    def _flush(self, batch: int) -> None:
+        """Every copy-up tagged *batch* or earlier has its data written by now: sync them
+        (and, with them, the record written after the last batch), then record this one."""
+        syscalls.syncfs(self.upper_fd)
+        self.durable = self._written
+        _write_synced(self._record_fd, batch)
+        self._written = batch
+
+    def close(self) -> None:
+        """At unmount: the last batch synced and recorded, durably. If a batch failed, the
+        hint makes the next mount settle its tags, though this stop is clean."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()  # it syncs what is pending before it returns
         try:
-            os.setxattr(fd, MARK, value)
-        except OSError as e:
-            if e.errno in (errno.E2BIG, errno.ENOSPC, errno.ERANGE, errno.ENOTSUP):
-                return False
-            raise
-        return True
+            os.fsync(self._record_fd)
+            self.durable = self._written
+        except OSError:
+            log.exception("recording the synced copy-ups failed")
+            self._failed = True
+        if self._failed:
+            self._hint()
+        os.close(self._record_fd)
+        os.close(self.upper_fd)
+        os.close(self.work_root_fd)
 
     def _hint(self) -> None:
         """After a failed batch: have the next mount walk the upper even if this stop
@@ -107,159 +218,108 @@ class Syncer:
             os.close(fd)
             os.fsync(self.work_root_fd)
 
-    def add(self, fd: int) -> None:
-        """Hand over *fd* (now linked into place): it is synced and unmarked in a batch."""
-        ino = os.fstat(fd).st_ino
-        with self._cond:
-            wake = not self._pending
-            old = self._pending.pop(ino, None)
-            self._pending[ino] = fd
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="unionfs-syncer", daemon=True)
-                self._thread.start()
-            if wake:
-                self._cond.notify_all()
-        if old is not None:
-            os.close(old)
 
-    def fsync(self, fd: int, datasync: bool) -> None:
-        """The user's fsync of *fd*. If its inode is still pending, also unmark it durably,
-        so that no repair ever copies the origin over data the user synced. Blocking.
-
-        An inode that is neither pending nor in the batch being synced was unmarked by a
-        finished batch, and every batch ends with a commit of its unmarkings."""
-        ino = os.fstat(fd).st_ino
-        with self._cond:
-            while ino in self._inflight:
-                self._cond.wait()
-            held = self._pending.pop(ino, None)
-        (os.fdatasync if datasync else os.fsync)(fd)
-        if held is not None:
-            _unmark(held)
-            os.close(held)
-            os.fsync(fd)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._stopping:
-                    self._cond.wait()
-                if not self._pending:
-                    return
-                if not self._stopping:
-                    self._cond.wait(BATCH_DELAY)  # only close() notifies meanwhile
-                batch, self._pending = self._pending, {}
-                self._inflight = set(batch)
-            try:
-                self._flush(batch)
-            except Exception:  # noqa: BLE001 - the thread must go on; close() leaves the hint
-                log.exception("syncing copied-up files failed; they stay marked")
-                self._failed = True  # close() leaves the hint
-                for fd in batch.values():
-                    os.close(fd)
-            finally:
-                with self._cond:
-                    self._inflight = set()
-                    self._cond.notify_all()
-
-    def _flush(self, batch: dict[int, int]) -> None:
-        """Data durable first, then the markers go, and that is committed too."""
-        syscalls.syncfs(self.upper_fd)
-        while batch:  # popped as closed: after a failure the caller closes the rest
-            _ino, fd = batch.popitem()
-            _unmark(fd)
-            os.close(fd)
-        syscalls.syncfs(self.upper_fd)
-
-    def close(self) -> None:
-        """At unmount: everything pending synced and unmarked, durably. If that failed,
-        the hint makes the next mount settle the rest, though this stop is clean."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()  # it drains what is pending before it returns
-        if self._pending or self._failed:
-            self._hint()
-        os.close(self.upper_fd)
-        os.close(self.work_root_fd)
-
-
-def recover(upper: str, workdir: str,
-            origin: Callable[[int, bytes], tuple[int, bytes] | None]) -> int:
-    """At mount, if the last mount left copy-ups pending: settle every marked file (see
-    the module's docstring). *origin* maps (layer index, path) to the (dirfd, name) of
-    the lower file. Returns how many files had their data copied again."""
+def recover(upper: str, workdir: str, find: FindOrigins, open_origin: OpenOrigin) -> int:
+    """At mount, if the last mount may have left copy-ups unsynced: settle every tag newer
+    than the record (see the module's docstring). Returns how many files had their data
+    copied again."""
     hint = os.path.join(workdir, HINT)
     if is_clean(workdir) and not os.path.exists(hint):
         return 0
-    boot = boot_id()
-    repaired = 0
     upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    work_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        repaired = _recover_tree(upper_fd, boot, origin)
+        synced = read_synced(work_fd)
+        newest, torn = _settle_tree(upper_fd, synced, boot_id())
+        repaired = _repair_all(torn, find, open_origin)
         syscalls.syncfs(upper_fd)
+        rfd = os.open(SYNCED, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=work_fd)
+        try:
+            _write_synced(rfd, max(synced, newest))
+            os.fsync(rfd)
+        finally:
+            os.close(rfd)
+        os.fsync(work_fd)
     finally:
         os.close(upper_fd)
+        os.close(work_fd)
     if os.path.exists(hint):
         os.unlink(hint)
         fsync_dir(workdir)
     return repaired
 
 
-def _recover_tree(upper_fd: int, boot: bytes,
-                  origin: Callable[[int, bytes], tuple[int, bytes] | None]) -> int:
-    repaired = 0
+@dataclass
+class _Torn:
+    rel: bytes        # path in the upper, for the log
+    fd: int           # the file, open for writing
+    tag: Tag
+
+
+def _settle_tree(upper_fd: int, synced: int, boot: bytes) -> tuple[int, list[_Torn]]:
+    """Sync every file tagged after *synced*; return the newest tag and the files that may
+    have lost their data (tagged in another boot, shorter than their origin), still open."""
+    newest = 0
+    torn: list[_Torn] = []
     for dirfd, rel, name, de in walk_tree(upper_fd):
         if not de.is_file(follow_symlinks=False):
             continue
-        value = syscalls.getxattr(dirfd, name, MARK)
-        if value is None:
+        tag = parse_tag(syscalls.getxattr(dirfd, name, OWN_INO))
+        if tag is None or tag.batch <= synced:
             continue
+        newest = max(newest, tag.batch)
         fd = syscalls.open_at(dirfd, name, os.O_RDWR | os.O_NOFOLLOW)
+        if tag.boot != boot and os.fstat(fd).st_size < tag.size:
+            torn.append(_Torn(rel, fd, tag))
+            continue
         try:
-            if _repair(fd, value, boot, origin):
-                repaired += 1
-                log.warning("copy-up of /%s was not known durable before the machine went "
-                            "down: its data was copied again from the lower layer",
-                            rel.decode(errors="replace"))
-            os.fsync(fd)
-            _unmark(fd)
+            os.fsync(fd)   # only the daemon died (or the data is all there): keep it
         finally:
             os.close(fd)
+    return newest, torn
+
+
+def _repair_all(torn: list[_Torn], find: FindOrigins, open_origin: OpenOrigin) -> int:
+    """Copy each torn file's data again from its origin, one walk per lower layer."""
+    repaired = 0
+    mask = (1 << _LAYER_SHIFT) - 1
+    by_layer: dict[int, list[_Torn]] = {}
+    for t in torn:
+        by_layer.setdefault((t.tag.ino >> _LAYER_SHIFT) - 1, []).append(t)
+    try:
+        for layer, files in by_layer.items():
+            found = find(layer, {t.tag.ino & mask for t in files}) if layer >= 1 else {}
+            for t in files:
+                path = found.get(t.tag.ino & mask)
+                src = -1
+                if path is not None:
+                    with contextlib.suppress(OSError):
+                        src = open_origin(layer, path)
+                if src < 0:
+                    log.warning("cannot check the copy-up of /%s: its origin is gone",
+                                t.rel.decode(errors="replace"))
+                elif _repair(t.fd, t.tag, src):
+                    repaired += 1
+                    log.warning("copy-up of /%s was not known durable before the machine went "
+                                "down: its data was copied again from the lower layer",
+                                t.rel.decode(errors="replace"))
+                os.fsync(t.fd)
+    finally:
+        for t in torn:
+            os.close(t.fd)
     return repaired
 
 
-def _repair(fd: int, value: bytes, boot: bytes,
-            origin: Callable[[int, bytes], tuple[int, bytes] | None]) -> bool:
-    """Copy the origin's data into *fd* again if its marker is from another boot and the
-    file is shorter than its origin (its writeback was lost)."""
-    try:
-        _v, mboot, layer, size, mtime, path = value.split(b" ", 5)
-        layer_i, size_i, mtime_i = int(layer), int(size), int(mtime)
-    except ValueError:
-        log.warning("ignoring a malformed copy-up marker %r", value[:80])
-        return False
-    if mboot == boot:
-        return False  # only the daemon died: the page cache kept every byte
-    loc = origin(layer_i, path)
-    src = -1
-    if loc is not None:
-        with contextlib.suppress(OSError):
-            src = syscalls.open_at(*loc, os.O_RDONLY | os.O_NOFOLLOW)
-    if src < 0:
-        log.warning("cannot check the copy-up of %r: its origin is gone", path)
-        return False
+def _repair(fd: int, tag: Tag, src: int) -> bool:
+    """Copy the origin's data (*src*, closed here) into *fd* again: its writeback was lost."""
     try:
         sst = os.fstat(src)
-        if not stat.S_ISREG(sst.st_mode) or sst.st_size != size_i or sst.st_mtime_ns != mtime_i:
-            log.warning("cannot check the copy-up of %r: its origin changed", path)
+        if not stat.S_ISREG(sst.st_mode) or sst.st_size != tag.size:
+            log.warning("cannot check a copy-up: its origin changed")
             return False
         st = os.fstat(fd)
-        if st.st_size >= size_i:
-            return False
         os.ftruncate(fd, 0)
-        syscalls.copy_data(src, fd, size_i)
+        syscalls.copy_data(src, fd, tag.size)
         os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         return True
     finally:

@@ -261,6 +261,14 @@ class NamespaceOps:
             os.mknod(name, stat.S_IFCHR | 0o000, WHITEOUT_DEV, dir_fd=self.r.upper_fd(parent))
         self._detach(node, parent, name)
         self.journal.record(b"D", self._child_path(parent, name))
+        self._names_left(node, e)
+
+    def _names_left(self: "Union", node: Node | None, e: Entry) -> None:
+        """A name of a hard-linked upper file went: `unionfs diff` finds a file's other
+        names by inode from a logged one, and the logged one may have been this. Log the
+        name the node keeps, or (none known) an unknown path, which makes diff rescan."""
+        if e.upper and e.st is not None and e.st.st_nlink > 1 and not stat.S_ISDIR(e.st.st_mode):
+            self.journal.record(b"C", node.path() if node is not None else b"")
 
     @staticmethod
     def _child_path(parent: Node, name: bytes) -> bytes:
@@ -298,16 +306,21 @@ class NamespaceOps:
                 raise err(errno.EISDIR)
             if ddir and dnode is not None and self.list_dir(dnode):
                 raise err(errno.ENOTEMPTY)
+        yields = self.yields
         await self.ensure_upper(snode)
         if exchange and dnode is not None:
             await self.ensure_upper(dnode)
         elif dst.st is not None:
             dst = await self._up_if_linked(p2, n2, dst)
-        # copy-ups may have awaited: look again, the names must still show the same objects
-        src2, dst2 = self.r.resolve(p1, n1), self.r.resolve(p2, n2)
-        if src2.ino != snode.id or (dst2.st is None) != (dst.st is None) or \
-                (dst.st is not None and dst2.ino != dst.ino):
-            raise err(errno.EAGAIN)
+        dst2 = dst
+        if self.yields != yields:
+            # other requests may have run: look again, the names must still show the same
+            # objects (else only our own copy-ups ran, which change neither name's object,
+            # and _up_if_linked re-resolved dst if it copied it)
+            src2, dst2 = self.r.resolve(p1, n1), self.r.resolve(p2, n2)
+            if src2.ino != snode.id or (dst2.st is None) != (dst.st is None) or \
+                    (dst.st is not None and dst2.ino != dst.ino):
+                raise err(errno.EAGAIN)
         assert self.copyup is not None and self.work is not None
         self.copyup.dir(p1)
         self.copyup.dir(p2)
@@ -342,6 +355,8 @@ class NamespaceOps:
             self._redirects = None
         if dnode is not None:
             self._detach(dnode, p2, n2)
+        if dst2.st is not None:
+            self._names_left(dnode, dst2)
         self._renamed(snode, p1, n1, p2, n2)
         self.journal.record(b"D", self._child_path(p1, n1))
         self.journal.record(b"A", snode.path(), tree=sdir)

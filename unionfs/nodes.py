@@ -40,6 +40,8 @@ def parse_ino(value: bytes | None) -> int | None:
     bits cannot be sent to the kernel, so only decimal numbers with a layer
     part (the top 16 bits) of 1 or more, below ALT_INO, are trusted.
     """
+    if value:
+        value = value.split(b" ", 1)[0]  # a copy-up's durability tag may follow (durable.py)
     if not value or not value.isdigit() or len(value) > 20:
         return None
     ino = int(value)

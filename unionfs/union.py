@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
+from typing import Callable
 import trio
 
 from . import durable, syscalls
@@ -67,6 +68,10 @@ class Union(NamespaceOps, FileOps):
         self.work: WorkDir | None = None
         self.copyup: CopyUp | None = None
         self.syncer: durable.Syncer | None = None
+        # awaits that may have let other requests run (thread hops, contended node
+        # locks): a handler that saw no change here across its awaits knows its names
+        # still resolve as they did (trio switches tasks only at awaits)
+        self.yields = 0
         self.journal = Journal(None)
         if self.upper is not None and config.workdir:
             self.work = WorkDir(config.workdir)
@@ -75,12 +80,13 @@ class Union(NamespaceOps, FileOps):
             leftovers = self.work.cleanup()
             if leftovers:
                 log.info("removed %d leftover work files of an earlier mount", leftovers)
-            repaired = durable.recover(config.upper, config.workdir, self._origin)
+            repaired = durable.recover(config.upper, config.workdir, self._find_origins,
+                                       self._open_origin)
             if repaired:
                 log.warning("copied the data of %d files up again after a power loss", repaired)
             if config.fsync:
                 self.syncer = durable.Syncer(config.upper, config.workdir)
-            self.copyup = CopyUp(self.r, self.upper, self.work, config.fsync, run_in_thread,
+            self.copyup = CopyUp(self.r, self.upper, self.work, config.fsync, self._blocking,
                                  self.syncer)
             self.copyup.entry_at = self.entry_at
             self.copyup.view_paths = self.view_paths
@@ -100,14 +106,29 @@ class Union(NamespaceOps, FileOps):
             f.write("".join(p + "\n" for p in config.lowers))
         os.replace(tmp, path)
 
-    def _origin(self, index: int, path: bytes) -> tuple[int, bytes] | None:
-        """(dirfd, name) of *path* in lower layer number *index* (1 = top-most)."""
+    def _find_origins(self, index: int, inos: set[int]) -> dict[int, bytes]:
+        """Paths of the regular files with these st_inos (low 48 bits, as make_ino keeps
+        them) in lower layer number *index* (1 = top-most): one walk of the layer, made
+        only to repair copy-ups a power loss tore."""
         if not 1 <= index <= len(self.lowers):
-            return None
-        try:
-            return self.r.lower_loc(self.lowers[index - 1], path)
-        except OSError:
-            return None
+            return {}
+        mask = (1 << 48) - 1
+        found: dict[int, bytes] = {}
+        for _fd, path, _name, de in walk_tree(self.lowers[index - 1].fd):
+            ino = de.inode() & mask
+            if ino in inos and ino not in found and de.is_file(follow_symlinks=False):
+                found[ino] = path
+        return found
+
+    def _open_origin(self, index: int, path: bytes) -> int:
+        """*path* in lower layer number *index*, opened for reading (never by a symlink)."""
+        return syscalls.open_at(*self.r.lower_loc(self.lowers[index - 1], path),
+                                os.O_RDONLY | os.O_NOFOLLOW)
+
+    async def _blocking(self, fn: Callable[..., object], *args: object) -> object:
+        """A blocking call (copy-up data, fsync) on a worker thread, counted in yields."""
+        self.yields += 1
+        return await run_in_thread(fn, *args)
 
     def flush(self) -> None:
         """At unmount, before the changes log is closed: pending copy-ups made durable."""
@@ -282,6 +303,7 @@ class Union(NamespaceOps, FileOps):
             # `async with lock` would make even then
             lock.acquire_nowait()
         except trio.WouldBlock:
+            self.yields += 1
             await lock.acquire()
         try:
             await self.copyup.file(node, data)
@@ -296,6 +318,13 @@ class Union(NamespaceOps, FileOps):
             if attrs.mode is None and attrs.uid is None and attrs.gid is None and attrs.size is None:
                 return self.stat(node)
             raise err(errno.ENOENT)
+        if node.upper and attrs.mode is None and attrs.uid is None and attrs.gid is None \
+                and attrs.size is None:
+            # times only: the writeback cache flushes them after rename and link too,
+            # unchanged; then there is nothing to write and no change to record
+            st = self.stat(node)
+            if attrs.atime_ns in (None, st.st_atime_ns) and attrs.mtime_ns in (None, st.st_mtime_ns):
+                return st
         truncating_all = attrs.size == 0 and attrs.mode is None and attrs.uid is None
         await self.ensure_upper(node, data=not truncating_all)
         h = self.handles.get(fh) if fh is not None else None

@@ -5,6 +5,7 @@ Layout (all private to unionfs, never shown in the view)::
     WORKDIR/work/        temporaries: copy-ups, new opaque dirs, removed trees
     WORKDIR/lowers       the lower list of the last mount (one path a line)
     WORKDIR/changes.log  the changes log (see changes.py)
+    WORKDIR/copyup.synced   the newest batch of copy-ups known synced (durable.py)
     WORKDIR/copyup.pending  left by a batch of copy-ups that could not be synced (durable.py)
     WORKDIR/unionfs.log  the daemon's log when it runs in the background
 
