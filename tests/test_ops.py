@@ -707,6 +707,27 @@ def test_xattr_roundtrip(mounted, ns):
     assert name not in os.listxattr(p)
 
 
+@pytest.mark.parametrize("name", ["security.capability", "security.selinux"])
+def test_absent_security_xattr_remembered_until_set(mounted, name):
+    """The daemon remembers that these are absent (the kernel asks for security.capability
+    at every write, ls -l for security.selinux at every entry): setting one through the
+    mount must show at once, on every name of the file."""
+    p = mounted.m("dir/a.txt")
+    for _ in range(2):
+        assert errno_of(lambda: os.getxattr(p, name)) == errno.ENODATA
+    with open(p, "ab") as f:
+        f.write(b"x")   # the kernel's own security.capability check, on a write
+    os.link(p, mounted.m("dir/a-link"))
+    value = bytes.fromhex("0100000200200000000000000000000000000000") \
+        if name == "security.capability" else b"system_u:object_r:etc_t:s0\0"
+    os.setxattr(p, name, value)
+    assert os.getxattr(p, name) == value
+    assert os.getxattr(mounted.m("dir/a-link"), name) == value
+    assert xattr(mounted.u("dir/a.txt"), name) == value
+    os.removexattr(p, name)
+    assert errno_of(lambda: os.getxattr(mounted.m("dir/a-link"), name)) == errno.ENODATA
+
+
 def test_lower_xattrs_visible(mounted):
     assert os.getxattr(mounted.m("xattr.txt"), "user.color") == b"blue"
     assert os.getxattr(mounted.m("xattr.txt"), "trusted.secret") == b"s3"

@@ -52,7 +52,7 @@ class Node:
     """One object of the merged view."""
 
     __slots__ = ("id", "kind", "parent", "name", "upper", "lowers", "opaque", "lookups",
-                 "child_refs", "pin", "lock", "registered", "aliases", "__weakref__")
+                 "child_refs", "pin", "lock", "registered", "aliases", "no_xattrs", "__weakref__")
 
     def __init__(self, node_id: int, kind: int, parent: "Node | None", name: bytes) -> None:
         self.id = node_id
@@ -70,6 +70,10 @@ class Node:
         # other (directory, name) pairs the kernel reached this non-directory by: where
         # the node lives on when its primary name is removed or renamed away
         self.aliases: list[tuple[Node, bytes]] = []
+        # xattrs known absent (bits of union.ABSENT_XATTRS): the kernel asks for
+        # security.capability at every write, truncate and chown of a file, and ls -l for
+        # security.selinux at every entry; an answer changes only by our own setxattr
+        self.no_xattrs = 0
 
     @property
     def is_dir(self) -> bool:

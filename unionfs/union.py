@@ -35,6 +35,11 @@ __all__ = ["Union", "Caller", "SetAttr", "Handle", "err"]
 log = logging.getLogger("unionfs")
 
 
+#: xattrs the kernel or common tools ask for again and again, mostly to hear ENODATA
+#: (see Node.no_xattrs), and their bits
+ABSENT_XATTRS = {b"security.capability": 1, b"security.selinux": 2}
+
+
 @dataclass
 class SetAttr:
     """The fields of a setattr request that are to change (None: leave alone)."""
@@ -359,6 +364,9 @@ class Union(NamespaceOps, FileOps):
     # -- xattrs ------------------------------------------------------------------------
 
     def getxattr(self, node: Node, attr: bytes) -> bytes:
+        bit = ABSENT_XATTRS.get(attr, 0)
+        if node.no_xattrs & bit:
+            raise err(errno.ENODATA)
         if is_private_xattr(attr):
             raise err(errno.EOPNOTSUPP)
         dfd, name = self.loc(node)
@@ -366,6 +374,10 @@ class Union(NamespaceOps, FileOps):
             return syscalls.getxattr_strict(dfd, name, attr)
         except OSError as e:
             if e.errno == errno.ENODATA:
+                # remembered: lower layers never change, and the upper object gets xattrs
+                # only through setxattr (below). The upper's filesystem may drop
+                # security.capability by itself (a write), never add it.
+                node.no_xattrs |= bit
                 raise err(errno.ENODATA)
             raise
 
@@ -380,6 +392,7 @@ class Union(NamespaceOps, FileOps):
             raise err(errno.EOPNOTSUPP)
         self._writable()
         await self.ensure_upper(node)
+        node.no_xattrs = 0
         syscalls.setxattr(*self.loc(node), attr, value, flags)
         self.journal.record(b"C", node.path())
 
