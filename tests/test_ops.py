@@ -728,6 +728,38 @@ def test_absent_security_xattr_remembered_until_set(mounted, name):
     assert errno_of(lambda: os.getxattr(mounted.m("dir/a-link"), name)) == errno.ENODATA
 
 
+CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")  # vfs cap v2, permitted
+
+
+def test_file_capability_copied_up_then_dropped_by_a_write_like_kernel(tmp_path):
+    """A lower file with security.capability keeps it through a copy-up, and a write then
+    drops it (the kernel's own check, as on a local disk); one without stays without.
+    The same on kernel overlayfs."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    for name in ("capped", "plain"):
+        (lower / name).write_bytes(b"#!/bin/true\n")
+    os.setxattr(lower / "capped", "security.capability", CAP_NET_RAW)
+    seen = []
+    for kind in ("unionfs", "kernel"):
+        upper, work, mnt = (str(tmp_path / f"{kind}-{n}") for n in ("upper", "work", "mnt"))
+        for d in (upper, work, mnt):
+            os.makedirs(d)
+        ctx = unionfs_mount([str(lower)], upper, mnt, workdir=work) if kind == "unionfs" \
+            else kernel_overlay([str(lower)], upper, work, mnt)
+        with ctx:
+            capped, plain = os.path.join(mnt, "capped"), os.path.join(mnt, "plain")
+            os.chmod(capped, 0o755)   # a copy-up that is no write
+            os.chmod(plain, 0o755)
+            before = xattr(capped, "security.capability")
+            for p in (capped, plain):
+                with open(p, "ab") as f:
+                    f.write(b"# more\n")
+            seen.append((before, xattr(capped, "security.capability"),
+                         xattr(plain, "security.capability")))
+    assert seen[0] == seen[1] == (CAP_NET_RAW, None, None)
+
+
 def test_lower_xattrs_visible(mounted):
     assert os.getxattr(mounted.m("xattr.txt"), "user.color") == b"blue"
     assert os.getxattr(mounted.m("xattr.txt"), "trusted.secret") == b"s3"

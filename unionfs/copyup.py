@@ -30,7 +30,7 @@ from . import syscalls
 from .layers import OWN_INO, Layer, is_private_xattr, walk_tree
 from .merge import Entry, Resolver
 from .durable import Syncer
-from .nodes import Node
+from .nodes import Node, absent_bits
 from .workdir import WorkDir
 
 Blocking = Callable[..., Awaitable[object]]
@@ -39,10 +39,13 @@ Blocking = Callable[..., Awaitable[object]]
 INLINE_COPY = 128 * 1024
 
 
-def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: bytes | None) -> None:
-    """Copy every xattr but the union's own markers (opaque, redirect, ino, ...). Objects
-    are addressed as in syscalls (a name None: the fd is the open object itself)."""
-    for attr in syscalls.listxattr(src_fd, src_name):
+def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int,
+                dst_name: bytes | None) -> list[bytes]:
+    """Copy every xattr but the union's own markers (opaque, redirect, ino, ...); returns
+    the source's names. Objects are addressed as in syscalls (a name None: the fd is the
+    open object itself)."""
+    names = syscalls.listxattr(src_fd, src_name)
+    for attr in names:
         if is_private_xattr(attr):
             continue
         value = syscalls.getxattr(src_fd, src_name, attr)
@@ -54,19 +57,22 @@ def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int, dst_name: byte
             # e.g. security.* refused by an LSM, user.* on a symlink: not fatal for a copy
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
                 raise
+    return names
 
 
 def copy_meta(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: int,
-              dst_name: bytes | None, ino: int, identity: bytes | None = None) -> None:
+              dst_name: bytes | None, ino: int, identity: bytes | None = None) -> list[bytes]:
     """Owner, then mode (chown clears set-id bits), xattrs, identity (*identity*, or the
-    bare inode number), then times last. With names None both fds are open files and
-    every call goes to the fd itself, with no /proc/self/fd path for the kernel to resolve."""
+    bare inode number), then times last; returns the source's xattr names. With names
+    None both fds are open files and every call goes to the fd itself, with no
+    /proc/self/fd path for the kernel to resolve."""
     syscalls.chown_at(dst_fd, dst_name, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         syscalls.chmod_at(dst_fd, dst_name, stat.S_IMODE(st.st_mode))
-    copy_xattrs(src_fd, src_name, dst_fd, dst_name)
+    names = copy_xattrs(src_fd, src_name, dst_fd, dst_name)
     syscalls.setxattr(dst_fd, dst_name, OWN_INO, identity or str(ino).encode())
     syscalls.utimens_at(dst_fd, dst_name, st.st_atime_ns, st.st_mtime_ns)
+    return names
 
 
 @contextlib.contextmanager
@@ -192,9 +198,12 @@ class CopyUp:
                         assert self.syncer is not None
                         # after the data: its batch must not begin syncing before that
                         tagged = self.syncer.tag(node.id, st.st_size)
-                copy_meta(st, src, None, dst, None, node.id, tagged)
+                names = copy_meta(st, src, None, dst, None, node.id, tagged)
             finally:
                 os.close(src)
+            # what the origin lacks, its copy lacks: the kernel's security.capability
+            # check at the write that caused this copy-up need not ask the disk
+            node.no_xattrs |= absent_bits(names)
             if not self._still_wanted(node):
                 return False
             assert node.parent is not None

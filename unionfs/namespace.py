@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 from . import syscalls
 from .layers import OVL_OPAQUE, OVL_REDIRECT
 from .merge import Entry
-from .nodes import ROOT_ID, Node, make_ino
+from .nodes import NEW_OBJECT_ABSENT, ROOT_ID, Node, make_ino
 from .workdir import remove_tree_at
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ class NamespaceOps:
         node = Node(make_ino(0, st.st_ino), stat.S_IFMT(st.st_mode), parent, name)
         node.upper = True
         node.opaque = opaque
+        node.no_xattrs = NEW_OBJECT_ABSENT
         existing = self.nodes.get(node.id)
         if existing is not None:  # a forgotten-but-pinned inode cannot be reused, so: stale
             log.warning("inode %#x reused while still known", node.id)

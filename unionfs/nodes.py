@@ -48,6 +48,22 @@ def parse_ino(value: bytes | None) -> int | None:
     return ino if 1 << _LAYER_SHIFT <= ino < ALT_INO else None
 
 
+#: xattrs the kernel or common tools ask for again and again, mostly to hear ENODATA
+#: (see Node.no_xattrs), and their bits
+ABSENT_XATTRS = {b"security.capability": 1, b"security.selinux": 2}
+#: what nothing gives a new object by itself (an LSM may label it, a default ACL is system.*)
+NEW_OBJECT_ABSENT = ABSENT_XATTRS[b"security.capability"]
+
+
+def absent_bits(names: list[bytes]) -> int:
+    """The ABSENT_XATTRS bits of the names not in *names* (an object's listxattr)."""
+    bits = 0
+    for name, bit in ABSENT_XATTRS.items():
+        if name not in names:
+            bits |= bit
+    return bits
+
+
 class Node:
     """One object of the merged view."""
 

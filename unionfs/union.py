@@ -27,17 +27,12 @@ from .files import FileOps, Handle
 from .layers import OVL_OPAQUE, OVL_REDIRECT, FdCache, Layer, is_private_xattr, walk_tree
 from .merge import NAME_MAX, Entry, Resolver
 from .namespace import Caller, NamespaceOps, err
-from .nodes import ALT_INO, ROOT_ID, Node, NodeTable, make_ino
+from .nodes import ABSENT_XATTRS, ALT_INO, ROOT_ID, Node, NodeTable, make_ino
 from .workdir import WorkDir
 
 __all__ = ["Union", "Caller", "SetAttr", "Handle", "err"]
 
 log = logging.getLogger("unionfs")
-
-
-#: xattrs the kernel or common tools ask for again and again, mostly to hear ENODATA
-#: (see Node.no_xattrs), and their bits
-ABSENT_XATTRS = {b"security.capability": 1, b"security.selinux": 2}
 
 
 @dataclass
