@@ -54,6 +54,7 @@ from typing import Callable
 from . import syscalls
 from .changes import fsync_dir, is_clean
 from .layers import OWN_INO, walk_tree
+from .nodes import split_ino
 
 log = logging.getLogger("unionfs")
 
@@ -63,8 +64,6 @@ _SYNCED_WIDTH = 20  # digits: every write of the number is one same-sized overwr
 #: the flusher waits this long after the first pending copy-up, to batch the next ones
 #: (UNIONFS_SYNC_DELAY, in seconds, lets the tests hold copy-ups pending)
 BATCH_DELAY = float(os.environ.get("UNIONFS_SYNC_DELAY", "0.05"))
-#: an inode number's split as nodes.make_ino builds it: layer part above, st_ino below
-_LAYER_SHIFT = 48
 
 #: find(layer index, wanted st_inos) -> {st_ino: path} of regular files in that lower layer
 FindOrigins = Callable[[int, set[int]], dict[int, bytes]]
@@ -282,15 +281,14 @@ def _settle_tree(upper_fd: int, synced: int, boot: bytes) -> tuple[int, list[_To
 def _repair_all(torn: list[_Torn], find: FindOrigins, open_origin: OpenOrigin) -> int:
     """Copy each torn file's data again from its origin, one walk per lower layer."""
     repaired = 0
-    mask = (1 << _LAYER_SHIFT) - 1
     by_layer: dict[int, list[_Torn]] = {}
     for t in torn:
-        by_layer.setdefault((t.tag.ino >> _LAYER_SHIFT) - 1, []).append(t)
+        by_layer.setdefault(split_ino(t.tag.ino)[0], []).append(t)
     try:
         for layer, files in by_layer.items():
-            found = find(layer, {t.tag.ino & mask for t in files}) if layer >= 1 else {}
+            found = find(layer, {split_ino(t.tag.ino)[1] for t in files}) if layer >= 1 else {}
             for t in files:
-                path = found.get(t.tag.ino & mask)
+                path = found.get(split_ino(t.tag.ino)[1])
                 src = -1
                 if path is not None:
                     with contextlib.suppress(OSError):

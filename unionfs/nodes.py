@@ -29,7 +29,17 @@ ALT_INO = 1 << 63
 
 def make_ino(layer_index: int, st_ino: int) -> int:
     """The st_ino a union object reports, unique across layers and stable across mounts."""
-    return ((layer_index + 1) << _LAYER_SHIFT) | (st_ino & ((1 << _LAYER_SHIFT) - 1))
+    return ((layer_index + 1) << _LAYER_SHIFT) | low_ino(st_ino)
+
+
+def low_ino(st_ino: int) -> int:
+    """The part of a layer's inode number that make_ino keeps."""
+    return st_ino & ((1 << _LAYER_SHIFT) - 1)
+
+
+def split_ino(ino: int) -> tuple[int, int]:
+    """make_ino undone: (layer index, the kept part of that layer's inode number)."""
+    return (ino >> _LAYER_SHIFT) - 1, low_ino(ino)
 
 
 def parse_ino(value: bytes | None) -> int | None:
@@ -86,7 +96,7 @@ class Node:
         # other (directory, name) pairs the kernel reached this non-directory by: where
         # the node lives on when its primary name is removed or renamed away
         self.aliases: list[tuple[Node, bytes]] = []
-        # xattrs known absent (bits of union.ABSENT_XATTRS): the kernel asks for
+        # xattrs known absent (bits of ABSENT_XATTRS): the kernel asks for
         # security.capability at every write, truncate and chown of a file, and ls -l for
         # security.selinux at every entry; an answer changes only by our own setxattr
         self.no_xattrs = 0

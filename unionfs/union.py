@@ -27,7 +27,7 @@ from .files import FileOps, Handle
 from .layers import OVL_OPAQUE, OVL_REDIRECT, FdCache, Layer, is_private_xattr, walk_tree
 from .merge import NAME_MAX, Entry, Resolver
 from .namespace import Caller, NamespaceOps, err
-from .nodes import ABSENT_XATTRS, ALT_INO, ROOT_ID, Node, NodeTable, make_ino
+from .nodes import ABSENT_XATTRS, ALT_INO, ROOT_ID, Node, NodeTable, low_ino, make_ino
 from .workdir import WorkDir
 
 __all__ = ["Union", "Caller", "SetAttr", "Handle", "err"]
@@ -112,10 +112,9 @@ class Union(NamespaceOps, FileOps):
         only to repair copy-ups a power loss tore."""
         if not 1 <= index <= len(self.lowers):
             return {}
-        mask = (1 << 48) - 1
         found: dict[int, bytes] = {}
         for _fd, path, _name, de in walk_tree(self.lowers[index - 1].fd):
-            ino = de.inode() & mask
+            ino = low_ino(de.inode())
             if ino in inos and ino not in found and de.is_file(follow_symlinks=False):
                 found[ino] = path
         return found
