@@ -227,6 +227,9 @@ def test_failed_batch_leaves_the_hint_and_the_next_mount_settles(layers, monkeyp
     with open(path, "wb") as f:
         f.write(b"A" * SIZE)
     open(os.path.join(work, CLEAN), "w").close()   # the stop will be clean: only the hint says
+    later = os.path.join(upper, "d", "f1")
+    with open(later, "wb") as f:
+        f.write(b"B" * SIZE)
     syncer = durable.Syncer(upper, work)
     os.setxattr(path, IDENTITY, syncer.tag((2 << 48) | os.stat(path).st_ino, SIZE))
 
@@ -234,9 +237,17 @@ def test_failed_batch_leaves_the_hint_and_the_next_mount_settles(layers, monkeyp
         raise OSError(5, "simulated I/O error")
     monkeypatch.setattr(durable.syscalls, "syncfs", broken)
     syncer.add()
-    syncer.close()
+    deadline = time.monotonic() + 30
+    while not syncer._failed:
+        assert time.monotonic() < deadline, "the batch never ran"
+        time.sleep(0.01)
     monkeypatch.undo()
-    assert pending(path, work) and os.path.exists(os.path.join(work, HINT))
+    # a later batch syncs fine, but must not record the failed one as synced
+    os.setxattr(later, IDENTITY, syncer.tag((2 << 48) | os.stat(later).st_ino, SIZE))
+    syncer.add()
+    syncer.close()
+    assert pending(path, work) and pending(later, work)
+    assert os.path.exists(os.path.join(work, HINT))
 
     def no_origin(_layer: int, _inos: set[int]) -> dict[int, bytes]:
         raise AssertionError("same boot: nothing is torn, no layer is walked")

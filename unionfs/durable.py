@@ -182,9 +182,13 @@ class Syncer:
 
     def _flush(self, batch: int) -> None:
         """Every copy-up tagged *batch* or earlier has its data written by now: sync them
-        (and, with them, the record written after the last batch), then record this one."""
+        (and, with them, the record written after the last batch), then record this one.
+        Not after a failed batch: a later syncfs that succeeds says nothing of the pages a
+        failed writeback dropped, so the record stays below it (the hint does the rest)."""
         syscalls.syncfs(self.upper_fd)
         self.durable = self._written
+        if self._failed:
+            return
         _write_synced(self._record_fd, batch)
         self._written = batch
 
