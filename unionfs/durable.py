@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import syscalls
-from .changes import fsync_dir, is_clean
+from .changes import is_clean
 from .layers import OWN_INO, walk_tree
 from .nodes import split_ino
 
@@ -109,6 +109,10 @@ def read_synced(workdir_fd: int) -> int:
     return int(text) if text.isdigit() else 0
 
 
+def _open_record(workdir_fd: int) -> int:
+    return os.open(SYNCED, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=workdir_fd)
+
+
 def _write_synced(fd: int, batch: int) -> None:
     os.pwrite(fd, b"%0*d\n" % (_SYNCED_WIDTH, batch), 0)
 
@@ -127,8 +131,7 @@ class Syncer:
         self.boot = boot_id()
         # recover() ran first: every tag up to the record is settled, and the record is durable
         self.durable = read_synced(self.work_root_fd)
-        self._record_fd = os.open(SYNCED, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600,
-                                  dir_fd=self.work_root_fd)
+        self._record_fd = _open_record(self.work_root_fd)
         self._written = self.durable          # the number last written to the record
         self.batch = self.durable + 1         # the batch copy-ups join now
         self._cond = threading.Condition()
@@ -236,19 +239,20 @@ def recover(upper: str, workdir: str, find: FindOrigins, open_origin: OpenOrigin
         newest, torn = _settle_tree(upper_fd, synced, boot_id())
         repaired = _repair_all(torn, find, open_origin)
         syscalls.syncfs(upper_fd)
-        rfd = os.open(SYNCED, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=work_fd)
+        rfd = _open_record(work_fd)
         try:
             _write_synced(rfd, max(synced, newest))
             os.fsync(rfd)
         finally:
             os.close(rfd)
+        # the record is on disk: the hint may go, in the same directory commit as the
+        # record's name (a crash before it leaves both, and the next mount walks again)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(HINT, dir_fd=work_fd)
         os.fsync(work_fd)
     finally:
         os.close(upper_fd)
         os.close(work_fd)
-    if os.path.exists(hint):
-        os.unlink(hint)
-        fsync_dir(workdir)
     return repaired
 
 
