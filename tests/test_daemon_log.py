@@ -102,3 +102,39 @@ def test_a_start_that_fails_in_the_daemon_is_printed(tmp_path):
                 [f"unionfs: error: upper layer '{up}' is in use by another unionfs mount"]
             assert not is_mounted(str(other))
     assert "is in use by another unionfs mount" in log.read_text()
+
+
+
+def _in_mountinfo(path: str) -> bool:
+    """Like is_mounted, without its realpath: a stat of the mountpoint would wait for the
+    daemon to serve, which is exactly the moment this must not wait for."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def test_a_stop_signal_right_after_the_mount_appears_stops_cleanly(tmp_path):
+    """A Ctrl-C or a service manager's SIGTERM can come as soon as the mount is visible,
+    before the request loop listens for signals. strace holds the daemon for 0.3 s after
+    its mount(2) returns, so the signal lands in that window every time."""
+    low, up, mnt, log = layers(tmp_path)
+    errfile = tmp_path / "stderr"
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        with open(errfile, "w") as err:
+            tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=mount",
+                                       "-e", "inject=mount:delay_exit=300000",
+                                       *unionfs_cmd("mount", "-f", low, up, mnt)], stderr=err)
+        try:
+            assert wait_for(lambda: _in_mountinfo(mnt) or tracer.poll() is not None, 30)
+            (daemon,) = Path(f"/proc/{tracer.pid}/task/{tracer.pid}/children").read_text().split()
+            os.kill(int(daemon), signum)
+            assert tracer.wait(timeout=60) == 0, errfile.read_text()   # strace exits as its tracee did
+        finally:
+            if tracer.poll() is None:
+                tracer.kill()
+                tracer.wait()
+            leftover = _in_mountinfo(mnt)
+            force_unmount(mnt)
+        assert not leftover
+        text = errfile.read_text()
+        assert f"got {signal.Signals(signum).name}, unmounting {mnt}" in text
+        assert f"unmounted {mnt}" in text and "Traceback" not in text

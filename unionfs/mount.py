@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from .config import FSTYPE, MountConfig, escape_fuse_option, kernel_flag_options
@@ -270,6 +270,7 @@ class _Session:
     pidfile: str | None
     locks: list[int]
     ops: Any = None  # fs.Operations, for the SIGUSR1 stats
+    deferred: list[int] = field(default_factory=list)  # stop signals that came before serving
 
 
 def _prepare(config: MountConfig) -> _Session:
@@ -290,6 +291,7 @@ def _prepare(config: MountConfig) -> _Session:
         options = {escape_fuse_option(o) for o in options}
     except (OSError, ValueError) as e:
         raise MountError(f"cannot open the layers: {_describe(e)}") from None
+    deferred = _defer_stop_signals()
     _init_fuse(pyfuse3, ops, config.mountpoint, options)
     entry = top_mount(config.mountpoint)
     pidfile = None
@@ -297,7 +299,26 @@ def _prepare(config: MountConfig) -> _Session:
         with contextlib.suppress(OSError):
             pidfile = _write_pidfile(entry.devno, config.mountpoint, config)
     log.info("mounted %s (pid %d)", config.mountpoint, os.getpid())
-    return _Session(pidfile, locks, ops)
+    return _Session(pidfile, locks, ops, deferred)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _defer_stop_signals() -> list[int]:
+    """From just before the kernel mount until the request loop listens, remember signals.
+
+    The mount is visible (and a test or a user may signal us) before trio's signal
+    receiver is open. Python's default SIGINT raises KeyboardInterrupt wherever the
+    main thread is, and SIGTERM/SIGHUP/SIGUSR1 would kill the process outright, so
+    a signal in that window made a clean stop exit 130 or leave the mount behind.
+    The list is read once the receiver is open: a remembered stop signal stops the
+    mount the same way as one that arrives later."""
+    deferred: list[int] = []
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda signum, _frame: deferred.append(signum))
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # stats asked before serving: none yet
+    return deferred
 
 
 def _describe(e: BaseException) -> str:
@@ -372,8 +393,10 @@ def _serve(config: MountConfig, session: _Session) -> None:
     signalled = False
 
     async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                                       signal.SIGUSR1) as signals:
+        with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGUSR1) as signals:
+            if session.deferred:  # signalled while mounting: stop without serving
+                stop(session.deferred[0])
+                return
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(terminate_on_signal, signals)
                 await pyfuse3.main(max_tasks=MAX_TASKS)
@@ -383,16 +406,19 @@ def _serve(config: MountConfig, session: _Session) -> None:
                      "or fusermount -u)", config.mountpoint)
 
     async def terminate_on_signal(signals: AsyncIterator[int]) -> None:
-        nonlocal signalled
         async for signum in signals:
             if signum == signal.SIGUSR1:  # `kill -USR1 PID`: what the daemon holds, in its log
                 log.info("stats: %s, rss_kib=%s", ", ".join(f"{k}={v}" for k, v in
                          session.ops.stats().items()), _rss_kib())
                 continue
-            signalled = True
-            log.info("got %s, unmounting %s", signal.Signals(signum).name, config.mountpoint)
+            stop(signum)
             pyfuse3.terminate()
             return
+
+    def stop(signum: int) -> None:
+        nonlocal signalled
+        signalled = True
+        log.info("got %s, unmounting %s", signal.Signals(signum).name, config.mountpoint)
 
     try:
         trio.run(run)
