@@ -261,6 +261,27 @@ def test_copy_up_on_open_for_write(mounted):
     assert read(os.path.join(mounted.bottom, "dir/a.txt")) == b"bottom-a\n"
 
 
+def test_read_only_fd_opened_before_a_copy_up_reads_the_upper_copy(mounted):
+    """An fd that read the lower file keeps reading the file, not the lower layer, once a
+    write through another fd copied it up; also when the daemon answers READs without
+    calling Python (the patched pyfuse3 reads the fd it was given at open)."""
+    reader = os.open(mounted.m("big.bin"), os.O_RDONLY)
+    try:
+        assert os.pread(reader, 8, 4096) == mounted.big[4096:4104]
+        writer = os.open(mounted.m("big.bin"), os.O_WRONLY)
+        try:
+            os.pwrite(writer, b"upper!!!", 4096)
+            os.fsync(writer)
+        finally:
+            os.close(writer)
+        os.posix_fadvise(reader, 0, 0, os.POSIX_FADV_DONTNEED)  # the next read reaches the daemon
+        assert os.pread(reader, 8, 4096) == b"upper!!!"
+        assert os.pread(reader, 8, 0) == mounted.big[:8]
+    finally:
+        os.close(reader)
+    assert read(os.path.join(mounted.bottom, "big.bin")) == mounted.big
+
+
 def test_copy_up_on_truncate(mounted):
     os.truncate(mounted.m("big.bin"), 10)
     assert read(mounted.m("big.bin")) == mounted.big[:10]

@@ -54,7 +54,27 @@ class FileOps:
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = Handle(fd, node, on_upper, flags & os.O_ACCMODE)
+        self.fds[fh] = fd
+        if not on_upper:
+            self._lower_handles.setdefault(node, set()).add(fh)
         return fh
+
+    def _handles_to_upper(self: "Union", node: Node) -> None:
+        """*node* was just copied up: its open lower handles read the upper copy from now.
+
+        At once, not at their next read: the patched pyfuse3 answers READs from `fds`
+        without calling us. If the upper copy cannot be opened (EMFILE, say), the handle
+        leaves `fds`, so its reads come to `handle()`, which tries again or fails them."""
+        for fh in self._lower_handles.pop(node, ()):
+            h = self.handles[fh]
+            try:
+                fd = syscalls.open_at(*self.loc(node), os.O_RDONLY)
+            except OSError:
+                del self.fds[fh]
+                continue
+            self.fds[fh] = fd
+            os.close(h.fd)
+            h.fd, h.on_upper = fd, True
 
     async def open(self: "Union", node: Node, flags: int, privileged: bool = True) -> int:
         """Open for I/O; a write open copies up first. *privileged*: the caller may keep
@@ -77,10 +97,11 @@ class FileOps:
         h = self.handles.get(fh)
         if h is None:
             raise err(errno.EBADF)
-        if not h.on_upper and h.node.upper:
+        if not h.on_upper and h.node.upper:  # _handles_to_upper could not open it
             fd = syscalls.open_at(*self.loc(h.node), os.O_RDONLY)
             os.close(h.fd)
             h.fd, h.on_upper = fd, True
+            self.fds[fh] = fd
         return h
 
     def write(self: "Union", fh: int, off: int, data: bytes) -> int:
@@ -101,6 +122,13 @@ class FileOps:
     def release(self: "Union", fh: int) -> None:
         h = self.handles.pop(fh, None)
         if h is not None:
+            self.fds.pop(fh, None)
+            if not h.on_upper:
+                fhs = self._lower_handles.get(h.node)
+                if fhs is not None:
+                    fhs.discard(fh)
+                    if not fhs:
+                        del self._lower_handles[h.node]
             os.close(h.fd)
 
 

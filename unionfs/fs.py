@@ -84,6 +84,8 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.u = union
         self.debug = debug
+        # the patched pyfuse3 (UNIONFS_PATCH 5) answers READs of these handles itself
+        self.read_fds = union.fds
         self._dir_handles: dict[int, Node] = {}  # stock pyfuse3 only: opendir's handles
         self._next_dh = 1
         # The listings readers are part-way through, by handle (or by inode when there are

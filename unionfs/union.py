@@ -93,6 +93,9 @@ class Union(NamespaceOps, FileOps):
             self.journal = Journal(config.workdir, config.upper)
             self._record_lowers(config)
         self.handles: dict[int, Handle] = {}
+        # fh -> fd of every open file, for the patched pyfuse3 to answer READs by itself
+        self.fds: dict[int, int] = {}
+        self._lower_handles: dict[Node, set[int]] = {}  # open read-only on the lower copy
         self._next_fh = 1
         self._redirects: list[tuple[bytes, bytes]] | None = None  # see view_paths
 
@@ -144,6 +147,8 @@ class Union(NamespaceOps, FileOps):
 
     def close(self) -> None:
         self.flush()
+        self.fds.clear()
+        self._lower_handles.clear()
         for h in self.handles.values():
             os.close(h.fd)
         self.handles.clear()
@@ -308,6 +313,8 @@ class Union(NamespaceOps, FileOps):
             await self.copyup.file(node, data)
         finally:
             lock.release()
+        if node.upper and node in self._lower_handles:
+            self._handles_to_upper(node)
 
     async def setattr(self, node: Node, attrs: SetAttr, fh: int | None) -> os.stat_result:
         self._writable()
