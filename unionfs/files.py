@@ -66,15 +66,16 @@ class FileOps:
         without calling us. If the upper copy cannot be opened (EMFILE, say), the handle
         leaves `fds`, so its reads come to `handle()`, which tries again or fails them."""
         for fh in self._lower_handles.pop(node, ()):
-            h = self.handles[fh]
             try:
-                fd = syscalls.open_at(*self.loc(node), os.O_RDONLY)
+                self._reopen_upper(fh, self.handles[fh])
             except OSError:
                 del self.fds[fh]
-                continue
-            self.fds[fh] = fd
-            os.close(h.fd)
-            h.fd, h.on_upper = fd, True
+
+    def _reopen_upper(self: "Union", fh: int, h: Handle) -> None:
+        fd = syscalls.open_at(*self.loc(h.node), os.O_RDONLY)
+        os.close(h.fd)
+        h.fd, h.on_upper = fd, True
+        self.fds[fh] = fd
 
     async def open(self: "Union", node: Node, flags: int, privileged: bool = True) -> int:
         """Open for I/O; a write open copies up first. *privileged*: the caller may keep
@@ -98,10 +99,7 @@ class FileOps:
         if h is None:
             raise err(errno.EBADF)
         if not h.on_upper and h.node.upper:  # _handles_to_upper could not open it
-            fd = syscalls.open_at(*self.loc(h.node), os.O_RDONLY)
-            os.close(h.fd)
-            h.fd, h.on_upper = fd, True
-            self.fds[fh] = fd
+            self._reopen_upper(fh, h)
         return h
 
     def write(self: "Union", fh: int, off: int, data: bytes) -> int:
