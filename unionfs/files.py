@@ -111,11 +111,11 @@ class FileOps:
         fd = self.handle(fh).fd
         if not self.writeback:
             return syscalls.pwrite_all(fd, data, off)
-        mtime = os.fstat(fd).st_mtime_ns
+        st = os.fstat(fd)  # both times put back (pwrite changes neither atime): one C call
         try:
             return syscalls.pwrite_all(fd, data, off)
         finally:
-            syscalls.futimens(fd, None, mtime)
+            syscalls.futimens(fd, st.st_atime_ns, st.st_mtime_ns)
 
     def release(self: "Union", fh: int) -> None:
         h = self.handles.pop(fh, None)
