@@ -318,14 +318,15 @@ class Union(NamespaceOps, FileOps):
 
     async def setattr(self, node: Node, attrs: SetAttr, fh: int | None) -> os.stat_result:
         self._writable()
+        times_only = attrs.mode is None and attrs.uid is None and attrs.gid is None \
+            and attrs.size is None
         if not node.upper and node.parent is None and node.id != ROOT_ID:
             # a lower file whose last name went away while open: the writeback cache may
             # still flush its times at close; there is nothing left to change
-            if attrs.mode is None and attrs.uid is None and attrs.gid is None and attrs.size is None:
+            if times_only:
                 return self.stat(node)
             raise err(errno.ENOENT)
-        if node.upper and attrs.mode is None and attrs.uid is None and attrs.gid is None \
-                and attrs.size is None:
+        if node.upper and times_only:
             # times only: the writeback cache flushes them after rename and link too,
             # unchanged; then there is nothing to write and no change to record
             st = self.stat(node)
