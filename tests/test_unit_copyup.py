@@ -189,6 +189,48 @@ def test_concurrent_copy_ups_of_one_file(layers, union):
     assert work_leftovers(layers) == []
 
 
+@pytest.mark.parametrize("how", [syscalls.CLONE, syscalls.RANGE, syscalls.SENDFILE])
+def test_copy_data_methods_keep_data_and_holes(tmp_path, how):
+    """Every method copies the bytes and leaves the holes as holes (sendfile included:
+    it writes at the file offset, which must follow each extent)."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    with open(src, "wb") as f:
+        f.write(b"a" * 5000)
+        f.seek(1 << 20)
+        f.write(b"b" * 7000)
+        f.truncate(3 << 20)  # a hole at the end too
+    size = os.path.getsize(src)
+    s = os.open(src, os.O_RDONLY)
+    d = os.open(dst, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        done = syscalls.copy_data(s, d, size, how)
+    finally:
+        os.close(s)
+        os.close(d)
+    assert done >= how
+    with open(src, "rb") as a, open(dst, "rb") as b:
+        assert a.read() == b.read()
+    assert os.stat(dst).st_blocks * 512 < 1 << 20
+
+
+def test_copy_data_falls_back_to_sendfile_across_filesystems(tmp_path):
+    """copy_file_range between two filesystems is refused (EXDEV): the data still comes
+    across by sendfile, and the method returned says so, for the next copy to start there."""
+    if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("/dev/shm is on the same filesystem as the test directory")
+    data = os.urandom(200_000)
+    s = os.open("/dev/shm", os.O_TMPFILE | os.O_RDWR, 0o600)
+    d = os.open(str(tmp_path / "dst"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(s, data)
+        assert syscalls.copy_data(s, d, len(data), syscalls.RANGE, sparse=False) == syscalls.SENDFILE
+    finally:
+        os.close(s)
+        os.close(d)
+    with open(tmp_path / "dst", "rb") as f:
+        assert f.read() == data
+
+
 # -- hard links ---------------------------------------------------------------------------
 
 HL_NAMES = ("hl/one", "other/two", "other/sub/three")
@@ -291,7 +333,7 @@ def test_mkdir_in_lower_dir_copies_parent_up(layers, union):
 # -- atomicity ----------------------------------------------------------------------------
 
 def test_failure_in_data_copy_leaves_nothing(layers, union, monkeypatch):
-    def boom(src, dst, size, clone=True, sparse=True):
+    def boom(src, dst, size, how=0, sparse=True):
         os.write(dst, b"partial")
         raise OSError(errno.EIO, "injected")
 

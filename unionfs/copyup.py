@@ -121,7 +121,7 @@ class CopyUp:
         self.syncer = syncer  # defers the fsync (None: fsync before the link, if at all)
         self.blocking = blocking
         self.aliases = AliasIndex()
-        self._no_clone: set[int] = set()  # lower layers FICLONE to the upper failed for
+        self._how: dict[int, int] = {}  # lower layer -> copy method that worked (syscalls.copy_data)
         # set by the owner: resolves a view path to (parent node, entry), for hard-link aliases
         self.entry_at: Callable[[bytes], tuple[Node, Entry] | None] = lambda path: None
         self.view_paths: Callable[[bytes], list[bytes]] = lambda path: [b"/" + path]
@@ -228,13 +228,14 @@ class CopyUp:
         """Copy the data (and fdatasync it when asked). A small file already in the page
         cache, without fsync, is copied on the trio loop: the hop to a worker thread costs
         more than the copy. Anything that may wait for the disk goes to a thread."""
-        clone = layer.index not in self._no_clone
+        how = self._how.get(layer.index, syscalls.CLONE)
         if sync or size > INLINE_COPY or not syscalls.in_page_cache(src, size):
-            ok = await self.blocking(_copy_and_sync, src, dst, size, clone, sync, sparse)
+            done = await self.blocking(_copy_and_sync, src, dst, size, how, sync, sparse)
         else:
-            ok = syscalls.copy_data(src, dst, size, clone, sparse)
-        if not ok:  # this layer and the upper cannot share extents: do not ask again
-            self._no_clone.add(layer.index)
+            done = syscalls.copy_data(src, dst, size, how, sparse)
+        # a method this layer and the upper refused (no shared extents, another
+        # filesystem) is not tried again
+        self._how[layer.index] = done  # type: ignore[assignment]
 
     def _special(self, node: Node, sfd: int, sname: bytes, st: os.stat_result) -> bool:
         """A symlink, device, fifo or socket: built under a name in work/, then renamed."""
@@ -284,12 +285,12 @@ class CopyUp:
                             follow_symlinks=False)
 
 
-def _copy_and_sync(src: int, dst: int, size: int, clone: bool, fsync: bool,
-                   sparse: bool = True) -> bool:
-    ok = syscalls.copy_data(src, dst, size, clone, sparse)
+def _copy_and_sync(src: int, dst: int, size: int, how: int, fsync: bool,
+                   sparse: bool = True) -> int:
+    done = syscalls.copy_data(src, dst, size, how, sparse)
     if fsync:
         os.fdatasync(dst)
-    return ok
+    return done
 
 
 async def run_in_thread(fn: Callable[..., object], *args: object) -> object:

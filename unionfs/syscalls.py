@@ -296,35 +296,47 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> int:
     return done
 
 
-def copy_data(src: int, dst: int, size: int, clone: bool = True, sparse: bool = True) -> bool:
-    """Copy *size* bytes between file fds inside the kernel: reflink (unless *clone* is
-    False), else copy_file_range. Returns False when a reflink was tried and refused, so
-    the caller can skip the attempt next time. *sparse* False: the source has no holes
-    (st_blocks covers st_size), so the SEEK_DATA/SEEK_HOLE walk is skipped."""
-    refused = False
-    if clone:
+#: copy_data's methods, best first: reflink, in-kernel copy, sendfile
+CLONE, RANGE, SENDFILE = 0, 1, 2
+
+
+def copy_data(src: int, dst: int, size: int, how: int = CLONE, sparse: bool = True) -> int:
+    """Copy *size* bytes between file fds inside the kernel: reflink, else copy_file_range,
+    else sendfile (copy_file_range refuses EXDEV between two ext4 filesystems). *how* is
+    the first method to try; returns the one that worked, so the caller can start there
+    next time instead of failing through the refused ones again. *sparse* False: the
+    source has no holes (st_blocks covers st_size), so the SEEK_DATA/SEEK_HOLE walk is
+    skipped."""
+    if how == CLONE:
         try:
             fcntl.ioctl(dst, FICLONE, src)
-            return True
+            return CLONE
         except OSError:
-            refused = True
+            how = RANGE
     extents = _data_extents(src, size) if sparse else [(0, size)]
+    pos = 0  # dst's file offset, where sendfile writes
     for start, end in extents:
         off = start
         while off < end:
-            try:
-                n = os.copy_file_range(src, dst, end - off, off, off)
-            except OSError as e:
-                if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    _sendfile_rest(src, dst, off, end)
-                    break
-                raise
+            if how == RANGE:
+                try:
+                    n = os.copy_file_range(src, dst, end - off, off, off)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    how = SENDFILE
+                    continue
+            else:
+                if pos != off:
+                    os.lseek(dst, off, os.SEEK_SET)
+                n = os.sendfile(dst, src, off, end - off)
+                pos = off + n
             if n == 0:
                 break
             off += n
     if not extents or extents[-1][1] < size:
         os.ftruncate(dst, size)  # holes at the end stay holes
-    return not refused
+    return how
 
 
 def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
@@ -345,12 +357,3 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     except OSError:
         return [(0, size)]
     return out
-
-
-def _sendfile_rest(src: int, dst: int, off: int, size: int) -> None:
-    os.lseek(dst, off, os.SEEK_SET)
-    while off < size:
-        n = os.sendfile(dst, src, off, size - off)
-        if n == 0:
-            break
-        off += n
