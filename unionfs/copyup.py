@@ -141,19 +141,29 @@ class CopyUp:
             self._one_dir(d)
 
     def _one_dir(self, node: Node) -> None:
+        """Built in work/ and set up through an fd of its own (no name or /proc path for
+        the kernel to resolve at each call); that fd then serves as the new upper
+        directory's fd, which the copy-up that called for this directory needs next.
+        The origin is reached by its own (cached) O_PATH fd, which the copy-up of the
+        child needs next as well."""
         assert node.parent is not None and node.lowers
         layer, path = node.lowers[0]
-        sfd, sname = self.r.lower_loc(layer, path)
-        st = syscalls.stat_at(sfd, sname)
+        src = self.r.lower_fd(layer, path)
+        st = os.fstat(src)
         tmp = self.work.tmpname()
         os.mkdir(tmp, 0o700, dir_fd=self.work.fd)
+        fd = -1
         try:
-            copy_meta(st, sfd, sname, self.work.fd, tmp, node.id)
+            fd = syscalls.open_dir_at(self.work.fd, tmp, os.O_RDONLY)
+            copy_meta(st, src, b"", fd, None, node.id)
             self._place(node, tmp)
         except BaseException:
+            if fd >= 0:
+                os.close(fd)
             self.work.remove_tree(tmp)
             raise
         node.upper = True
+        self.r.cache.put(("u", node.id), fd)
 
     def _place(self, node: Node, tmp: bytes) -> None:
         """Rename a finished temporary into the parent's upper dir, keeping the parent's times."""

@@ -55,7 +55,7 @@ class Layer:
 
 
 class FdCache:
-    """LRU of O_PATH directory fds, keyed by anything hashable.
+    """LRU of directory fds (O_PATH, or open ones handed over), keyed by anything hashable.
 
     Callers use an fd only until their next await, and an operation touches at
     most a handful of directories, so a capacity of thousands can never evict
@@ -66,9 +66,6 @@ class FdCache:
         self.capacity = capacity
         self._fds: collections.OrderedDict[Hashable, int] = collections.OrderedDict()
 
-
-    def __len__(self) -> int:
-        return len(self._fds)
     def get(self, key: Hashable, opener: Callable[[], int]) -> int:
         fd = self._fds.get(key)
         if fd is not None:
@@ -80,6 +77,14 @@ class FdCache:
             _, old = self._fds.popitem(last=False)
             os.close(old)
         return fd
+
+    def put(self, key: Hashable, fd: int) -> None:
+        """Hand over *fd*, already open (any directory fd serves *at calls), for *key*."""
+        self.drop(key)
+        self._fds[key] = fd
+        if len(self._fds) > self.capacity:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
 
     def drop(self, key: Hashable) -> None:
         fd = self._fds.pop(key, None)
