@@ -396,14 +396,22 @@ class Journal:
                           os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     def record(self, kind: bytes, path: bytes, tree: bool = False) -> None:
+        self.records((kind, path, tree))
+
+    def records(self, *changes: tuple[bytes, bytes, bool]) -> None:
+        """Append (kind, path, tree) records in one write: a rename's two records cost
+        one syscall, and a crash keeps both or neither."""
         if self.fd is None:
             return
-        if tree and kind == b"A":
-            kind = b"T"
-        if not path:
-            kind, path = b"?", UNKNOWN_PATH
-        os.write(self.fd, format_record(kind, path))
-        self.lines += 1
+        out = []
+        for kind, path, tree in changes:
+            if tree and kind == b"A":
+                kind = b"T"
+            if not path:
+                kind, path = b"?", UNKNOWN_PATH
+            out.append(format_record(kind, path))
+        os.write(self.fd, b"".join(out))
+        self.lines += len(out)
         if self.lines > 2 * self.base + SLACK:
             self.compact()
 

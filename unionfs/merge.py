@@ -68,8 +68,10 @@ def _lower_opaque(fd: int, name: bytes) -> bool:
 
 
 def _oci_whiteout(fd: int, name: bytes) -> bool:
+    """Is there a ``.wh.NAME`` beside *name*? (An existence test: faccessat, which answers
+    a miss, the usual case, without an exception to raise and catch.)"""
     wh = OCI_WHITEOUT + name
-    return len(wh) <= NAME_MAX and syscalls.lstat_at(fd, wh) is not None
+    return len(wh) <= NAME_MAX and os.access(wh, os.F_OK, dir_fd=fd, follow_symlinks=False)
 
 
 def _hides(fd: int, name: bytes, st: os.stat_result | None) -> bool:

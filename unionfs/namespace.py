@@ -313,7 +313,7 @@ class NamespaceOps:
             await self.ensure_upper(dnode)
         elif dst.st is not None:
             dst = await self._up_if_linked(p2, n2, dst)
-        dst2 = dst
+        src2, dst2 = src, dst
         if self.yields != yields:
             # other requests may have run: look again, the names must still show the same
             # objects (else only our own copy-ups ran, which change neither name's object,
@@ -334,10 +334,13 @@ class NamespaceOps:
             self._redirects = None
             self._renamed(snode, p1, n1, p2, n2)
             self._renamed(dnode, p2, n2, p1, n1)
-            self.journal.record(b"C", self._child_path(p1, n1))
-            self.journal.record(b"C", self._child_path(p2, n2))
+            self.journal.records((b"C", self._child_path(p1, n1), False),
+                                 (b"C", self._child_path(p2, n2), False))
             return
-        need_wh = self.r.lower_positive(p1, n1)
+        # a non-directory name that resolved to a lower object needs a whiteout when it goes
+        # (the same probe, already made); otherwise ask the layers: an upper object may
+        # shadow one, and a directory's redirect may have found lowers an opaque parent hides
+        need_wh = (not sdir and src2 is src and bool(src.lowers)) or self.r.lower_positive(p1, n1)
         wh_flag = syscalls.RENAME_WHITEOUT if need_wh else 0
         if dst2.upper:
             if dnode is not None:
@@ -359,8 +362,7 @@ class NamespaceOps:
         if dst2.st is not None:
             self._names_left(dnode, dst2)
         self._renamed(snode, p1, n1, p2, n2)
-        self.journal.record(b"D", self._child_path(p1, n1))
-        self.journal.record(b"A", snode.path(), tree=sdir)
+        self.journal.records((b"D", self._child_path(p1, n1), False), (b"A", snode.path(), sdir))
 
     def _renamed(self: "Union", node: Node, p1: Node, n1: bytes, p2: Node, n2: bytes) -> None:
         """The name (p1, n1) of *node* is now (p2, n2); a hard link's other names stay."""
