@@ -237,8 +237,9 @@ class NamespaceOps:
         """Take a name out of the view: delete the upper object, leave a whiteout if a lower
         one would show through. Directories leave via work/ so whiteouts inside go too."""
         assert self.copyup is not None and self.work is not None and e.st is not None
-        need_wh = self.r.lower_positive(parent, name)
         is_dir = stat.S_ISDIR(e.st.st_mode)
+        # as in rename: a non-directory that resolved to a lower object needs a whiteout
+        need_wh = (not is_dir and bool(e.lowers)) or self.r.lower_positive(parent, name)
         if e.upper:
             if node is not None and (node.parent is parent and node.name == name or is_dir):
                 self._pin(node)
