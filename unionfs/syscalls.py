@@ -314,7 +314,7 @@ def copy_data(src: int, dst: int, size: int, how: int = CLONE, sparse: bool = Tr
         except OSError:
             how = RANGE
     extents = _data_extents(src, size) if sparse else [(0, size)]
-    pos = 0  # dst's file offset, where sendfile writes
+    pos = -1  # dst's file offset, where sendfile writes (not assumed: set before the first)
     for start, end in extents:
         off = start
         while off < end:
