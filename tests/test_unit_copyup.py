@@ -189,6 +189,33 @@ def test_concurrent_copy_ups_of_one_file(layers, union):
     assert work_leftovers(layers) == []
 
 
+def _evict(path: str) -> None:
+    """Drop a lower file's pages, so its copy-up would have to read the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not syscalls.in_page_cache(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("others", [0, 1])
+def test_small_uncached_copy_up_stays_on_the_loop_only_when_alone(layers, union, others):
+    """A small file whose data is not cached is copied on the trio loop when no other
+    request is being served (a thread hop costs more than the read), and on a worker
+    thread while another one is (so the two overlap); the data is right either way."""
+    _evict(lower_of(layers, "dir/a.txt"))
+    node = walk(union, "dir/a.txt")
+    union.serving = 1 + others  # this request, and the others the adapter counts
+    before = union.yields
+    do(union.ensure_upper, node)
+    assert union.yields - before == others  # a thread hop is counted as a yield
+    with open(layers.u("dir/a.txt"), "rb") as f:
+        assert f.read() == b"bottom-a\n"
+    assert work_leftovers(layers) == []
+
+
 @pytest.mark.parametrize("how", [syscalls.CLONE, syscalls.RANGE, syscalls.SENDFILE])
 def test_copy_data_methods_keep_data_and_holes(tmp_path, how):
     """Every method copies the bytes and leaves the holes as holes (sendfile included:

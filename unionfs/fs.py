@@ -46,6 +46,7 @@ def fuse_errors(fn: F) -> F:
     async def wrapper(self: "Operations", *args: Any) -> Any:
         if self.debug:
             log.debug("%s%r", fn.__name__, args[:-1] if args and _is_ctx(args[-1]) else args)
+        self.u.serving += 1  # see Union.serving
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -57,6 +58,8 @@ def fuse_errors(fn: F) -> F:
         except Exception:
             log.exception("internal error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.u.serving -= 1
 
     return wrapper  # type: ignore[return-value]
 

@@ -72,6 +72,9 @@ class Union(NamespaceOps, FileOps):
         # locks): a handler that saw no change here across its awaits knows its names
         # still resolve as they did (trio switches tasks only at awaits)
         self.yields = 0
+        # requests being served right now (counted by the FUSE adapter): a handler that
+        # is alone may do a short blocking read on the loop, since nothing waits on it
+        self.serving = 0
         self.journal = Journal(None)
         if self.upper is not None and config.workdir:
             self.work = WorkDir(config.workdir)
@@ -87,7 +90,7 @@ class Union(NamespaceOps, FileOps):
             if config.fsync:
                 self.syncer = durable.Syncer(config.upper, config.workdir)
             self.copyup = CopyUp(self.r, self.upper, self.work, config.fsync, self._blocking,
-                                 self.syncer)
+                                 self.syncer, alone=lambda: self.serving <= 1)
             self.copyup.entry_at = self.entry_at
             self.copyup.view_paths = self.view_paths
             self.journal = Journal(config.workdir, config.upper)
