@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import gc
 import logging
 import logging.handlers
 import os
@@ -385,12 +386,31 @@ def _raise_nofile_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+#: the cyclic collector's thresholds while serving (CPython's default: 700, 10, 10)
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def _tune_gc() -> None:
+    """Fewer passes of Python's cyclic garbage collector while serving. With the default
+    thresholds a walk collects every 700 new objects, and every node the kernel keeps
+    (one per name it looked up) is traversed again at each full collection: in a find
+    over 32,000 names that was 170 collections and 0.18 s of the daemon's time,
+    including full ones of 50 and 100 ms, during which no request is answered. The
+    objects made while mounting never become garbage: frozen, no collection walks them.
+    Nodes are freed by reference counting at forget (a node's links are cut there), so
+    the collector only gathers the odd cycle (a traceback, a frame), and later."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def _serve(config: MountConfig, session: _Session) -> None:
     """Run the request loop until unmounted or signalled, then clean up."""
     import pyfuse3
     import trio
 
     signalled = False
+    _tune_gc()
 
     async def run() -> None:
         with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGUSR1) as signals:
@@ -408,8 +428,9 @@ def _serve(config: MountConfig, session: _Session) -> None:
     async def terminate_on_signal(signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             if signum == signal.SIGUSR1:  # `kill -USR1 PID`: what the daemon holds, in its log
-                log.info("stats: %s, rss_kib=%s", ", ".join(f"{k}={v}" for k, v in
-                         session.ops.stats().items()), _rss_kib())
+                log.info("stats: %s, rss_kib=%s, gc_passes=%s", ", ".join(
+                    f"{k}={v}" for k, v in session.ops.stats().items()), _rss_kib(),
+                    sum(g["collections"] for g in gc.get_stats()))
                 continue
             stop(signum)
             pyfuse3.terminate()
