@@ -22,7 +22,7 @@ import contextlib
 import errno
 import os
 import stat
-from typing import Awaitable, Callable, Iterator
+from typing import Awaitable, Callable, Iterator, cast
 
 import trio
 
@@ -260,10 +260,11 @@ class CopyUp:
                                                   or syscalls.in_page_cache(src, size)):
             done = syscalls.copy_data(src, dst, size, how, sparse)
         else:
-            done = await self.blocking(_copy_and_sync, src, dst, size, how, sync, sparse)
+            done = cast(int, await self.blocking(_copy_and_sync, src, dst, size, how, sync,
+                                                 sparse))
         # a method this layer and the upper refused (no shared extents, another
         # filesystem) is not tried again
-        self._how[layer.index] = done  # type: ignore[assignment]
+        self._how[layer.index] = done
 
     def _special(self, node: Node, sfd: int, sname: bytes, st: os.stat_result) -> bool:
         """A symlink, device, fifo or socket: built under a name in work/, then renamed."""
