@@ -397,8 +397,9 @@ def _tune_gc() -> None:
     over 32,000 names that was 170 collections and 0.18 s of the daemon's time,
     including full ones of 50 and 100 ms, during which no request is answered. The
     objects made while mounting never become garbage: frozen, no collection walks them.
-    Nodes are freed by reference counting at forget (a node's links are cut there), so
-    the collector only gathers the odd cycle (a traceback, a frame), and later."""
+    Nodes form no cycles (a node points only to its parent, which keeps a count of its
+    children), so reference counting frees them at forget; the collector only gathers
+    the odd cycle (a traceback, a frame), and later."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
