@@ -22,7 +22,7 @@ import contextlib
 import errno
 import os
 import stat
-from typing import Awaitable, Callable, Iterator, cast
+from typing import Awaitable, Callable, cast
 
 import trio
 
@@ -61,12 +61,15 @@ def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int,
 
 
 def copy_meta(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: int,
-              dst_name: bytes | None, ino: int, identity: bytes | None = None) -> list[bytes]:
-    """Owner, then mode (chown clears set-id bits), xattrs, identity (*identity*, or the
-    bare inode number), then times last; returns the source's xattr names. With names
-    None both fds are open files and every call goes to the fd itself, with no
-    /proc/self/fd path for the kernel to resolve."""
-    syscalls.chown_at(dst_fd, dst_name, st.st_uid, st.st_gid)
+              dst_name: bytes | None, ino: int, identity: bytes | None = None,
+              owner: tuple[int, int] | None = None) -> list[bytes]:
+    """Owner (unless the new object has it already: *owner*, see WorkDir.owner), then
+    mode (chown clears set-id bits), xattrs, identity (*identity*, or the bare inode
+    number), then times last; returns the source's xattr names. With names None both
+    fds are open files and every call goes to the fd itself, with no /proc/self/fd
+    path for the kernel to resolve."""
+    if owner != (st.st_uid, st.st_gid):
+        syscalls.chown_at(dst_fd, dst_name, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         syscalls.chmod_at(dst_fd, dst_name, stat.S_IMODE(st.st_mode))
     names = copy_xattrs(src_fd, src_name, dst_fd, dst_name)
@@ -75,13 +78,26 @@ def copy_meta(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: i
     return names
 
 
-@contextlib.contextmanager
-def keep_times(dirfd: int) -> Iterator[None]:
+class keep_times:
     """Put a directory's atime/mtime back after a copy-up added a name to it: copy-up is
-    not a change the user made to the parent. (Nothing to restore if the body raised.)"""
-    st = os.stat(dirfd)
-    yield
-    syscalls.utimens_at(dirfd, b"", st.st_atime_ns, st.st_mtime_ns)
+    not a change the user made to the parent. (Nothing to restore if the body raised.)
+    *st*: the times to put back, when known (a parent this copy-up made a moment ago
+    has its origin's), so there is nothing to ask first."""
+
+    __slots__ = ("fd", "st")
+
+    def __init__(self, dirfd: int, st: os.stat_result | None = None) -> None:
+        self.fd = dirfd
+        self.st = st
+
+    def __enter__(self) -> None:
+        if self.st is None:
+            self.st = os.stat(self.fd)
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            assert self.st is not None
+            syscalls.set_times(self.fd, self.st.st_atime_ns, self.st.st_mtime_ns)
 
 
 class AliasIndex:
@@ -130,10 +146,11 @@ class CopyUp:
 
     # -- directories (metadata only: never awaits) ---------------------------------
 
-    def dir(self, node: Node) -> None:
-        """Make sure directory *node* and all its ancestors exist in the upper."""
+    def dir(self, node: Node) -> keep_times | None:
+        """Make sure directory *node* and all its ancestors exist in the upper. If this
+        call made *node*, returns what puts its times back after a name goes into it."""
         if node.upper:
-            return
+            return None
         chain = [node]
         for anc in node.ancestors():
             if anc.upper:
@@ -142,6 +159,8 @@ class CopyUp:
         made: tuple[int, os.stat_result] | None = None
         for d in reversed(chain):
             made = self._one_dir(d, made)
+        assert made is not None
+        return keep_times(*made)
 
     def _one_dir(self, node: Node, parent_made: tuple[int, os.stat_result] | None = None
                  ) -> tuple[int, os.stat_result]:
@@ -160,9 +179,9 @@ class CopyUp:
         fd = -1
         try:
             fd = syscalls.open_dir_at(self.work.fd, tmp, os.O_RDONLY)
-            copy_meta(st, src, b"", fd, None, node.id)
+            copy_meta(st, src, b"", fd, None, node.id, owner=self.work.owner)
             if parent_made is None:
-                self._place(node, tmp)
+                self._place(node, tmp, keep_times(self.r.upper_fd(node.parent)))
             else:
                 # the parent's times are its origin's, set a moment ago: put them back
                 # through its fd (the cache's newest, so still open) without asking first
@@ -178,12 +197,10 @@ class CopyUp:
         self.r.cache.put(("u", node.id), fd)
         return fd, st
 
-    def _place(self, node: Node, tmp: bytes) -> None:
+    def _place(self, node: Node, tmp: bytes, parent: keep_times) -> None:
         """Rename a finished temporary into the parent's upper dir, keeping the parent's times."""
-        assert node.parent is not None
-        pfd = self.r.upper_fd(node.parent)
-        with keep_times(pfd):
-            syscalls.renameat2(self.work.fd, tmp, pfd, node.name, syscalls.RENAME_NOREPLACE)
+        with parent:
+            syscalls.renameat2(self.work.fd, tmp, parent.fd, node.name, syscalls.RENAME_NOREPLACE)
 
     # -- everything else -----------------------------------------------------------
 
@@ -221,17 +238,17 @@ class CopyUp:
                         assert self.syncer is not None
                         # after the data: its batch must not begin syncing before that
                         tagged = self.syncer.tag(node.id, st.st_size)
-                names = copy_meta(st, src, None, dst, None, node.id, tagged)
+                names = copy_meta(st, src, None, dst, None, node.id, tagged, self.work.owner)
             finally:
                 os.close(src)
             # what the origin lacks, its copy lacks: the kernel's security.capability
             # check at the write that caused this copy-up need not ask the disk
             node.no_xattrs |= absent_bits(names)
-            if not self._still_wanted(node):
+            parent = self._still_wanted(node)
+            if parent is None:
                 return False
-            assert node.parent is not None
-            pfd = self.r.upper_fd(node.parent)
-            with keep_times(pfd):
+            pfd = parent.fd
+            with parent:
                 if tmp is None:
                     os.link(syscalls.proc_path(dst), node.name, dst_dir_fd=pfd, follow_symlinks=True)
                 else:
@@ -274,25 +291,26 @@ class CopyUp:
                 os.symlink(syscalls.readlink_at(sfd, sname), tmp, dir_fd=self.work.fd)
             else:
                 os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=self.work.fd)
-            copy_meta(st, sfd, sname, self.work.fd, tmp, node.id)
-            if not self._still_wanted(node):
+            copy_meta(st, sfd, sname, self.work.fd, tmp, node.id, owner=self.work.owner)
+            parent = self._still_wanted(node)
+            if parent is None:
                 self.work.remove_tree(tmp)
                 return False
-            self._place(node, tmp)
+            self._place(node, tmp, parent)
         except BaseException:
             self.work.remove_tree(tmp)
             raise
         return True
 
-    def _still_wanted(self, node: Node) -> bool:
-        """After an await other requests may have run: False if another copy-up of *node*
-        won, ENOENT if its last name went; else its parents are made ready in the upper."""
+    def _still_wanted(self, node: Node) -> keep_times | None:
+        """After an await other requests may have run: None if another copy-up of *node*
+        won, ENOENT if its last name went; else its parents are made ready in the upper,
+        and what keeps the parent's times is returned (knowing them if just made)."""
         if node.upper:
-            return False
+            return None
         if node.parent is None:
             raise OSError(errno.ENOENT, "copy-up of a removed file")
-        self.dir(node.parent)
-        return True
+        return self.dir(node.parent) or keep_times(self.r.upper_fd(node.parent))
 
     def _link_aliases(self, node: Node, layer: Layer, path: bytes, st: os.stat_result) -> None:
         assert node.parent is not None

@@ -12,6 +12,7 @@ the directory from its parent's fd and one name.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from typing import Callable, Hashable, Iterator
 
@@ -44,7 +45,7 @@ class Layer:
         self.path = path
         self.index = index
         self.writable = writable
-        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.fd = _open_root(path, writable)
         self.dev = os.fstat(self.fd).st_dev
 
     def close(self) -> None:
@@ -52,6 +53,15 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"Layer({self.path!r}, {self.index})"
+
+
+def _open_root(path: str, writable: bool) -> int:
+    """A lower's root as O_PATH; the upper's opened for real where the daemon may read
+    it, so copy-up's calls on it reach it directly (see syscalls.open_dir_real)."""
+    if writable:
+        with contextlib.suppress(PermissionError):
+            return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 class FdCache:

@@ -114,7 +114,7 @@ class Resolver:
             raise OSError(errno.ENOENT, "directory was removed")
 
         def opener() -> int:
-            return syscalls.open_dir_at(self.upper_fd(node.parent), node.name)
+            return syscalls.open_dir_real(self.upper_fd(node.parent), node.name)
 
         return self.cache.get(("u", node.id), opener)
 

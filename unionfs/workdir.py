@@ -33,6 +33,20 @@ class WorkDir:
         self.dev = os.fstat(self.fd).st_dev
         self._seq = itertools.count()
         self._prefix = b"t%d." % os.getpid()
+        self.owner = self._new_owner()
+
+    def _new_owner(self) -> tuple[int, int]:
+        """(uid, gid) a new object in work/ gets: the daemon's, or a set-gid work/'s
+        group (or the filesystem's grpid rule), found by making one. A copy-up whose
+        origin has this owner needs no chown."""
+        fd, name = self.new_file()
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+            if name is not None:
+                os.unlink(name, dir_fd=self.fd)
+        return st.st_uid, st.st_gid
 
     def tmpname(self) -> bytes:
         """A fresh name in work/ (pid-prefixed, so two mounts' leftovers never clash)."""
