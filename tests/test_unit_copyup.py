@@ -149,6 +149,33 @@ def test_copy_up_userdir_owner(layers, union):
     assert (st.st_uid, st.st_gid) == (1000, 1000)
 
 
+def test_copy_up_chowns_only_when_the_new_object_lacks_the_origins_owner(layers, union,
+                                                                         monkeypatch):
+    """A root-owned origin needs no chown (the daemon makes objects as root); the
+    uid 1000 one does, and so does every object of a set-gid work/, whose new
+    objects get its group (WorkDir.owner is probed, not assumed)."""
+    calls = []
+    real = syscalls.chown_at
+    monkeypatch.setattr(syscalls, "chown_at", lambda *a: (calls.append(a[2:]), real(*a)))
+    up(union, "rootfile.txt")
+    assert calls == []
+    up(union, "owned.txt")
+    assert calls == [(1000, 1000)]
+
+
+def test_copy_up_into_set_gid_work_dir_keeps_the_origins_group(layers, make_union):
+    work = os.path.join(layers.work, "work")
+    os.makedirs(work, exist_ok=True)
+    os.chown(work, 0, 4321)
+    os.chmod(work, 0o2700)
+    u = make_union()
+    assert u.work.owner == (0, 4321)
+    up(u, "wdir/z.txt")
+    for rel in ("wdir", "wdir/z.txt"):
+        st = os.lstat(layers.u(rel))
+        assert (st.st_uid, st.st_gid) == (0, 0), rel
+
+
 def test_copy_up_symlink(layers, union):
     up(union, "sym_rel")
     assert os.readlink(layers.u("sym_rel")) == "dir/a.txt"
