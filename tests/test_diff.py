@@ -357,6 +357,25 @@ def test_log_format(tmp_path, lower):
         assert json.loads(lines(diff(u.mnt, "--json"))[-1])["path"] == "/with space\\and\nnewline"
 
 
+def test_a_write_open_and_its_close_record_one_change(tmp_path, lower):
+    """The write open records C; the writeback cache's time flush at close would
+    record the same again, and a repeat of the previous record is not written."""
+    u = Union(tmp_path, [lower])
+    with unionfs_mount(u.lowers, u.upper, u.mnt):
+        n0 = len(_records(u.workdir))
+        with open(u.p("x"), "ab") as f:
+            f.write(b"+")
+        os.stat(u.p("x"))
+        recs = _records(u.workdir)[n0:]
+        assert [r.split(" ")[0] + " " + r.split(" ")[2] for r in recs] == ["C /x"]
+        os.chmod(u.p("x"), 0o600)   # C again, twice: repeats, not written
+        os.chmod(u.p("x"), 0o640)
+        os.unlink(u.p("x"))
+        recs = _records(u.workdir)[n0:]
+        assert [r.split(" ")[0] + " " + r.split(" ")[2] for r in recs] == ["C /x", "D /x"]
+        assert lines(diff(u.mnt)) == ["D /x"]
+
+
 def test_unmounted_upper_and_lower_override(tmp_path, lower):
     u = Union(tmp_path, [lower])
     with unionfs_mount(u.lowers, u.upper, u.mnt):

@@ -19,7 +19,10 @@ Format (an interface: other tools may read it; see README "unionfs diff")
   always fits one line).
 
 Records are appended (one write(2) on an O_APPEND fd) after the change is made
-and before the request is answered, so a SIGKILLed daemon loses none.
+and before the request is answered, so a SIGKILLed daemon loses none. A record
+that repeats the daemon's previous one (same kind and path: a write open's C,
+then the C of the writeback cache's time flush at close) is not written again;
+a path's history is a set, so the repeat would say nothing new.
 
 Compaction: the log is a *set of touched paths*. At mount, at unmount and
 whenever it has doubled since the last compaction, it is rewritten (to a
@@ -358,6 +361,7 @@ class Journal:
 
     def __init__(self, workdir: str | None, upper: str | None = None) -> None:
         self.fd: int | None = None
+        self._last: tuple[bytes, bytes, bool] | None = None  # the last record written
         self.workdir = workdir
         self.upper = upper
         self.upper_fd: int | None = None
@@ -401,7 +405,7 @@ class Journal:
     def records(self, *changes: tuple[bytes, bytes, bool]) -> None:
         """Append (kind, path, tree) records in one write: a rename's two records cost
         one syscall, and a crash keeps both or neither."""
-        if self.fd is None:
+        if self.fd is None or (len(changes) == 1 and changes[0] == self._last):
             return
         out = []
         for kind, path, tree in changes:
@@ -411,6 +415,7 @@ class Journal:
                 kind, path = b"?", UNKNOWN_PATH
             out.append(format_record(kind, path))
         os.write(self.fd, b"".join(out))
+        self._last = changes[-1]
         self.lines += len(out)
         if self.lines > 2 * self.base + SLACK:
             self.compact()
