@@ -489,3 +489,20 @@ def test_oci_whiteout_does_not_hide_its_own_layer(layers, make_union):
     found = exists(u, "dir/same.txt")
     assert listed == found, "readdir and lookup disagree"
     assert found and read(u, "dir/same.txt") == b"same layer\n"
+
+
+def test_a_name_absent_from_the_lowers_is_probed_there_once(union, monkeypatch):
+    """Lower layers never change under a mount: a name a LOOKUP missed is not looked
+    for in them again by the CREATE (or MKDIR, RENAME) that follows; the upper still is."""
+    from unionfs import syscalls
+    probed = []
+    real = syscalls.lstat_at
+    monkeypatch.setattr(syscalls, "lstat_at", lambda fd, name: (probed.append(name), real(fd, name))[1])
+    parent = walk(union, "dir")
+    assert union.lookup(parent, b"newname")[0] is None
+    first = len(probed)
+    assert first >= 2  # the lower layers that have dir/
+    assert union.lookup(parent, b"newname")[0] is None
+    assert len(probed) - first <= 1  # the upper only, if dir/ is there
+    node = union.mkdir(parent, b"newname", 0o755, Caller(0, 0))
+    assert union.lookup(parent, b"newname")[0].id == node.id

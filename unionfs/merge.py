@@ -28,6 +28,7 @@ from .layers import (OCI_OPAQUE, OCI_WHITEOUT, OVL_OPAQUE, OVL_REDIRECT, OWN_INO
 from .nodes import ROOT_ID, Node, make_ino, parse_ino
 
 NAME_MAX = 255
+ABSENT_CACHE = 65536  # names remembered absent from the lower layers (Resolver._absent)
 
 
 @dataclass
@@ -100,6 +101,10 @@ class Resolver:
         self.upper = upper
         self.lowers = lowers
         self.cache = cache
+        # (lower dirs searched, name) found in none of them: lower layers never change
+        # under a mount, so a name a LOOKUP missed is not probed again by the CREATE,
+        # MKDIR or RENAME that follows (two syscalls per layer each time)
+        self._absent: set[tuple[tuple[tuple[Layer, bytes], ...], bytes]] = set()
 
     # -- fds -------------------------------------------------------------------------
 
@@ -173,7 +178,13 @@ class Resolver:
         if name.startswith(OCI_WHITEOUT):
             return  # in a lower layer, .wh.* names are OCI markers, never objects
         lname = name if redirect is None else redirect.rstrip(b"/").rpartition(b"/")[2]
-        for layer, dirpath, fd, st in self._probe(self._search_dirs(parent, name, redirect), lname):
+        dirs = self._search_dirs(parent, name, redirect)
+        key = (tuple(dirs), lname)
+        if key in self._absent:
+            return
+        found = False
+        for layer, dirpath, fd, st in self._probe(dirs, lname):
+            found = True
             if st is None:
                 e.hidden = True
                 return
@@ -198,6 +209,10 @@ class Resolver:
                 redirect = rd
                 # the remaining layers are searched at the redirect target
                 return self._scan_redirect(layer, redirect, e)
+        if not found:
+            if len(self._absent) >= ABSENT_CACHE:
+                self._absent.clear()
+            self._absent.add(key)
 
     def _search_dirs(self, parent: Node, name: bytes, redirect: bytes | None):
         """(layer, directory path) pairs in which to look for the lower objects of a name."""
