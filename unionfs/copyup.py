@@ -97,7 +97,7 @@ class keep_times:
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is None:
             assert self.st is not None
-            syscalls.set_times(self.fd, self.st.st_atime_ns, self.st.st_mtime_ns)
+            syscalls.utimens_at(self.fd, b"", self.st.st_atime_ns, self.st.st_mtime_ns)
 
 
 class AliasIndex:

@@ -157,10 +157,17 @@ def chown_at(dirfd: int, name: bytes | None, uid: int, gid: int) -> None:
 
 def utimens_at(dirfd: int, name: bytes | None, atime_ns: int | None, mtime_ns: int | None) -> None:
     """Set times (None leaves one as it is) without following a final symlink; name None:
-    the open file *dirfd*."""
+    the open file *dirfd*; b"": the object *dirfd* holds, a real fd or an O_PATH one."""
     if name is None:
         futimens(dirfd, atime_ns, mtime_ns)
     elif not name:
+        if atime_ns is not None and mtime_ns is not None:
+            try:  # a real fd (see open_dir_real): no magic link to resolve
+                os.utime(dirfd, ns=(atime_ns, mtime_ns))
+                return
+            except OSError as e:
+                if e.errno != errno.EBADF:  # EBADF: an O_PATH fd
+                    raise
         utimensat(AT_FDCWD, proc_path(dirfd), atime_ns, mtime_ns, follow=True)
     else:
         utimensat(dirfd, name, atime_ns, mtime_ns)
@@ -206,16 +213,6 @@ def open_dir_real(dirfd: int, name: bytes) -> int:
         return open_dir_at(dirfd, name, os.O_RDONLY)
     except PermissionError:
         return open_dir_at(dirfd, name)
-
-
-def set_times(fd: int, atime_ns: int, mtime_ns: int) -> None:
-    """Both times of the object *fd* holds, a real fd or an O_PATH one."""
-    try:
-        os.utime(fd, ns=(atime_ns, mtime_ns))
-    except OSError as e:
-        if e.errno != errno.EBADF:  # EBADF: an O_PATH fd, reached by its magic link
-            raise
-        os.utime(proc_path(fd), ns=(atime_ns, mtime_ns))
 
 
 _libc.syscall.restype = ctypes.c_long
