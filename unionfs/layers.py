@@ -12,11 +12,11 @@ the directory from its parent's fd and one name.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 from typing import Callable, Hashable, Iterator
 
 from . import syscalls
+from .syscalls import AT_FDCWD
 
 # The xattr names of the kernel overlayfs on-disk format, and our own.
 OVL_OPAQUE = b"trusted.overlay.opaque"
@@ -59,8 +59,7 @@ def _open_root(path: str, writable: bool) -> int:
     """A lower's root as O_PATH; the upper's opened for real where the daemon may read
     it, so copy-up's calls on it reach it directly (see syscalls.open_dir_real)."""
     if writable:
-        with contextlib.suppress(PermissionError):
-            return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return syscalls.open_dir_real(AT_FDCWD, os.fsencode(path), follow=True)
     return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 

@@ -204,15 +204,17 @@ def open_dir_at(dirfd: int, name: bytes, flags: int = os.O_PATH) -> int:
     return os.open(name, flags | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
 
 
-def open_dir_real(dirfd: int, name: bytes) -> int:
+def open_dir_real(dirfd: int, name: bytes, follow: bool = False) -> int:
     """Open a directory below *dirfd* for real (O_RDONLY) where the daemon may read it,
     else O_PATH: calls on a real fd (futimens, fstat) reach the directory directly,
     where an O_PATH fd needs its /proc/self/fd magic link resolved at each call
-    (3 against 6-10 µs for the utimensat of a copy-up's parent here)."""
+    (3 against 6-10 µs for the utimensat of a copy-up's parent here). *follow*: a
+    final symlink is followed (a layer's root given by the user), else refused."""
+    flags = os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        return open_dir_at(dirfd, name, os.O_RDONLY)
+        return os.open(name, flags | os.O_RDONLY, dir_fd=dirfd)
     except PermissionError:
-        return open_dir_at(dirfd, name)
+        return os.open(name, flags | os.O_PATH, dir_fd=dirfd)
 
 
 _libc.syscall.restype = ctypes.c_long
