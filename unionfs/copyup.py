@@ -156,20 +156,19 @@ class CopyUp:
             if anc.upper:
                 break
             chain.append(anc)
-        made: tuple[int, os.stat_result] | None = None
+        made: keep_times | None = None
         for d in reversed(chain):
             made = self._one_dir(d, made)
-        assert made is not None
-        return keep_times(*made)
+        return made
 
-    def _one_dir(self, node: Node, parent_made: tuple[int, os.stat_result] | None = None
-                 ) -> tuple[int, os.stat_result]:
+    def _one_dir(self, node: Node, parent_made: keep_times | None = None) -> keep_times:
         """Built in work/ and set up through an fd of its own (no name or /proc path for
         the kernel to resolve at each call); that fd then serves as the new upper
         directory's fd, which the copy-up that called for this directory needs next.
         The origin is reached by its own (cached) O_PATH fd, which the copy-up of the
         child needs next as well. *parent_made*: the parent was made by this copy-up a
-        moment ago, (its fd, its origin's stat); returns the same for this directory."""
+        moment ago, with its fd (the cache's newest, so still open) and its origin's
+        times, to be put back without asking first; returns the same for this one."""
         assert node.parent is not None and node.lowers
         layer, path = node.lowers[0]
         src = self.r.lower_fd(layer, path)
@@ -180,14 +179,7 @@ class CopyUp:
         try:
             fd = syscalls.open_dir_at(self.work.fd, tmp, os.O_RDONLY)
             copy_meta(st, src, b"", fd, None, node.id, owner=self.work.owner)
-            if parent_made is None:
-                self._place(node, tmp, keep_times(self.r.upper_fd(node.parent)))
-            else:
-                # the parent's times are its origin's, set a moment ago: put them back
-                # through its fd (the cache's newest, so still open) without asking first
-                pfd, pst = parent_made
-                syscalls.renameat2(self.work.fd, tmp, pfd, node.name, syscalls.RENAME_NOREPLACE)
-                os.utime(pfd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+            self._place(node, tmp, parent_made or keep_times(self.r.upper_fd(node.parent)))
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -195,7 +187,7 @@ class CopyUp:
             raise
         node.upper = True
         self.r.cache.put(("u", node.id), fd)
-        return fd, st
+        return keep_times(fd, st)
 
     def _place(self, node: Node, tmp: bytes, parent: keep_times) -> None:
         """Rename a finished temporary into the parent's upper dir, keeping the parent's times."""
