@@ -387,7 +387,7 @@ def test_mkdir_in_lower_dir_copies_parent_up(layers, union):
 # -- atomicity ----------------------------------------------------------------------------
 
 def test_failure_in_data_copy_leaves_nothing(layers, union, monkeypatch):
-    def boom(src, dst, size, how=0, sparse=True):
+    def boom(src, dst, size, how=0, sparse=True, fresh=False):
         os.write(dst, b"partial")
         raise OSError(errno.EIO, "injected")
 
@@ -416,7 +416,7 @@ def test_failure_in_metadata_copy_leaves_nothing(layers, union, monkeypatch):
 
 
 def test_failure_in_hard_link_copy_up_leaves_nothing(layers, union, monkeypatch):
-    def boom(*args):
+    def boom(*args, **kwargs):
         raise OSError(errno.ENOSPC, "injected")
 
     monkeypatch.setattr(syscalls, "copy_data", boom)

@@ -267,7 +267,7 @@ class CopyUp:
         how = self._how.get(layer.index, syscalls.CLONE)
         if not sync and size <= INLINE_COPY and (self.alone()
                                                   or syscalls.in_page_cache(src, size)):
-            done = syscalls.copy_data(src, dst, size, how, sparse)
+            done = syscalls.copy_data(src, dst, size, how, sparse, fresh=True)
         else:
             done = cast(int, await self.blocking(_copy_and_sync, src, dst, size, how, sync,
                                                  sparse))
@@ -326,7 +326,7 @@ class CopyUp:
 
 def _copy_and_sync(src: int, dst: int, size: int, how: int, fsync: bool,
                    sparse: bool = True) -> int:
-    done = syscalls.copy_data(src, dst, size, how, sparse)
+    done = syscalls.copy_data(src, dst, size, how, sparse, fresh=True)
     if fsync:
         os.fdatasync(dst)
     return done

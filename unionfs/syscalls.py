@@ -320,13 +320,15 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> int:
 CLONE, RANGE, SENDFILE = 0, 1, 2
 
 
-def copy_data(src: int, dst: int, size: int, how: int = CLONE, sparse: bool = True) -> int:
+def copy_data(src: int, dst: int, size: int, how: int = CLONE, sparse: bool = True,
+              fresh: bool = False) -> int:
     """Copy *size* bytes between file fds inside the kernel: reflink, else copy_file_range,
     else sendfile (copy_file_range refuses EXDEV between two ext4 filesystems). *how* is
     the first method to try; returns the one that worked, so the caller can start there
     next time instead of failing through the refused ones again. *sparse* False: the
     source has no holes (st_blocks covers st_size), so the SEEK_DATA/SEEK_HOLE walk is
-    skipped."""
+    skipped. *fresh*: *dst* was just opened (its offset is 0), so sendfile, which writes
+    at the file offset, needs no lseek first."""
     if how == CLONE:
         try:
             fcntl.ioctl(dst, FICLONE, src)
@@ -334,7 +336,7 @@ def copy_data(src: int, dst: int, size: int, how: int = CLONE, sparse: bool = Tr
         except OSError:
             how = RANGE
     extents = _data_extents(src, size) if sparse else [(0, size)]
-    pos = -1  # dst's file offset, where sendfile writes (not assumed: set before the first)
+    pos = 0 if fresh else -1  # dst's file offset, where sendfile writes (-1: not known)
     for start, end in extents:
         off = start
         while off < end:
