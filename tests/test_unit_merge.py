@@ -506,3 +506,29 @@ def test_a_name_absent_from_the_lowers_is_probed_there_once(union, monkeypatch):
     assert len(probed) - first <= 1  # the upper only, if dir/ is there
     node = union.mkdir(parent, b"newname", 0o755, Caller(0, 0))
     assert union.lookup(parent, b"newname")[0].id == node.id
+
+
+def test_a_lower_name_found_once_is_not_probed_again(union, monkeypatch):
+    """What a LOOKUP found in the lower layers is remembered, so the RENAME or UNLINK
+    that follows resolves the name without probing them again, and sees the same."""
+    from unionfs import syscalls
+    probed = []
+    real = syscalls.lstat_at
+    monkeypatch.setattr(syscalls, "lstat_at", lambda fd, name: (probed.append(name), real(fd, name))[1])
+    parent = walk(union, "dir")
+    first = union.r.resolve(parent, b"b.txt")
+    assert first.st is not None and first.lowers and probed.count(b"b.txt") >= 2
+    before = len(probed)
+    again = union.r.resolve(parent, b"b.txt")
+    assert len(probed) - before <= 1  # the upper only, if dir/ is there
+    assert (again.st, again.ino, again.lowers, again.upper) == \
+        (first.st, first.ino, first.lowers, first.upper)
+    assert again.lowers is not first.lowers  # each Entry gets a list of its own
+    # a merged directory: resolved under its upper copy, the lowers still merge in
+    merged = union.r.resolve(union.root, b"merged")
+    listed = ls(union, "merged")
+    assert len(listed) >= 3
+    do(union.ensure_upper, walk(union, "merged"))
+    up = union.r.resolve(union.root, b"merged")
+    assert up.upper and up.lowers == merged.lowers and up.origin == merged.ino
+    assert ls(union, "merged") == listed

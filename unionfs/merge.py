@@ -20,7 +20,8 @@ import errno
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Iterator
+from collections import OrderedDict
+from typing import Iterator, NamedTuple, Sequence
 
 from . import syscalls
 from .layers import (OCI_OPAQUE, OCI_WHITEOUT, OVL_OPAQUE, OVL_REDIRECT, OWN_INO, FdCache, Layer,
@@ -29,6 +30,8 @@ from .nodes import ROOT_ID, Node, make_ino, parse_ino
 
 NAME_MAX = 255
 ABSENT_CACHE = 65536  # names remembered absent from the lower layers (Resolver._absent)
+FOUND_CACHE = 4096  # lower scans that found something, remembered (Resolver._found): each
+                    # holds a stat, so few enough that forgotten nodes still free memory
 
 
 @dataclass
@@ -48,6 +51,16 @@ class Entry:
     @property
     def exists(self) -> bool:
         return self.st is not None
+
+
+class _Found(NamedTuple):
+    """What a lower scan added to an Entry (st and ino only when no upper object was there)."""
+
+    st: os.stat_result | None
+    ino: int
+    lowers: tuple[tuple[Layer, bytes], ...]
+    hidden: bool
+    origin: int
 
 
 def child_path(dirpath: bytes, name: bytes) -> bytes:
@@ -105,6 +118,8 @@ class Resolver:
         # under a mount, so a name a LOOKUP missed is not probed again by the CREATE,
         # MKDIR or RENAME that follows (two syscalls per layer each time)
         self._absent: set[tuple[tuple[tuple[Layer, bytes], ...], bytes]] = set()
+        # and what was found where something was (see _scan_lowers), the most recent ones
+        self._found: OrderedDict[tuple[object, ...], _Found] = OrderedDict()
 
     # -- fds -------------------------------------------------------------------------
 
@@ -175,19 +190,46 @@ class Resolver:
         return e
 
     def _scan_lowers(self, parent: Node, name: bytes, redirect: bytes | None, e: Entry) -> None:
+        """Add to *e* what the lower layers show at *name*. Lower layers never change under
+        a mount, so the outcome is remembered: a name found nowhere for as long as the mount
+        lives (``_absent``, no stat to keep), a name found somewhere in a bounded LRU
+        (``_found``), so the RENAME or UNLINK after a LOOKUP does not probe every layer
+        again (an lstat and an OCI check per layer). Its stat is the one the LOOKUP saw;
+        GETATTR still asks the layer."""
         if name.startswith(OCI_WHITEOUT):
             return  # in a lower layer, .wh.* names are OCI markers, never objects
         lname = name if redirect is None else redirect.rstrip(b"/").rpartition(b"/")[2]
-        dirs = self._search_dirs(parent, name, redirect)
-        key = (tuple(dirs), lname)
+        dirs = tuple(self._search_dirs(parent, name, redirect))
+        key = (dirs, lname)
         if key in self._absent:
             return
+        merging = e.st is not None  # under an upper directory: lower directories merge in
+        found = self._found.get((dirs, lname, merging))
+        if found is not None:
+            self._found.move_to_end((dirs, lname, merging))
+            if not merging:
+                e.st, e.ino = found.st, found.ino
+            e.lowers = list(found.lowers)
+            e.hidden, e.origin = found.hidden, found.origin
+            return
+        if not self._scan_dirs(dirs, lname, e):
+            if len(self._absent) >= ABSENT_CACHE:
+                self._absent.clear()
+            self._absent.add(key)
+            return
+        self._found[(dirs, lname, merging)] = _Found(None if merging else e.st, e.ino,
+                                                     tuple(e.lowers), e.hidden, e.origin)
+        if len(self._found) > FOUND_CACHE:
+            self._found.popitem(last=False)
+
+    def _scan_dirs(self, dirs: tuple[tuple[Layer, bytes], ...], lname: bytes, e: Entry) -> bool:
+        """The lower scan itself; False if no layer has anything (not even a whiteout)."""
         found = False
         for layer, dirpath, fd, st in self._probe(dirs, lname):
             found = True
             if st is None:
                 e.hidden = True
-                return
+                return True
             path = child_path(dirpath, lname)
             isdir = stat.S_ISDIR(st.st_mode)
             if e.st is None:
@@ -195,24 +237,21 @@ class Resolver:
                 e.ino = make_ino(layer.index, st.st_ino)
                 e.lowers.append((layer, path))
                 if not isdir:
-                    return
+                    return True
             elif not stat.S_ISDIR(e.st.st_mode) or not isdir:
-                return
+                return True
             else:
                 if not e.lowers:
                     e.origin = make_ino(layer.index, st.st_ino)
                 e.lowers.append((layer, path))
             if _lower_opaque(fd, lname):
-                return
+                return True
             rd = syscalls.getxattr(fd, lname, OVL_REDIRECT)
             if rd is not None and valid_redirect(rd):
-                redirect = rd
                 # the remaining layers are searched at the redirect target
-                return self._scan_redirect(layer, redirect, e)
-        if not found:
-            if len(self._absent) >= ABSENT_CACHE:
-                self._absent.clear()
-            self._absent.add(key)
+                self._scan_redirect(layer, rd, e)
+                return True
+        return found
 
     def _search_dirs(self, parent: Node, name: bytes, redirect: bytes | None):
         """(layer, directory path) pairs in which to look for the lower objects of a name."""
@@ -252,7 +291,7 @@ class Resolver:
             return st is not None
         return False
 
-    def _probe(self, dirs: list[tuple[Layer, bytes]], name: bytes
+    def _probe(self, dirs: Sequence[tuple[Layer, bytes]], name: bytes
                ) -> Iterator[tuple[Layer, bytes, int, os.stat_result | None]]:
         """Look *name* up in each lower directory in turn, top-most first, skipping layers
         that lack the directory: yields (layer, dir path, dir fd, stat) where something is
