@@ -253,6 +253,11 @@ class Resolver:
                 return True
         return found
 
+    def forget_found(self) -> None:
+        """Drop the remembered lower scans (after the kernel forgot most nodes: their
+        stats, spread over the heap, would keep the pages a walk took from going back)."""
+        self._found.clear()
+
     def _search_dirs(self, parent: Node, name: bytes, redirect: bytes | None):
         """(layer, directory path) pairs in which to look for the lower objects of a name."""
         if redirect is not None and redirect.startswith(b"/"):

@@ -143,12 +143,13 @@ class NodeTable:
     # copy it into one of the right size, and give freed heap back (_shrink).
     SHRINK_FROM = 16384
 
-    def __init__(self, root: Node, on_drop) -> None:
+    def __init__(self, root: Node, on_drop, on_shrink=lambda: None) -> None:
         self._nodes: dict[int, Node] = {ROOT_ID: root}
         self._peak = 1
         root.registered = True
         root.lookups = 1
         self._on_drop = on_drop
+        self._on_shrink = on_shrink  # the owner lets go of what it remembered per name
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -186,6 +187,7 @@ class NodeTable:
     def _shrink(self) -> None:
         self._nodes = dict(self._nodes)
         self._peak = max(1, len(self._nodes))
+        self._on_shrink()
         _malloc_trim()
 
     def name_gone(self, node: Node, parent: Node, name: bytes) -> None:

@@ -64,7 +64,7 @@ class Union(NamespaceOps, FileOps):
             root.opaque = syscalls.getxattr(self.upper.fd, b"", OVL_OPAQUE) == b"y"
         root.lowers = [(layer, b"") for layer in self.lowers]
         self.root = root
-        self.nodes = NodeTable(root, self._dropped)
+        self.nodes = NodeTable(root, self._dropped, self.r.forget_found)
         self.work: WorkDir | None = None
         self.copyup: CopyUp | None = None
         self.syncer: durable.Syncer | None = None
