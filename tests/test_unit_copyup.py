@@ -163,6 +163,19 @@ def test_copy_up_chowns_only_when_the_new_object_lacks_the_origins_owner(layers,
     assert calls == [(1000, 1000)]
 
 
+def test_directory_copy_up_reads_its_origins_xattrs_through_the_fd(layers, union, monkeypatch):
+    """Lower directories are held open for real, so a directory copy-up lists its origin's
+    xattrs through that fd (no /proc/self/fd path for the kernel to resolve), and still
+    copies them."""
+    os.setxattr(os.path.join(layers.bottom, "wdir"), "user.tag", b"kept")
+    listed = []
+    real = os.listxattr
+    monkeypatch.setattr(os, "listxattr", lambda p, **kw: (listed.append(p), real(p, **kw))[1])
+    up(union, "wdir/z.txt")
+    assert os.getxattr(layers.u("wdir"), "user.tag") == b"kept"
+    assert listed and all(isinstance(p, int) for p in listed), listed
+
+
 def test_copy_up_into_set_gid_work_dir_keeps_the_origins_group(layers, make_union):
     work = os.path.join(layers.work, "work")
     os.makedirs(work, exist_ok=True)

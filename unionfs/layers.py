@@ -121,7 +121,9 @@ def walk_dir(layer: Layer, cache: FdCache, path: bytes) -> int:
 
     def opener() -> int:
         parent, _, name = path.rpartition(b"/")
-        return syscalls.open_dir_at(walk_dir(layer, cache, parent), name)
+        # held open for real where the daemon may read it (else O_PATH): a directory
+        # copy-up then reads its origin's xattrs through the fd, with no /proc path
+        return syscalls.open_dir_real(walk_dir(layer, cache, parent), name)
 
     return cache.get((layer.index, path), opener)
 

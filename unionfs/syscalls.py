@@ -126,7 +126,19 @@ def removexattr(dirfd: int, name: bytes | None, attr: bytes) -> None:
 
 
 def listxattr(dirfd: int, name: bytes | None) -> list[bytes]:
-    path, follow = _xpath(dirfd, name)
+    """Names of the xattrs set. For the object *dirfd* itself (name b"") the fd is tried
+    first: a real fd (a held-open directory, as a directory copy-up reads its origin)
+    needs no /proc path resolved; an O_PATH fd fails EBADF at once, and the path serves."""
+    if name == b"":
+        try:
+            return _listxattr(dirfd, True)
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                raise
+    return _listxattr(*_xpath(dirfd, name))
+
+
+def _listxattr(path: bytes | int, follow: bool) -> list[bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=follow)
     except OSError as e:
