@@ -25,9 +25,8 @@ then the C of the writeback cache's time flush at close) is not written again;
 a path's history is a set, so the repeat would say nothing new.
 
 Compaction: the log is a *set of touched paths*. At mount, at unmount and
-whenever it has grown fourfold (plus SLACK lines) since the last compaction, it is
-rewritten (to a
-temporary, then rename(2)) with one record per path, sorted by path, whose
+whenever it has grown fourfold (plus SLACK lines) since the last compaction, it
+is rewritten (to a temporary, then rename(2)) with one record per path, sorted by path, whose
 kind sums up its history: ``A``/``T`` if the first record was A/T (the path
 is new), else ``D`` if the last was D, else ``C``; its time is the last
 record's. A path that was made and then removed again (first A/T, last D)

@@ -204,9 +204,10 @@ class Resolver:
         if key in self._absent:
             return
         merging = e.st is not None  # under an upper directory: lower directories merge in
-        found = self._found.get((dirs, lname, merging))
+        fkey = (dirs, lname, merging)
+        found = self._found.get(fkey)
         if found is not None:
-            self._found.move_to_end((dirs, lname, merging))
+            self._found.move_to_end(fkey)
             if not merging:
                 e.st, e.ino = found.st, found.ino
             e.lowers = list(found.lowers)
@@ -217,8 +218,8 @@ class Resolver:
                 self._absent.clear()
             self._absent.add(key)
             return
-        self._found[(dirs, lname, merging)] = _Found(None if merging else e.st, e.ino,
-                                                     tuple(e.lowers), e.hidden, e.origin)
+        self._found[fkey] = _Found(None if merging else e.st, e.ino, tuple(e.lowers),
+                                   e.hidden, e.origin)
         if len(self._found) > FOUND_CACHE:
             self._found.popitem(last=False)
 
