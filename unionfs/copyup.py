@@ -165,7 +165,7 @@ class CopyUp:
         """Built in work/ and set up through an fd of its own (no name or /proc path for
         the kernel to resolve at each call); that fd then serves as the new upper
         directory's fd, which the copy-up that called for this directory needs next.
-        The origin is reached by its own (cached) O_PATH fd, which the copy-up of the
+        The origin is reached by its own (cached) fd, which the copy-up of the
         child needs next as well. *parent_made*: the parent was made by this copy-up a
         moment ago, with its fd (the cache's newest, so still open) and its origin's
         times, to be put back without asking first; returns the same for this one."""

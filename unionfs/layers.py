@@ -45,7 +45,9 @@ class Layer:
         self.path = path
         self.index = index
         self.writable = writable
-        self.fd = _open_root(path, writable)
+        # every layer directory, root or not, is held open for real where the daemon may
+        # read it (else O_PATH; see syscalls.open_dir_real); the user's path may be a symlink
+        self.fd = syscalls.open_dir_real(AT_FDCWD, os.fsencode(path), follow=True)
         self.dev = os.fstat(self.fd).st_dev
 
     def close(self) -> None:
@@ -55,16 +57,9 @@ class Layer:
         return f"Layer({self.path!r}, {self.index})"
 
 
-def _open_root(path: str, writable: bool) -> int:
-    """A lower's root as O_PATH; the upper's opened for real where the daemon may read
-    it, so copy-up's calls on it reach it directly (see syscalls.open_dir_real)."""
-    if writable:
-        return syscalls.open_dir_real(AT_FDCWD, os.fsencode(path), follow=True)
-    return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-
-
 class FdCache:
-    """LRU of directory fds (O_PATH, or open ones handed over), keyed by anything hashable.
+    """LRU of directory fds (real where the daemon may read them, else O_PATH), keyed by
+    anything hashable.
 
     Callers use an fd only until their next await, and an operation touches at
     most a handful of directories, so a capacity of thousands can never evict
@@ -121,8 +116,8 @@ def walk_dir(layer: Layer, cache: FdCache, path: bytes) -> int:
 
     def opener() -> int:
         parent, _, name = path.rpartition(b"/")
-        # held open for real where the daemon may read it (else O_PATH): a directory
-        # copy-up then reads its origin's xattrs through the fd, with no /proc path
+        # real where readable, as Layer's root: a directory copy-up then reads its
+        # origin's xattrs through the fd, with no /proc path
         return syscalls.open_dir_real(walk_dir(layer, cache, parent), name)
 
     return cache.get((layer.index, path), opener)
