@@ -16,7 +16,9 @@ Rules (docker diff's format and meaning, done exactly):
 * ``C`` a path in both whose object differs: type, content (data, symlink
   target, device number), mode, owner, mtime (non-directories; directory
   times change with every entry and are not compared, atime and ctime never
-  are), xattrs (without the union's private ones). Every directory of the old
+  are), xattrs (without the union's private ones), link count (non-directories:
+  a new name of a file, or one removed, changes the object its other names
+  show). Every directory of the old
   view that contains (at any depth) an A or D is C too; its changes include
   ``content`` when such an entry is directly in it.
 
@@ -55,7 +57,7 @@ TYPE_NAMES = {
     stat.S_IFSOCK: "socket", stat.S_IFCHR: "char-device", stat.S_IFBLK: "block-device",
 }
 TYPE_CODES = {v: k for k, v in TYPE_NAMES.items()}
-CHANGE_ORDER = ("type", "content", "mode", "owner", "times", "xattrs")
+CHANGE_ORDER = ("type", "content", "mode", "owner", "times", "xattrs", "links")
 
 
 def parent_of(path: bytes) -> bytes:
@@ -114,6 +116,7 @@ class Obj:
     size: int
     mtime_ns: int
     rdev: int
+    nlink: int | None   # None: not known (a mark saved before link counts were)
 
     def target(self) -> bytes: raise NotImplementedError
     def xattrs(self) -> dict[bytes, bytes]: raise NotImplementedError
@@ -129,6 +132,8 @@ class Obj:
             d["target"] = escape(self.target()).decode()
         elif self.fmt in (stat.S_IFCHR, stat.S_IFBLK):
             d["rdev"] = self.rdev
+        if self.nlink is not None:
+            d["nlink"] = self.nlink
         d["xattrs"] = {escape(k).decode(): v.hex() for k, v in sorted(self.xattrs().items())}
         return d
 
@@ -145,6 +150,7 @@ class Live(Obj):
         self.st = st
         self.mode, self.uid, self.gid = st.st_mode, st.st_uid, st.st_gid
         self.size, self.mtime_ns, self.rdev = st.st_size, st.st_mtime_ns, st.st_rdev
+        self.nlink = st.st_nlink
         self._digest: str | None = None
         self._xattrs: dict[bytes, bytes] | None = None
 
@@ -203,6 +209,7 @@ class Saved(Obj):
         self.mode = TYPE_CODES.get(d["type"], 0) | d["mode"]
         self.uid, self.gid, self.size = d["uid"], d["gid"], d["size"]
         self.mtime_ns, self.rdev = d["mtime_ns"], d.get("rdev", 0)
+        self.nlink = d.get("nlink")
 
     def target(self) -> bytes:
         return unescape(self.d.get("target", "").encode())
@@ -237,6 +244,9 @@ def compare(old: Obj, new: Obj) -> list[str]:
         out.append("times")
     if old.xattrs() != new.xattrs():
         out.append("xattrs")
+    # a directory's count follows its subdirectories, which are listed themselves
+    if not old.is_dir and None not in (old.nlink, new.nlink) and old.nlink != new.nlink:
+        out.append("links")
     return out
 
 
