@@ -27,6 +27,7 @@ from .files import FileOps, Handle
 from .layers import OVL_OPAQUE, OVL_REDIRECT, FdCache, Layer, is_private_xattr, walk_tree
 from .merge import NAME_MAX, Entry, Resolver
 from .namespace import Caller, NamespaceOps, err
+from .owners import Owners
 from .nodes import ABSENT_XATTRS, ALT_INO, ROOT_ID, Node, NodeTable, low_ino, make_ino
 from .workdir import WorkDir
 
@@ -56,6 +57,7 @@ class Union(NamespaceOps, FileOps):
         self.upper = Layer(config.upper, 0, True) if config.upper else None
         self.lowers = [Layer(p, i + 1, False) for i, p in enumerate(config.lowers)]
         self.readonly = self.upper is None or config.readonly
+        self.owners = Owners(config.squash_uid, config.squash_gid)
         self.cache = FdCache()
         self.r = Resolver(self.upper, self.lowers, self.cache)
         root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
@@ -93,7 +95,7 @@ class Union(NamespaceOps, FileOps):
                                  self.syncer, alone=lambda: self.serving <= 1)
             self.copyup.entry_at = self.entry_at
             self.copyup.view_paths = self.view_paths
-            self.journal = Journal(config.workdir, config.upper)
+            self.journal = Journal(config.workdir, config.upper, durable=not config.volatile)
             self._record_lowers(config)
         self.handles: dict[int, Handle] = {}
         # fh -> fd of every open file, for the patched pyfuse3 to answer READs by itself
@@ -268,11 +270,11 @@ class Union(NamespaceOps, FileOps):
     def stat(self, node: Node) -> os.stat_result:
         return syscalls.stat_at(*self.loc(node))
 
-    @staticmethod
-    def nlink(node: Node, st: os.stat_result) -> int:
+    def nlink(self, node: Node, st: os.stat_result) -> int:
         """st_nlink as overlayfs reports it: 1 for a directory merged from several layers,
-        whose true subdirectory count no single layer knows (find(1) takes 1 as "unknown")."""
-        if node.is_dir and (len(node.lowers) > 1 or node.merged):
+        whose true subdirectory count no single layer knows (find(1) takes 1 as "unknown");
+        with static_nlink, 1 for every directory."""
+        if node.is_dir and (self.config.static_nlink or len(node.lowers) > 1 or node.merged):
             return 1
         return st.st_nlink
 
@@ -368,7 +370,12 @@ class Union(NamespaceOps, FileOps):
 
     # -- xattrs ------------------------------------------------------------------------
 
+    def _xattrs_on(self) -> None:
+        if not self.config.xattrs:  # noxattrs=1
+            raise err(errno.EOPNOTSUPP)
+
     def getxattr(self, node: Node, attr: bytes) -> bytes:
+        self._xattrs_on()
         bit = ABSENT_XATTRS.get(attr, 0)
         if node.no_xattrs & bit:
             raise err(errno.ENODATA)
@@ -389,10 +396,12 @@ class Union(NamespaceOps, FileOps):
     def listxattr(self, node: Node, privileged: bool = True) -> list[bytes]:
         """Names of the node's xattrs; trusted.* only for a privileged caller (as the
         kernel lists them: the daemon itself reads as root)."""
+        self._xattrs_on()
         return [a for a in syscalls.listxattr(*self.loc(node))
                 if not is_private_xattr(a) and (privileged or not a.startswith(b"trusted."))]
 
     async def setxattr(self, node: Node, attr: bytes, value: bytes, flags: int = 0) -> None:
+        self._xattrs_on()
         if is_private_xattr(attr):
             raise err(errno.EOPNOTSUPP)
         self._writable()
@@ -402,6 +411,7 @@ class Union(NamespaceOps, FileOps):
         self.journal.record(b"C", node.path())
 
     async def removexattr(self, node: Node, attr: bytes) -> None:
+        self._xattrs_on()
         if is_private_xattr(attr):
             raise err(errno.EOPNOTSUPP)
         self._writable()
