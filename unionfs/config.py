@@ -193,7 +193,7 @@ _FLAG_FIELDS: dict[str, tuple[str | None, bool]] = {
     "allow_other": ("allow_other", True), "noallow_other": ("allow_other", False),
     "debug": ("debug", True),
     "default_permissions": (None, True),  # always on
-    # fuse-overlayfs's options (containers/storage passes them; see docs/engines.md)
+    # fuse-overlayfs's options, which containers/storage passes to its mount program
     "volatile": ("volatile", True),
     "noacl": ("acl", False),
     "static_nlink": ("static_nlink", True),
