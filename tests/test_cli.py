@@ -157,11 +157,14 @@ def test_option_parsing() -> None:
     assert (opts.readonly, opts.dev, opts.suid, opts.allow_other, opts.fsync) == (True, True, True, True, False)
     assert "noexec" in opts.extra and opts.extra["redirect_dir"] == "on"
     assert parse_options(["ro", "rw,nodev"]).readonly is False  # later wins, as in mount(8)
+    assert parse_options([]).allow_other is None  # the default is decided by who mounts
+    assert parse_options(["allow_other,noallow_other"]).allow_other is False
+    assert parse_options(["noallow_other", "rootfs"]).allow_other is True
     assert parse_options([]).poll_us == 200 and parse_options(["poll_us=0"]).poll_us == 0
     opts = parse_options([r"lowerdir=/a\:b:/c,upperdir=/u\,v,workdir=/w"])
     assert (opts.lowerdir, opts.upperdir, opts.workdir) == (["/a:b", "/c"], "/u,v", "/w")
     assert split_lowers("/x:/y") == ["/x", "/y"]
-    for bad in ("nodev=1", "lowerdir=", "index=maybe", "volatile", "userxattr", "sloppy", "poll_us=",
+    for bad in ("nodev=1", "noallow_other=1", "lowerdir=", "index=maybe", "volatile", "userxattr", "sloppy", "poll_us=",
                 "poll_us=1e3"):
         with pytest.raises(ConfigError):
             parse_options([bad])
@@ -193,6 +196,21 @@ def test_rootfs_shorthand_reaches_the_kernel(tree: Path, form: str) -> None:
         mount_opts, super_opts = line.split()[5].split(","), line.split(" - ")[1].split()[2].split(",")
         assert "nosuid" not in mount_opts and "nodev" not in mount_opts, line
         assert "allow_other" in super_opts and "default_permissions" in super_opts, line
+    finally:
+        run("umount", mnt)
+        force_unmount(mnt)
+
+
+@pytest.mark.parametrize("opts, wanted", [((), True), (("-o", "noallow_other"), False),
+                                           (("-o", "rootfs,noallow_other"), False)])
+def test_allow_other_is_roots_default(tree: Path, opts: tuple[str, ...], wanted: bool) -> None:
+    """A mount made by root lets other users in unless `noallow_other` says otherwise."""
+    mnt = str(tree / "mnt")
+    proc = run("mount", *opts, f"{tree}/l1:{tree}/l2", f"{tree}/up", mnt)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        (line,) = mounts_under(tree)
+        assert ("allow_other" in line.split(" - ")[1].split()[2].split(",")) is wanted, line
     finally:
         run("umount", mnt)
         force_unmount(mnt)

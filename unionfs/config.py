@@ -20,7 +20,7 @@ class MountConfig:
     workdir: str | None               # None only when upper is None
     mountpoint: str
     readonly: bool = False            # `ro`: EROFS on every write, even with an upper
-    allow_other: bool = False
+    allow_other: bool = False         # see allow_other_default()
     default_permissions: bool = True  # the kernel checks mode bits; always on
     dev: bool = False                 # honour device nodes (mount(8) `dev`)
     suid: bool = False                # honour setuid bits (mount(8) `suid`)
@@ -89,7 +89,7 @@ class MountOptions:
     upperdir: str | None = None
     workdir: str | None = None
     readonly: bool = False
-    allow_other: bool = False
+    allow_other: bool | None = None   # None: allow_other_default()
     dev: bool = False
     suid: bool = False
     fsync: bool = True
@@ -141,7 +141,8 @@ _FLAG_FIELDS: dict[str, tuple[str | None, bool]] = {
     "ro": ("readonly", True), "rw": ("readonly", False),
     "dev": ("dev", True), "nodev": ("dev", False),
     "suid": ("suid", True), "nosuid": ("suid", False),
-    "allow_other": ("allow_other", True), "debug": ("debug", True),
+    "allow_other": ("allow_other", True), "noallow_other": ("allow_other", False),
+    "debug": ("debug", True),
     "default_permissions": (None, True),  # always on
 }
 _STRING_FIELDS = {"upperdir", "workdir", "fsname"}
@@ -198,6 +199,15 @@ def _apply_option(opts: MountOptions, item: str) -> None:
         opts.extra[name] = value
     else:
         setattr(opts, name, value)
+
+
+def allow_other_default() -> bool:
+    """Whether a mount lets in users other than the mounter when neither `allow_other` nor
+    `noallow_other` is given: yes for root, as kernel overlayfs (which has no such rule)
+    and fuse-overlayfs do. The kernel checks every access against the mode bits
+    (default_permissions is always on), so other users get what the modes give them.
+    Others may not ask for it unless /etc/fuse.conf has user_allow_other, so not for them."""
+    return os.geteuid() == 0
 
 
 def kernel_flag_options(config: MountConfig) -> set[str]:
@@ -276,7 +286,8 @@ def build_config(lowers: list[str], upper: str | None, mountpoint: str,
         lowers=[real for role, real, _ in layers if role == "lower layer"],
         upper=layers[-1][1] if upper is not None else None,
         workdir=work, mountpoint=mnt, readonly=opts.readonly,
-        allow_other=opts.allow_other, dev=opts.dev, suid=opts.suid, fsync=opts.fsync,
+        allow_other=allow_other_default() if opts.allow_other is None else opts.allow_other,
+        dev=opts.dev, suid=opts.suid, fsync=opts.fsync,
         poll_us=opts.poll_us, foreground=foreground, debug=debug or opts.debug,
         fsname=opts.fsname or MountConfig.fsname, extra=dict(opts.extra))
     return config, create
