@@ -2,15 +2,11 @@
 an independent applier of layers, and a comparable capture of a directory tree."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import stat
 import subprocess
 import tarfile
-from typing import Iterator
-
-from mounting import force_unmount
 
 
 def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
@@ -75,17 +71,6 @@ def tar_diffid(path: str) -> str:
 def umoci_unpack(ref: str, bundle: str) -> str:
     run("umoci", "unpack", "--image", ref, bundle)
     return os.path.join(bundle, "rootfs")
-
-
-@contextlib.contextmanager
-def kernel_ro(lowers: list[str], mnt: str) -> Iterator[str]:
-    """A read-only kernel overlay of lowers (top-most first): the oracle's view of them."""
-    os.makedirs(mnt, exist_ok=True)
-    run("mount", "-t", "overlay", "overlay", "-o", "lowerdir=" + ":".join(lowers), mnt)
-    try:
-        yield mnt
-    finally:
-        force_unmount(mnt)
 
 
 def capture(root: str, times: bool = True) -> dict[str, dict]:

@@ -15,8 +15,8 @@ import tarfile
 
 import pytest
 
-from mounting import unionfs_cmd, unionfs_mount
-from oci_helpers import (capture, differences, kernel_ro, members, oci_layout, tar_diffid, tar_tree,
+from mounting import kernel_view, unionfs_cmd, unionfs_mount
+from oci_helpers import (capture, differences, members, oci_layout, tar_diffid, tar_tree,
                          umoci_unpack)
 from test_diff_property import Ops, build_lowers
 
@@ -57,9 +57,10 @@ def test_export_applied_by_umoci_is_the_view(tmp_path, seed):
     os.makedirs(upper)
     os.makedirs(mnt)
     base_tar = str(tmp_path / "base.tar")
-    with kernel_ro(lowers, str(tmp_path / "lowerview")) as view:
+    os.makedirs(tmp_path / "lowerview")
+    with kernel_view(lowers, str(tmp_path / "lowerview")) as view:
         tar_tree(view, base_tar)
-    ops = Ops(mnt, rng)
+    ops = Ops(mnt, upper, rng)
     live = seed % 2 == 0
     args = ["--gzip"] if seed % 4 == 1 else ["--zstd"] if seed % 4 == 3 else []
     out = str(tmp_path / "layer.tar")

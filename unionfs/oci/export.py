@@ -37,7 +37,7 @@ from typing import Iterable, Iterator
 
 from .. import syscalls
 from ..diff import Layers, Live, View, ancestors, child_of, compute, hardlink_index
-from ..layers import OCI_OPAQUE, OCI_WHITEOUT, is_private_xattr
+from ..format import OCI_OPAQUE, OCI_WHITEOUT
 
 EXPORTED_XATTRS = (b"user.", b"security.capability", b"system.posix_acl_access",
                    b"system.posix_acl_default")
@@ -51,7 +51,10 @@ class ExportError(Exception):
 
 
 def exported_xattr(name: bytes) -> bool:
-    return not is_private_xattr(name) and name.startswith(EXPORTED_XATTRS)
+    """An xattr a layer carries. Objects' xattrs come without the union format's own
+    (diff.Live.xattrs filters them with the layers' Format), and none of those is under
+    these prefixes anyway."""
+    return name.startswith(EXPORTED_XATTRS)
 
 
 @dataclass
