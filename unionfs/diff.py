@@ -46,9 +46,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from . import syscalls
+from . import format, syscalls
 from .changes import UNKNOWN_PATH, escape, scan_upper, unescape
-from .layers import OVL_OPAQUE, FdCache, Layer, is_private_xattr, walk_tree
+from .format import Format
+from .layers import FdCache, Layer, walk_tree
 from .merge import Entry, Resolver
 from .nodes import ROOT_ID, Node
 
@@ -180,7 +181,7 @@ class Live(Obj):
         if self._xattrs is None:
             out = {}
             for attr in syscalls.listxattr(*self.loc()):
-                if is_private_xattr(attr):
+                if self.view.r.fmt.is_private(attr):
                     continue
                 value = syscalls.getxattr(*self.loc(), attr)
                 if value is not None:
@@ -260,13 +261,14 @@ class View:
 
     _ids = itertools.count(ROOT_ID + 1)
 
-    def __init__(self, upper: Layer | None, lowers: list[Layer], cache: FdCache) -> None:
-        self.r = Resolver(upper, lowers, cache)
+    def __init__(self, upper: Layer | None, lowers: list[Layer], cache: FdCache,
+                 fmt: Format) -> None:
+        self.r = Resolver(upper, lowers, cache, fmt)
         self.upper = upper
         root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
         root.upper = upper is not None
         if upper is not None:
-            root.opaque = syscalls.getxattr(upper.fd, b"", OVL_OPAQUE) == b"y"
+            root.opaque = fmt.is_opaque(upper.fd, b"")
         root.lowers = [(layer, b"") for layer in lowers]
         self.root = root
         self._dirs: dict[bytes, Node | None] = {b"/": root}
@@ -449,6 +451,7 @@ class Layers:
 
     upper_path: str
     lower_paths: list[str]
+    fmt: Format = format.OVERLAY
 
     def __post_init__(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -459,8 +462,8 @@ class Layers:
         self.cache = FdCache(capacity=max(64, min(16384, soft // 2)))
         self.upper = Layer(self.upper_path, 0, False)
         self.lowers = [Layer(p, i + 1, False) for i, p in enumerate(self.lower_paths)]
-        self.new = View(self.upper, self.lowers, self.cache)
-        self.base = View(None, self.lowers, self.cache)
+        self.new = View(self.upper, self.lowers, self.cache, self.fmt)
+        self.base = View(None, self.lowers, self.cache, self.fmt)
 
     def close(self) -> None:
         self.cache.clear()
@@ -560,5 +563,5 @@ def list_marks(workdir: str) -> list[tuple[str, float, int]]:
     return sorted(out, key=lambda t: t[1])
 
 
-def upper_candidates(upper: str) -> list[bytes]:
-    return [p for _, p in scan_upper(upper)]
+def upper_candidates(upper: str, fmt: Format) -> list[bytes]:
+    return [p for _, p in scan_upper(upper, fmt)]
