@@ -32,7 +32,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mounting import daemon_pid, pid_gone, unionfs_mount  # noqa: E402
 from unionfs import durable  # noqa: E402
-from unionfs.layers import OWN_INO  # noqa: E402
+from unionfs.format import OVERLAY  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/setup)")
 
@@ -115,7 +115,7 @@ def traced(pid: int, out: str) -> Iterator[Trace]:
 def copy_up_synced(upper_file: str, work: str) -> None:
     """Wait until the deferred syncer has synced the batch of *upper_file*'s copy-up, so that
     its syncfs cannot land in a trace begun after this."""
-    tag = durable.parse_tag(os.getxattr(upper_file, os.fsdecode(OWN_INO)))
+    tag = durable.parse_tag(os.getxattr(upper_file, os.fsdecode(OVERLAY.ino_key)))
     assert tag is not None, f"{upper_file} carries no copy-up tag"
     end = time.monotonic() + 60
     while True:
