@@ -120,7 +120,7 @@ def daemon_pids(mnt: str) -> list[int]:
 def daemon_pid(mnt: str) -> int:
     """The daemon serving *mnt*, from its pid file (RUNDIR/MAJOR:MINOR.pid), checked against
     the live daemons found by command line."""
-    from unionfs.mount import rundir, top_mount
+    from unionfs.runstate import rundir, top_mount
     entry = top_mount(os.path.realpath(mnt))
     assert entry is not None, f"{mnt} is not mounted"
     with open(os.path.join(rundir(), entry.devno + ".pid")) as f:
