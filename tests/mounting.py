@@ -66,8 +66,9 @@ def kernel_view(layers: Sequence[str], mnt: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def unionfs_mount(lowers: Sequence[str], upper: str | None, mnt: str, workdir: str | None = None,
-                  options: Sequence[str] = ()) -> Iterator[str]:
-    """Mount with the real CLI (daemonising form) and unmount with `unionfs umount`."""
+                  options: Sequence[str] = (), wrapper: Sequence[str] = ()) -> Iterator[str]:
+    """Mount with the real CLI (daemonising form) and unmount with `unionfs umount`.
+    *wrapper* runs the mount (and so the daemon) under a command, e.g. setpriv."""
     args = ["mount"]
     if workdir:
         args += ["--workdir", workdir]
@@ -77,7 +78,7 @@ def unionfs_mount(lowers: Sequence[str], upper: str | None, mnt: str, workdir: s
     if upper is not None:
         args += [upper]
     args += [mnt]
-    proc = subprocess.run(unionfs_cmd(*args), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([*wrapper, *unionfs_cmd(*args)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         force_unmount(mnt)
         raise RuntimeError(f"unionfs mount failed ({proc.returncode}): {proc.stderr.strip()}")
