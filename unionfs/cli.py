@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, NoReturn, Sequence
 
 from . import __version__, diffcmd
+from .oci import cmd as oci
 from .config import ConfigError, build_config, check_dev_fuse, parse_options, split_lowers
 
 PROG = "unionfs"
@@ -119,6 +120,10 @@ COMMANDS: dict[str, Command] = {
                     diffcmd.add_diff, diffcmd.run_diff),
     "mark": Command("name the union's current state, for `diff --since NAME`",
                     diffcmd.add_mark, diffcmd.run_mark),
+    "export": Command("write a union's changes as an OCI image layer (tar, tar+gzip, tar+zstd)",
+                      oci.add_export, oci.run_export),
+    "import": Command("unpack an OCI layer or image (docker save, OCI layout) into layer directories",
+                      oci.add_import, oci.run_import),
 }
 
 
