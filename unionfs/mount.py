@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from . import workdir
 from .config import FSTYPE, MountConfig, escape_fuse_option, kernel_flag_options
 from .runstate import (MountEntry, alive, lock_dir, mount_entries, read_pidfile, remove_pidfile,
                        this_process, top_mount, write_pidfile)
@@ -32,7 +33,6 @@ from .runstate import (MountEntry, alive, lock_dir, mount_entries, read_pidfile,
 log = logging.getLogger("unionfs")
 
 MAX_TASKS = 32          # concurrent request handlers in the trio loop
-LOG_NAME = "unionfs.log"
 UMOUNT_TIMEOUT_ENV = "UNIONFS_UMOUNT_TIMEOUT"
 MNT_DETACH = 2
 
@@ -130,7 +130,7 @@ def _detach_stdio(config: MountConfig) -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    logfile = os.path.join(config.workdir, LOG_NAME) if config.workdir else None
+    logfile = workdir.path_of(config.workdir, workdir.DAEMON_LOG) if config.workdir else None
     if logfile:
         try:
             out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
