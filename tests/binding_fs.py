@@ -4,6 +4,7 @@ side. It counts the calls each handler gets and, once unmounted, prints them as 
 
     python binding_fs.py MOUNTPOINT BACKING_FILE [read_fds=1] [cache_readdir=1]
                          [no_opendir=1] [enable_cache_symlinks=1] [poll_us=N]
+                         [max_tasks=N]
 
 The tree: data (the backing file's bytes), link -> data, sub/ with three empty files;
 a LOOKUP of any other name fails (ENOENT, not cached by the kernel).
@@ -109,10 +110,11 @@ class CountingFs(pyfuse3.Operations):
 def main() -> None:
     mountpoint, backing, *rest = sys.argv[1:]
     features = {k: int(v) for k, v in (arg.split("=", 1) for arg in rest)}
+    max_tasks = features.pop("max_tasks", 0) or None
     fs = CountingFs(backing, features)
     pyfuse3.init(fs, mountpoint, {"fsname=binding_fs", "default_permissions"})
     try:
-        trio.run(pyfuse3.main)
+        trio.run(lambda: pyfuse3.main(max_tasks=max_tasks) if max_tasks else pyfuse3.main())
     finally:
         pyfuse3.close(unmount=True)
     json.dump({"calls": fs.calls, "readdir_fhs": sorted(fs.readdir_fhs)}, sys.stdout)
