@@ -54,22 +54,20 @@ import fcntl
 import logging
 import os
 import re
-import stat
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
+
+from . import format
+from .format import Format
 from .layers import walk_tree
+from .workdir import CHANGES_CLEAN, CHANGES_LOCK, CHANGES_LOG, path_of
 
 log = logging.getLogger("unionfs")
 
-LOG_NAME = "changes.log"
-CLEAN_NAME = "changes.clean"
-LOCK_NAME = "changes.lock"
 HEADER = b"# unionfs changes log v1\n"
 KINDS = b"ACDT?"
 UNKNOWN_PATH = b"-"
-
-REDIRECT_XATTR = b"trusted.overlay.redirect"
 
 # Compact when the log has more than GROWTH * (records at the last compaction) + SLACK lines.
 # A compaction re-reads the whole log (~5 us a line here), so with growth k every record
@@ -163,7 +161,7 @@ def parse(data: bytes) -> list[Record]:
 def read_log(workdir: str) -> list[Record] | None:
     """The records of WORKDIR/changes.log; None if there is none; LogDamaged if it is bad."""
     try:
-        with open(os.path.join(workdir, LOG_NAME), "rb") as f:
+        with open(path_of(workdir, CHANGES_LOG), "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return None
@@ -171,21 +169,14 @@ def read_log(workdir: str) -> list[Record] | None:
 
 
 def is_clean(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, CLEAN_NAME))
+    return os.path.exists(path_of(workdir, CHANGES_CLEAN))
 
 
 # --------------------------------------------------------------------------
 # Scanning the upper directory (the truth) into records
 # --------------------------------------------------------------------------
 
-def _getxattr(fd: int, name: str, attr: bytes) -> bytes | None:
-    try:
-        return os.getxattr(f"/proc/self/fd/{fd}/{name}", attr, follow_symlinks=False)
-    except OSError:
-        return None
-
-
-def scan_upper(upper: str) -> Iterator[tuple[bytes, bytes]]:
+def scan_upper(upper: str, fmt: Format) -> Iterator[tuple[bytes, bytes]]:
     """(kind, path) for every object in the upper directory: whiteouts are D, everything else
     C; a redirected directory also names its old path (D), where its lower contents came from."""
     try:
@@ -197,19 +188,18 @@ def scan_upper(upper: str) -> Iterator[tuple[bytes, bytes]]:
             path = b"/" + rel
             if de.is_dir(follow_symlinks=False):
                 yield b"C", path
-                rd = _getxattr(fd, de.name, REDIRECT_XATTR)
+                try:
+                    rd = fmt.raw_redirect(fd, os.fsencode(de.name))
+                except OSError:  # gone meanwhile (a live mount's upper)
+                    rd = None
                 if rd:
-                    parent = path.rpartition(b"/")[0]
-                    target = b"/" + rd.strip(b"/") if rd.startswith(b"/") else \
-                        parent + b"/" + rd.strip(b"/")
-                    yield b"D", os.path.normpath(target)
+                    yield b"D", format.redirect_target(path, rd)
                 continue
             try:
                 st = de.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-            yield (b"D" if whiteout else b"C"), path
+            yield (b"D" if format.is_whiteout(st) else b"C"), path
     finally:
         os.close(root)
 
@@ -268,7 +258,7 @@ def compact(records: Iterable[Record], upper_fd: int | None = None) -> list[Reco
 
 def write_log(workdir: str, records: Iterable[Record], sync: bool = True) -> int:
     """Atomically replace WORKDIR/changes.log; returns the number of records."""
-    path = os.path.join(workdir, LOG_NAME)
+    path = path_of(workdir, CHANGES_LOG)
     tmp = path + ".tmp"
     buf = [HEADER]
     n = 0
@@ -302,7 +292,7 @@ def fsync_dir(path: str) -> None:
 @contextlib.contextmanager
 def log_lock(workdir: str) -> Iterator[None]:
     """Serialises rewrites of the log with appends by other processes (`diff --rescan`)."""
-    fd = os.open(os.path.join(workdir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path_of(workdir, CHANGES_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -310,10 +300,10 @@ def log_lock(workdir: str) -> Iterator[None]:
         os.close(fd)
 
 
-def rebuild(workdir: str, upper: str, keep: Iterable[Record] = ()) -> list[Record]:
+def rebuild(workdir: str, upper: str, fmt: Format, keep: Iterable[Record] = ()) -> list[Record]:
     """Reconcile: the records to keep plus one for every path in the upper, compacted."""
     stamp = now_stamp()
-    records = list(keep) + [Record(k, stamp, p) for k, p in scan_upper(upper)]
+    records = list(keep) + [Record(k, stamp, p) for k, p in scan_upper(upper, fmt)]
     records = [r for r in records if r.path != UNKNOWN_PATH]
     ufd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -326,7 +316,7 @@ def append_records(workdir: str, pairs: Iterable[tuple[bytes, bytes]]) -> None:
     """Append records from another process than the daemon (under the log lock)."""
     stamp = now_stamp()
     with log_lock(workdir):
-        fd = os.open(os.path.join(workdir, LOG_NAME), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        fd = os.open(path_of(workdir, CHANGES_LOG), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         try:
             chunk: list[bytes] = []
             for kind, path in pairs:
@@ -363,8 +353,11 @@ class Journal:
     the log is missing or damaged), compacts it, and clears the clean marker.
     """
 
-    def __init__(self, workdir: str | None, upper: str | None = None) -> None:
+    def __init__(self, workdir: str | None, upper: str | None = None,
+                 fmt: Format = format.OVERLAY, durable: bool = True) -> None:
         self.fd: int | None = None
+        self.fmt = fmt
+        self.durable = durable  # False (volatile): never fsynced, the stop not recorded
         self._last: tuple[bytes, bytes, bool] | None = None  # the last record written
         self.workdir = workdir
         self.upper = upper
@@ -387,20 +380,21 @@ class Journal:
                 reason = "a change at an unknown path was recorded"
             if reason is not None and upper:
                 log.info("%s: rebuilding it from the upper directory", reason)
-                compacted = rebuild(workdir, upper, records or ())
+                compacted = rebuild(workdir, upper, fmt, records or ())
             else:
                 compacted = compact(records or (), self.upper_fd)
             self.base = write_log(workdir, compacted)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(workdir, CLEAN_NAME))
-            fsync_dir(workdir)
+                os.unlink(path_of(workdir, CHANGES_CLEAN))
+            if durable:
+                fsync_dir(workdir)
             self._open()
         self.lines = self.base
         _OPEN.append(self)
 
     def _open(self) -> None:
         assert self.workdir is not None
-        self.fd = os.open(os.path.join(self.workdir, LOG_NAME),
+        self.fd = os.open(path_of(self.workdir, CHANGES_LOG),
                           os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     def record(self, kind: bytes, path: bytes, tree: bool = False) -> None:
@@ -434,24 +428,30 @@ class Journal:
                 records = None
             if records is None and self.upper:
                 log.warning("the changes log went missing or was damaged: rebuilding it")
-                compacted = rebuild(self.workdir, self.upper)
+                compacted = rebuild(self.workdir, self.upper, self.fmt)
             elif sync and self.upper and any(r.path == UNKNOWN_PATH for r in records or ()):
                 # at unmount: name what the unknown-path records stood for, from the upper
-                compacted = rebuild(self.workdir, self.upper, records or ())
+                compacted = rebuild(self.workdir, self.upper, self.fmt, records or ())
             else:
                 compacted = compact(records or (), self.upper_fd)
             os.close(self.fd)
             self.fd = None
-            self.base = self.lines = write_log(self.workdir, compacted, sync=sync)
+            self.base = self.lines = write_log(self.workdir, compacted, sync=sync and self.durable)
             self._open()
 
     def close(self) -> None:
+        if self.fd is not None and not self.durable:
+            # volatile: the stop is not recorded (no compaction, no clean marker), so no
+            # name is made in the workdir after the unmount, when an engine is already
+            # removing it; a later mount of this upper rebuilds the log from the upper
+            os.close(self.fd)
+            self.fd = None
         if self.fd is not None:
             assert self.workdir is not None
             self.compact(sync=True)
             os.close(self.fd)
             self.fd = None
-            with open(os.path.join(self.workdir, CLEAN_NAME), "w") as f:
+            with open(path_of(self.workdir, CHANGES_CLEAN), "w") as f:
                 f.write(f"clean unmount at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
                 f.flush()
                 os.fsync(f.fileno())

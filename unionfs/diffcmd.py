@@ -1,14 +1,13 @@
 """`unionfs diff` and `unionfs mark`: the command-line side of unionfs/diff.py.
 
-Only argparse and the standard library are imported at module level, so the
-CLI stays quick to start for its other commands.
+Only argparse, the standard library and the small format and config modules are
+imported at module level, so the CLI stays quick to start for its other commands.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -16,7 +15,10 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator
 
+from . import format, runstate
 from .config import FSTYPE, ConfigError, default_workdir, split_lowers
+from .format import Format
+from .workdir import CHANGES_CLEAN, path_of, recorded_lowers
 
 MARK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -61,6 +63,9 @@ class Target:
     mounted: bool               # a live daemon holds the workdir
     lock_fd: int | None = None  # our lock on the workdir while it is not mounted
     mountpoint: str | None = None
+    # the upper's format (format.py); kernel overlayfs's default until a union can be
+    # told to use another
+    fmt: Format = format.OVERLAY
 
     def close(self) -> None:
         if self.lock_fd is not None:
@@ -68,34 +73,18 @@ class Target:
             self.lock_fd = None
 
 
-def _mount_state(path: str) -> dict[str, str] | None:
-    """upper/workdir of the unionfs mounted at *path*, from its daemon's pid file."""
-    from .mount import rundir, top_mount
-
-    entry = top_mount(path)
+def _mount_state(path: str) -> runstate.PidFile | None:
+    """The pid file of the unionfs mounted at *path*, if one is."""
+    entry = runstate.top_mount(path)
     if entry is None or entry.fstype != FSTYPE:
         return None
-    try:
-        with open(os.path.join(rundir(), entry.devno + ".pid")) as f:
-            lines = f.read().splitlines()
-    except OSError:
+    state = runstate.read_pidfile(entry.devno)
+    if state is None or state.upper is None:
         raise ConfigError(f"'{path}' is a unionfs mount but its daemon's state is missing; "
-                          "give its UPPER (and --workdir) instead") from None
-    state = dict(line.split("=", 1) for line in lines[2:] if "=" in line)
-    if not state.get("upper"):
+                          "give its UPPER (and --workdir) instead")
+    if not state.upper:
         raise ConfigError(f"'{path}' is a read-only unionfs mount (no upper layer): nothing changes")
     return state
-
-
-def _lock(workdir: str) -> int | None:
-    """Lock the workdir as a mount does; None if a mount holds it."""
-    fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def locate(target: str, workdir: str | None, lower: str | None) -> Target:
@@ -104,7 +93,7 @@ def locate(target: str, workdir: str | None, lower: str | None) -> Target:
         raise ConfigError(f"'{target}' is not a directory (give a MOUNTPOINT or an UPPER)")
     state = _mount_state(path)
     if state is not None:
-        upper, work = state["upper"], state.get("workdir") or None
+        upper, work = state.upper, state.workdir or None
         if workdir and work and os.path.realpath(workdir) != work:
             raise ConfigError(f"'{target}' is mounted with workdir '{work}', not '{workdir}'")
     else:
@@ -116,9 +105,8 @@ def locate(target: str, workdir: str | None, lower: str | None) -> Target:
         work = None
     if lower is not None:
         lowers = split_lowers(lower)
-    elif work is not None and os.path.exists(os.path.join(work, "lowers")):
-        with open(os.path.join(work, "lowers")) as f:
-            lowers = [line for line in f.read().split("\n") if line]
+    elif work is not None and (recorded := recorded_lowers(work)) is not None:
+        lowers = recorded
     else:
         raise ConfigError(f"no lower layers recorded for '{upper}' (never mounted?): give --lower L1:L2")
     for lw in lowers:
@@ -128,7 +116,7 @@ def locate(target: str, workdir: str | None, lower: str | None) -> Target:
     lock_fd = None
     mounted = False
     if work is not None:
-        lock_fd = _lock(work)
+        lock_fd = runstate.lock_dir(work)
         mounted = lock_fd is None
     t = Target(upper, work, lowers, mounted, lock_fd)
     if mounted:
@@ -139,21 +127,8 @@ def locate(target: str, workdir: str | None, lower: str | None) -> Target:
 
 def _mountpoint_of(workdir: str) -> str | None:
     """The mountpoint of the live mount using *workdir*, from the daemons' pid files."""
-    from .mount import rundir
-
-    try:
-        names = os.listdir(rundir())
-    except OSError:
-        return None
-    for name in names:
-        try:
-            with open(os.path.join(rundir(), name)) as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        if len(lines) > 2 and f"workdir={workdir}" in lines[2:]:
-            return lines[1]
-    return None
+    state = runstate.find_pidfile(workdir)
+    return state.mountpoint if state is not None else None
 
 
 def _flush(mountpoint: str | None) -> None:
@@ -161,14 +136,15 @@ def _flush(mountpoint: str | None) -> None:
     still be in the kernel; this sends them to the daemon, and so to the upper we read."""
     if mountpoint is None:
         return
-    import ctypes
+    from . import syscalls
 
     try:
         fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return
     try:
-        ctypes.CDLL(None, use_errno=True).syncfs(fd)
+        with contextlib.suppress(OSError):
+            syscalls.syncfs(fd)
     finally:
         os.close(fd)
 
@@ -204,9 +180,9 @@ def candidates(t: Target, rescan: bool) -> Candidates:
         assert records is not None
         paths = [r.path for r in records if r.path != changes.UNKNOWN_PATH]
         if len(paths) != len(records):  # a change at a path the daemon could not name
-            paths += upper_candidates(t.upper)
+            paths += upper_candidates(t.upper, t.fmt)
         return Candidates(paths, None)
-    paths = upper_candidates(t.upper)
+    paths = upper_candidates(t.upper, t.fmt)
     if t.workdir is not None:
         _write_back(t, records)
     return Candidates(paths, note)
@@ -220,15 +196,15 @@ def _write_back(t: Target, records) -> None:
     try:
         if not t.mounted:
             with changes.log_lock(t.workdir):
-                changes.write_log(t.workdir, changes.rebuild(t.workdir, t.upper, records or ()))
-                with open(os.path.join(t.workdir, changes.CLEAN_NAME), "w") as f:
+                changes.write_log(t.workdir, changes.rebuild(t.workdir, t.upper, t.fmt, records or ()))
+                with open(path_of(t.workdir, CHANGES_CLEAN), "w") as f:
                     f.write("rebuilt by unionfs diff --rescan\n")
                 changes.fsync_dir(t.workdir)
         elif records is not None:
             # the daemon owns the file: only add what it does not name yet (so repeated
             # rescans do not make it grow); its next compaction folds them in
             known = {r.path for r in records}
-            changes.append_records(t.workdir, ((k, p) for k, p in changes.scan_upper(t.upper)
+            changes.append_records(t.workdir, ((k, p) for k, p in changes.scan_upper(t.upper, t.fmt)
                                                if p not in known))
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -245,11 +221,11 @@ def opened(args: argparse.Namespace) -> Iterator[Target]:
         t.close()
 
 
-def _layers(t: Target):
+def open_layers(t: Target):
     from .diff import Layers
 
     try:
-        return Layers(t.upper, t.lowers)
+        return Layers(t.upper, t.lowers, t.fmt)
     except OSError as e:
         raise ConfigError(f"cannot open the layers: {e.filename or ''} {e.strerror}") from None
 
@@ -294,7 +270,7 @@ def run_diff(args: argparse.Namespace) -> int:
         cand = candidates(t, args.rescan)
         if cand.note:
             print(f"unionfs: note: {cand.note}; rebuilt it from the upper directory", file=sys.stderr)
-        layers = _layers(t)
+        layers = open_layers(t)
         try:
             result = [c for c in compute(layers, cand.paths, relevant, since) if inside(c.path)]
         finally:
@@ -338,7 +314,7 @@ def run_mark(args: argparse.Namespace) -> int:
         cand = candidates(t, False)
         if cand.note:
             print(f"unionfs: note: {cand.note}; rebuilt it from the upper directory", file=sys.stderr)
-        layers = _layers(t)
+        layers = open_layers(t)
         try:
             result = compute(layers, cand.paths)
             save_mark(t.workdir, args.name, result)

@@ -24,10 +24,13 @@ from .changes import Journal
 from .config import MountConfig
 from .copyup import CopyUp, run_in_thread
 from .files import FileOps, Handle
-from .layers import OVL_OPAQUE, OVL_REDIRECT, FdCache, Layer, is_private_xattr, walk_tree
-from .merge import NAME_MAX, Entry, Resolver
+from .format import NAME_MAX, OVERLAY, Format
+from .layers import FdCache, Layer, walk_tree
+from .merge import Entry, Resolver
 from .namespace import Caller, NamespaceOps, err
+from .owners import Owners
 from .nodes import ABSENT_XATTRS, ALT_INO, ROOT_ID, Node, NodeTable, low_ino, make_ino
+from . import workdir
 from .workdir import WorkDir
 
 __all__ = ["Union", "Caller", "SetAttr", "Handle", "err"]
@@ -50,18 +53,20 @@ class SetAttr:
 class Union(NamespaceOps, FileOps):
     """The merged view over one upper (optional) and the lowers."""
 
-    def __init__(self, config: MountConfig, writeback: bool = True) -> None:
+    def __init__(self, config: MountConfig, writeback: bool = True, fmt: Format = OVERLAY) -> None:
         self.config = config
+        self.fmt = fmt
         self.writeback = writeback
         self.upper = Layer(config.upper, 0, True) if config.upper else None
         self.lowers = [Layer(p, i + 1, False) for i, p in enumerate(config.lowers)]
         self.readonly = self.upper is None or config.readonly
+        self.owners = Owners(config.squash_uid, config.squash_gid)
         self.cache = FdCache()
-        self.r = Resolver(self.upper, self.lowers, self.cache)
+        self.r = Resolver(self.upper, self.lowers, self.cache, fmt)
         root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
         root.upper = self.upper is not None
         if self.upper is not None:
-            root.opaque = syscalls.getxattr(self.upper.fd, b"", OVL_OPAQUE) == b"y"
+            root.opaque = fmt.is_opaque(self.upper.fd, b"")
         root.lowers = [(layer, b"") for layer in self.lowers]
         self.root = root
         self.nodes = NodeTable(root, self._dropped, self.r.forget_found)
@@ -84,33 +89,23 @@ class Union(NamespaceOps, FileOps):
             if leftovers:
                 log.info("removed %d leftover work files of an earlier mount", leftovers)
             repaired = durable.recover(config.upper, config.workdir, self._find_origins,
-                                       self._open_origin)
+                                       self._open_origin, fmt)
             if repaired:
                 log.warning("copied the data of %d files up again after a power loss", repaired)
             if config.fsync:
-                self.syncer = durable.Syncer(config.upper, config.workdir)
+                self.syncer = durable.Syncer(config.upper, config.workdir, fmt)
             self.copyup = CopyUp(self.r, self.upper, self.work, config.fsync, self._blocking,
                                  self.syncer, alone=lambda: self.serving <= 1)
             self.copyup.entry_at = self.entry_at
             self.copyup.view_paths = self.view_paths
-            self.journal = Journal(config.workdir, config.upper)
-            self._record_lowers(config)
+            self.journal = Journal(config.workdir, config.upper, fmt, durable=not config.volatile)
+            workdir.record_lowers(config.workdir, config.lowers)
         self.handles: dict[int, Handle] = {}
         # fh -> fd of every open file, for the patched pyfuse3 to answer READs by itself
         self.fds: dict[int, int] = {}
         self._lower_handles: dict[Node, set[int]] = {}  # open read-only on the lower copy
         self._next_fh = 1
         self._redirects: list[tuple[bytes, bytes]] | None = None  # see view_paths
-
-    @staticmethod
-    def _record_lowers(config: MountConfig) -> None:
-        """Remember the stack in the workdir, so `unionfs diff UPPER` works unmounted."""
-        assert config.workdir is not None
-        path = os.path.join(config.workdir, "lowers")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("".join(p + "\n" for p in config.lowers))
-        os.replace(tmp, path)
 
     def _find_origins(self, index: int, inos: set[int]) -> dict[int, bytes]:
         """Paths of the regular files with these st_inos (low 48 bits, as make_ino keeps
@@ -188,7 +183,7 @@ class Union(NamespaceOps, FileOps):
         assert e.st is not None
         node = self.nodes.get(e.ino)
         if node is not None and node.kind != stat.S_IFMT(e.st.st_mode):
-            # an identity claim (trusted.overlay.unionfs.ino) naming an object of another
+            # an identity claim (format.py's identity xattr) naming an object of another
             # type is not ours to believe: the claimant keeps its own number; if the
             # claimant got the number first, the rightful object takes its alternate one
             if e.upper:
@@ -226,7 +221,7 @@ class Union(NamespaceOps, FileOps):
         assert self.upper is not None
         return [(rd, b"/" + path) for fd, path, name, de in walk_tree(self.upper.fd)
                 if de.is_dir(follow_symlinks=False)
-                and (rd := syscalls.getxattr(fd, name, OVL_REDIRECT)) is not None]
+                and (rd := self.fmt.raw_redirect(fd, name)) is not None]
 
     def entry_at(self, path: bytes) -> tuple[Node, Entry] | None:
         """Resolve an absolute view path to (parent node, entry), without kernel references."""
@@ -268,11 +263,11 @@ class Union(NamespaceOps, FileOps):
     def stat(self, node: Node) -> os.stat_result:
         return syscalls.stat_at(*self.loc(node))
 
-    @staticmethod
-    def nlink(node: Node, st: os.stat_result) -> int:
+    def nlink(self, node: Node, st: os.stat_result) -> int:
         """st_nlink as overlayfs reports it: 1 for a directory merged from several layers,
-        whose true subdirectory count no single layer knows (find(1) takes 1 as "unknown")."""
-        if node.is_dir and (len(node.lowers) > 1 or node.merged):
+        whose true subdirectory count no single layer knows (find(1) takes 1 as "unknown");
+        with static_nlink, 1 for every directory."""
+        if node.is_dir and (self.config.static_nlink or len(node.lowers) > 1 or node.merged):
             return 1
         return st.st_nlink
 
@@ -368,11 +363,16 @@ class Union(NamespaceOps, FileOps):
 
     # -- xattrs ------------------------------------------------------------------------
 
+    def _xattrs_on(self) -> None:
+        if not self.config.xattrs:  # noxattrs=1
+            raise err(errno.EOPNOTSUPP)
+
     def getxattr(self, node: Node, attr: bytes) -> bytes:
+        self._xattrs_on()
         bit = ABSENT_XATTRS.get(attr, 0)
         if node.no_xattrs & bit:
             raise err(errno.ENODATA)
-        if is_private_xattr(attr):
+        if self.fmt.is_private(attr):
             raise err(errno.EOPNOTSUPP)
         dfd, name = self.loc(node)
         try:
@@ -389,11 +389,13 @@ class Union(NamespaceOps, FileOps):
     def listxattr(self, node: Node, privileged: bool = True) -> list[bytes]:
         """Names of the node's xattrs; trusted.* only for a privileged caller (as the
         kernel lists them: the daemon itself reads as root)."""
+        self._xattrs_on()
         return [a for a in syscalls.listxattr(*self.loc(node))
-                if not is_private_xattr(a) and (privileged or not a.startswith(b"trusted."))]
+                if not self.fmt.is_private(a) and (privileged or not a.startswith(b"trusted."))]
 
     async def setxattr(self, node: Node, attr: bytes, value: bytes, flags: int = 0) -> None:
-        if is_private_xattr(attr):
+        self._xattrs_on()
+        if self.fmt.is_private(attr):
             raise err(errno.EOPNOTSUPP)
         self._writable()
         await self.ensure_upper(node)
@@ -402,7 +404,8 @@ class Union(NamespaceOps, FileOps):
         self.journal.record(b"C", node.path())
 
     async def removexattr(self, node: Node, attr: bytes) -> None:
-        if is_private_xattr(attr):
+        self._xattrs_on()
+        if self.fmt.is_private(attr):
             raise err(errno.EOPNOTSUPP)
         self._writable()
         if attr not in self.listxattr(node):
