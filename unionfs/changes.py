@@ -357,7 +357,7 @@ class Journal:
                  fmt: Format = format.OVERLAY, durable: bool = True) -> None:
         self.fd: int | None = None
         self.fmt = fmt
-        self.durable = durable  # False (volatile): the log is written but never fsynced
+        self.durable = durable  # False (volatile): never fsynced, the stop not recorded
         self._last: tuple[bytes, bytes, bool] | None = None  # the last record written
         self.workdir = workdir
         self.upper = upper
@@ -440,6 +440,12 @@ class Journal:
             self._open()
 
     def close(self) -> None:
+        if self.fd is not None and not self.durable:
+            # volatile: the stop is not recorded (no compaction, no clean marker), so no
+            # name is made in the workdir after the unmount, when an engine is already
+            # removing it; a later mount of this upper rebuilds the log from the upper
+            os.close(self.fd)
+            self.fd = None
         if self.fd is not None:
             assert self.workdir is not None
             self.compact(sync=True)
@@ -447,11 +453,9 @@ class Journal:
             self.fd = None
             with open(path_of(self.workdir, CHANGES_CLEAN), "w") as f:
                 f.write(f"clean unmount at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
-                if self.durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            if self.durable:
-                fsync_dir(self.workdir)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(self.workdir)
         if self.upper_fd is not None:
             os.close(self.upper_fd)
             self.upper_fd = None
