@@ -18,6 +18,7 @@ from typing import Iterator
 from . import format, runstate
 from .config import FSTYPE, ConfigError, default_workdir, split_lowers
 from .format import Format
+from .workdir import CHANGES_CLEAN, path_of, recorded_lowers
 
 MARK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -104,9 +105,8 @@ def locate(target: str, workdir: str | None, lower: str | None) -> Target:
         work = None
     if lower is not None:
         lowers = split_lowers(lower)
-    elif work is not None and os.path.exists(os.path.join(work, "lowers")):
-        with open(os.path.join(work, "lowers")) as f:
-            lowers = [line for line in f.read().split("\n") if line]
+    elif work is not None and (recorded := recorded_lowers(work)) is not None:
+        lowers = recorded
     else:
         raise ConfigError(f"no lower layers recorded for '{upper}' (never mounted?): give --lower L1:L2")
     for lw in lowers:
@@ -197,7 +197,7 @@ def _write_back(t: Target, records) -> None:
         if not t.mounted:
             with changes.log_lock(t.workdir):
                 changes.write_log(t.workdir, changes.rebuild(t.workdir, t.upper, t.fmt, records or ()))
-                with open(os.path.join(t.workdir, changes.CLEAN_NAME), "w") as f:
+                with open(path_of(t.workdir, CHANGES_CLEAN), "w") as f:
                     f.write("rebuilt by unionfs diff --rescan\n")
                 changes.fsync_dir(t.workdir)
         elif records is not None:

@@ -1,8 +1,9 @@
 """Running and stopping the FUSE daemon.
 
-Only this module and the core (unionfs.fs) import pyfuse3. `start` returns
-only once the mount is live (or raised MountError with one line of reason),
-so scripts, mount(8) and fstab can use the mount right after we exit.
+Only this module and the core (unionfs.fs) load the FUSE binding
+(unionfs.binding). `start` returns only once the mount is live (or raised
+MountError with one line of reason), so scripts, mount(8) and fstab can use
+the mount right after we exit.
 `unmount` waits until the daemon is gone, so a following mount of the same
 layers cannot race with a daemon that is still flushing.
 """
@@ -25,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from . import workdir
 from .config import FSTYPE, MountConfig, escape_fuse_option, kernel_flag_options
 from .runstate import (MountEntry, alive, lock_dir, mount_entries, read_pidfile, remove_pidfile,
                        this_process, top_mount, write_pidfile)
@@ -32,7 +34,6 @@ from .runstate import (MountEntry, alive, lock_dir, mount_entries, read_pidfile,
 log = logging.getLogger("unionfs")
 
 MAX_TASKS = 32          # concurrent request handlers in the trio loop
-LOG_NAME = "unionfs.log"
 UMOUNT_TIMEOUT_ENV = "UNIONFS_UMOUNT_TIMEOUT"
 MNT_DETACH = 2
 
@@ -130,7 +131,7 @@ def _detach_stdio(config: MountConfig) -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    logfile = os.path.join(config.workdir, LOG_NAME) if config.workdir else None
+    logfile = workdir.path_of(config.workdir, workdir.DAEMON_LOG) if config.workdir else None
     if logfile:
         try:
             out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -179,10 +180,16 @@ def _prepare(config: MountConfig) -> _Session:
     locks = [_lock_dir(path, what) for path, what in
              ((config.upper, "upper layer"), (config.workdir, "workdir")) if path]
     try:
-        from . import fs  # the core; imported late so CLI errors never need pyfuse3
-        import pyfuse3
+        from . import binding, fs  # the core; imported late so CLI errors never need pyfuse3
+        fuse = binding.load()
     except ImportError as e:
         raise MountError(f"the filesystem core is not available ({e})") from None
+    pyfuse3 = fuse.module
+    log.info("FUSE binding: %s; poll_us=%d", fuse.describe(), config.poll_us)
+    if fuse.missing():
+        log.warning("running on %s without the fast paths %s (%s): more requests and more "
+                    "time per request; `pip install .` builds the built-in binding",
+                    fuse.name, ", ".join(fuse.missing()), fuse.fallback_reason or "its own build")
     try:
         ops = fs.make_operations(config)
         options = set(fs.fuse_options(config)) | kernel_flag_options(config)
@@ -296,8 +303,10 @@ def _tune_gc() -> None:
 
 def _serve(config: MountConfig, session: _Session) -> None:
     """Run the request loop until unmounted or signalled, then clean up."""
-    import pyfuse3
     import trio
+
+    from .binding import load
+    pyfuse3 = load().module
 
     signalled = False
     _tune_gc()
