@@ -232,6 +232,20 @@ def test_daemon_log_names_the_binding(layers) -> None:
     assert " WARNING: " not in log, log
 
 
+def test_an_unbuilt_tree_is_not_taken_for_the_binding(tmp_path: Path) -> None:
+    """A checkout whose binding was never compiled has unionfs/_pyfuse3/ all the same, and
+    Python imports that directory as an (empty) namespace package: it must count as no
+    built-in binding, not as one without attributes."""
+    shutil.copytree(REPO / "unionfs", tmp_path / "unionfs",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    proc = subprocess.run(unionfs_cmd("--version"), capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path,  # `python -m` looks in the working directory first
+                          env={**os.environ, "PYTHONPATH": str(tmp_path), "UNIONFS_BINDING": "builtin"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1].startswith("FUSE binding: none (the built-in FUSE binding "
+                                                  "is not built (no compiled unionfs._pyfuse3"), proc.stdout
+
+
 def stock_pyfuse3() -> bool:
     return subprocess.run([sys.executable, "-c", "import pyfuse3"], capture_output=True).returncode == 0
 

@@ -47,7 +47,8 @@ class Binding:
         """One line for `--version` and the daemon's log."""
         what = (f"built-in pyfuse3 {self.module.__version__} ({BUILTIN}, patches/pyfuse3)"
                 if self.builtin else
-                f"stock pyfuse3 {getattr(self.module, '__version__', '?')} "
+                f"{'patched' if self.fast_paths else 'stock'} pyfuse3 "
+                f"{getattr(self.module, '__version__', '?')} "
                 f"({os.path.dirname(self.module.__file__ or '?')})")
         return f"{what}; fast paths: {', '.join(self.fast_paths) or 'none'}"
 
@@ -78,6 +79,9 @@ def _choose(choice: str) -> Binding:
     if choice != STOCK:
         try:
             module = importlib.import_module(BUILTIN)
+            if getattr(module, "__file__", None) is None:
+                # the unbuilt source directory, imported as a namespace package
+                raise ImportError(f"no compiled {BUILTIN} module")
             return Binding(module, BUILTIN, fast_paths(module), "")
         except ImportError as e:
             if choice == "builtin":

@@ -124,6 +124,8 @@ COMMANDS: dict[str, Command] = {
                       oci.add_export, oci.run_export),
     "import": Command("unpack an OCI layer or image (docker save, OCI layout) into layer directories",
                       oci.add_import, oci.run_import),
+    "inspect": Command("show what each layer of a union holds and wastes (like dive)",
+                       oci.add_inspect, oci.run_inspect),
 }
 
 
