@@ -189,7 +189,8 @@ def tar_name(path: bytes) -> str:
 
 def write_tar(items: list[Item], out, clamp: int | None = None,
               progress: Progress | None = None) -> None:
-    """Write *items* as a PAX tar to *out* (a file-like object with write())."""
+    """Write *items* as a PAX tar to *out* (a tarstream.LayerWriter, or any writer with
+    write() and a size: the bytes written so far)."""
     progress = progress or Progress(False)
     first_name: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
@@ -246,7 +247,7 @@ def write_tar(items: list[Item], out, clamp: int | None = None,
             else:
                 with os.fdopen(data, "rb") as f:
                     _addfile_exact(tar, ti, f, item.path)
-            progress.update(n, len(items), getattr(out, "size", 0))
+            progress.update(n, len(items), out.size)
     progress.done()
 
 
