@@ -12,12 +12,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount  # noqa: E402
-from test_cli import wait_for  # noqa: E402
+from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount
+from test_cli import wait_for
 
 
 def layers(tmp_path: Path) -> tuple[str, str, str, Path]:

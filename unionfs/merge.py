@@ -101,6 +101,19 @@ class Resolver:
 
         return self.cache.get(("u", node.id), opener)
 
+    def loc(self, node: Node) -> tuple[int, bytes]:
+        """(dir fd, name) where the node's top object is, for *at calls."""
+        if node.pin is not None:
+            return node.pin, b""
+        if node.upper:
+            assert self.upper is not None
+            if node.parent is None:
+                return self.upper.fd, b""
+            return self.upper_fd(node.parent), node.name
+        if not node.lowers:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return self.lower_loc(*node.lowers[0])
+
     def lower_fd(self, layer: Layer, path: bytes) -> int:
         return walk_dir(layer, self.cache, path)
 
