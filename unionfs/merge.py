@@ -84,6 +84,15 @@ class Resolver:
         # and what was found where something was (see _scan_lowers), the most recent ones
         self._found: OrderedDict[tuple[object, ...], _Found] = OrderedDict()
 
+    def root_node(self) -> Node:
+        """A root node of the view these layers make (its upper root opaque by the xattr)."""
+        root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
+        root.upper = self.upper is not None
+        if self.upper is not None:
+            root.opaque = self.fmt.is_opaque(self.upper.fd, b"")
+        root.lowers = [(layer, b"") for layer in self.lowers]
+        return root
+
     # -- fds -------------------------------------------------------------------------
 
     def upper_fd(self, node: Node) -> int:

@@ -31,6 +31,7 @@ from .. import format as fmtmod, syscalls
 from ..diff import View, child_of
 from ..format import OCI_OPAQUE, OCI_WHITEOUT, Format
 from ..layers import FdCache, Layer, walk_tree
+from ..stack import LayerStack
 
 REGULAR, DIRECTORY, OTHER, WHITEOUT, OPAQUE = "file", "dir", "other", "whiteout", "opaque"
 
@@ -81,23 +82,15 @@ class Stack:
     def __init__(self, paths: list[str], fmt: Format = fmtmod.OVERLAY) -> None:
         self.paths = paths
         self.fmt = fmt
-        self.cache = FdCache(capacity=1024)
-        self.layers: list[Layer] = []
-        try:
-            for i, p in enumerate(paths):
-                self.layers.append(Layer(p, i + 1, False))
-        except BaseException:
-            self.close()
-            raise
-        self.full = View(None, self.layers, self.cache, fmt)
+        self.stack = LayerStack(None, paths, fmt, cache=FdCache(capacity=1024))
+        self.layers = self.stack.lowers
+        self.full = View(self.stack.resolver())
 
     def below(self, k: int) -> View:
-        return View(None, self.layers[k + 1:], self.cache, self.fmt)
+        return View(self.stack.resolver(lowers=slice(k + 1, None)))
 
     def close(self) -> None:
-        self.cache.clear()
-        for layer in self.layers:
-            layer.close()
+        self.stack.close()
 
 
 def read_layer(layer: Layer, fmt: Format) -> LayerReport:
