@@ -274,13 +274,35 @@ class View:
         if path in self._dirs:
             return self._dirs[path]
         obj = self.lookup(path)
-        node = None
-        if obj is not None and obj.is_dir:
-            e = obj.entry
-            node = Node(next(self._ids), stat.S_IFDIR, obj.parent, e.name)
-            node.upper, node.lowers, node.opaque = e.upper, e.lowers, e.opaque
+        node = self._node(obj) if obj is not None and obj.is_dir else None
         self._dirs[path] = node
         return node
+
+    def _node(self, obj: "Live") -> Node:
+        """The directory node of a directory object, for resolving names in it."""
+        e = obj.entry
+        node = Node(next(self._ids), stat.S_IFDIR, obj.parent, e.name)
+        node.upper, node.lowers, node.opaque = e.upper, e.lowers, e.opaque
+        return node
+
+    def walk(self, top: bytes = b"/") -> Iterator[tuple[bytes, "Live"]]:
+        """(path, object) for everything below directory *top*, depth first. Nothing is
+        remembered, so a walk of a large view holds only the directories still to visit."""
+        node = self.dir_node(top)
+        if node is None:
+            return
+        stack = [(top, node)]
+        while stack:
+            path, node = stack.pop()
+            for name in self.r.list_names(node):
+                e = self.r.resolve(node, name)
+                if e.st is None:
+                    continue
+                obj = Live(self, node, e)
+                child = child_of(path, name)
+                yield child, obj
+                if obj.is_dir:
+                    stack.append((child, self._node(obj)))
 
     def lookup(self, path: bytes) -> Live | None:
         """The object at an absolute view path (not the root), or None."""

@@ -135,21 +135,8 @@ def read_layer(layer: Layer, fmt: Format) -> LayerReport:
 
 def shown_objects(view: View) -> set[tuple[int, int]]:
     """(layer index, inode) of every regular file the merged view shows."""
-    shown: set[tuple[int, int]] = set()
-    stack = [b"/"]
-    while stack:
-        d = stack.pop()
-        for name in view.children(d):
-            path = child_of(d, name)
-            obj = view.lookup(path)
-            if obj is None:
-                continue
-            if obj.is_dir:
-                stack.append(path)
-            elif obj.fmt == stat.S_IFREG:
-                layer = obj.entry.lowers[0][0]
-                shown.add((layer.index, obj.st.st_ino))
-    return shown
+    return {(obj.entry.lowers[0][0].index, obj.st.st_ino) for _, obj in view.walk()
+            if obj.fmt == stat.S_IFREG}
 
 
 def _whiteout_size(view: View, top: bytes) -> int:
@@ -159,20 +146,8 @@ def _whiteout_size(view: View, top: bytes) -> int:
     obj = view.lookup(top)
     if obj is None or not obj.is_dir:
         return 0
-    total, seen = 0, set()
-    stack = [top]
-    while stack:
-        d = stack.pop()
-        for name in view.children(d):
-            o = view.lookup(child_of(d, name))
-            if o is None:
-                continue
-            if o.is_dir:
-                stack.append(child_of(d, name))
-            elif o.fmt == stat.S_IFREG and o.identity() not in seen:
-                seen.add(o.identity())
-                total += o.size
-    return total
+    files = {o.identity(): o.size for _, o in view.walk(top) if o.fmt == stat.S_IFREG}
+    return sum(files.values())
 
 
 def analyse(stack: Stack) -> Report:
