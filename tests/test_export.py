@@ -45,7 +45,7 @@ def specials(mnt: str, rng: random.Random) -> None:
     os.mknod(f"{mnt}/dev{rng.randrange(100)}", stat.S_IFCHR | 0o600, os.makedev(1, 3))
     with open(f"{mnt}/cap", "wb") as f:
         f.write(b"#!/bin/true\n")
-    subprocess.run(["setcap", "cap_net_raw+ep", f"{mnt}/cap"], check=False, capture_output=True)
+    subprocess.run(["setcap", "cap_net_raw+ep", f"{mnt}/cap"], check=True, capture_output=True)
     os.link(f"{mnt}/cap", f"{mnt}/cap-link")
 
 
