@@ -280,3 +280,15 @@ def test_image_with_a_bad_blob_refused(image, tmp_path):
         f.seek(600)
         f.write(bytes([b[0] ^ 1]))
     _refused(tmp_path, layout, expect="layer")
+
+
+def test_padding_after_the_end_is_accepted(tmp_path):
+    """Writers pad archives to their block size; a megabyte of zeros after the two end
+    blocks is still a whole archive (the end is checked where tarfile stopped)."""
+    path = str(tmp_path / "padded.tar")
+    with open(path, "wb") as f:
+        f.write(GOOD + b"\0" * (1 << 20))
+    proc = uf("import", path, str(tmp_path / "layer"))
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "layer" / "d" / "f", "rb") as f:
+        assert f.read() == b"a" * 5000
