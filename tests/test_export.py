@@ -20,7 +20,11 @@ from oci_helpers import (capture, differences, members, oci_layout, tar_diffid, 
                          umoci_unpack)
 from test_diff_property import Ops, build_lowers
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, devices)")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, devices)"),
+]
 
 SEEDS = int(os.environ.get("UNIONFS_EXPORT_SEEDS", 4))
 N_OPS = 60

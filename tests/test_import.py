@@ -19,7 +19,11 @@ from mounting import kernel_view, unionfs_cmd, unionfs_mount
 from oci_helpers import capture, differences, oci_layout, run, tar_diffid, tar_tree, umoci_unpack
 from test_diff_property import Ops, build_lowers
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, whiteouts, devices)")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, whiteouts, devices)"),
+]
 
 
 def uf(*args: str, **kw) -> subprocess.CompletedProcess:
