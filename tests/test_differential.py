@@ -32,6 +32,8 @@ from difftest.ops import Op
 from difftest.layers import build_layers, copy_layers
 from difftest.view import capture, diff_views
 
+pytestmark = [pytest.mark.mount, pytest.mark.kernel]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -271,8 +271,8 @@ class CopyUp:
         """Copy the data (and fdatasync it when asked). A small file without fsync is
         copied on the trio loop when it is in the page cache (the copy cannot block), or
         when no other request is being served: then there is nothing to overlap with, and
-        the hop to a worker thread and back costs more than a cold read of the file (on
-        the 2-core VM here, ~250 µs against ~100 µs; a woken thread waits for a CPU). A
+        the hop to a worker thread and back costs more than a cold read of a small file
+        (the woken thread waits for a CPU, then the loop waits to be woken again). A
         request arriving meanwhile waits one small read, as with fuse-overlayfs. Anything
         bigger, synced, or uncached while other requests are in flight goes to a thread."""
         how = self._how.get(layer.index, syscalls.CLONE)

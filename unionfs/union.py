@@ -25,11 +25,12 @@ from .config import MountConfig
 from .copyup import CopyUp, run_in_thread
 from .files import Handle, Handles, kill_setid
 from .format import NAME_MAX, OVERLAY, Format
-from .layers import FdCache, Layer, walk_tree
-from .merge import Entry, Resolver
+from .layers import walk_tree
+from .merge import Entry
 from .namespace import Caller, Namespace, err
 from .owners import Owners
 from .nodes import ABSENT_XATTRS, ALT_INO, ROOT_ID, Node, NodeTable, low_ino, make_ino
+from .stack import LayerStack
 from .workdir import WorkDir
 
 __all__ = ["Union", "Caller", "SetAttr", "Handle", "err"]
@@ -61,19 +62,13 @@ class Union:
         self.config = config
         self.fmt = fmt
         self.writeback = writeback
-        self.upper = Layer(config.upper, 0, True) if config.upper else None
-        self.lowers = [Layer(p, i + 1, False) for i, p in enumerate(config.lowers)]
+        self.stack = LayerStack(config.upper, config.lowers, fmt, writable=True)
+        self.upper, self.lowers, self.cache = self.stack.upper, self.stack.lowers, self.stack.cache
         self.readonly = self.upper is None or config.readonly
         self.owners = Owners(config.squash_uid, config.squash_gid)
-        self.cache = FdCache()
-        self.r = Resolver(self.upper, self.lowers, self.cache, fmt)
-        root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
-        root.upper = self.upper is not None
-        if self.upper is not None:
-            root.opaque = fmt.is_opaque(self.upper.fd, b"")
-        root.lowers = [(layer, b"") for layer in self.lowers]
-        self.root = root
-        self.nodes = NodeTable(root, self._dropped, self.r.forget_found)
+        self.r = self.stack.resolver()
+        self.root = self.r.root_node()
+        self.nodes = NodeTable(self.root, self._dropped, self.r.forget_found)
         self.work: WorkDir | None = None
         self.copyup: CopyUp | None = None
         self.syncer: durable.Syncer | None = None
@@ -150,11 +145,9 @@ class Union:
         self.flush()
         self.files.close()
         self.journal.close()
-        self.cache.clear()
         if self.work:
             self.work.close()
-        for layer in self.lowers + ([self.upper] if self.upper else []):
-            layer.close()
+        self.stack.close()
 
     # -- nodes -------------------------------------------------------------------------
 
