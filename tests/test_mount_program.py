@@ -19,7 +19,7 @@ import pytest
 
 from mounting import daemon_pid, force_unmount, is_mounted, unionfs_cmd, wait_daemon_gone
 
-pytestmark = [pytest.mark.mount, pytest.mark.rootfs]
+pytestmark = [pytest.mark.mount]
 
 NOBODY = 65534
 
