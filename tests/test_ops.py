@@ -23,8 +23,9 @@ from typing import Callable, Sequence
 import pytest
 
 from helpers.libc import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, RENAME_EXCHANGE, RENAME_NOREPLACE,
-                          UTIME_NOW, UTIME_OMIT, check, fallocate, libc, renameat2,
+                          UTIME_OMIT, check, fallocate, libc, renameat2,
                           utimensat)
+from helpers.snapshot import snapshot
 from mounting import kernel_overlay, unionfs_mount
 from unit_helpers import is_whiteout, xattr
 from unionfs import binding
@@ -1921,17 +1922,12 @@ def test_user_moves_own_file_out_of_sticky_dir(mounted_other):
 
 
 def _tree(mnt: str) -> dict:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(mnt):
-        for n in dirnames + filenames:
-            p = os.path.join(dirpath, n)
-            st = os.lstat(p)
-            data = read(p) if stat.S_ISREG(st.st_mode) else (
-                os.readlink(p) if stat.S_ISLNK(st.st_mode) else None)
-            out[os.path.relpath(p, mnt)] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
-                                            st.st_uid, st.st_gid, data,
-                                            st.st_nlink if stat.S_ISREG(st.st_mode) else 0)
-    return out
+    def describe(p: str, st: os.stat_result) -> tuple:
+        data = read(p) if stat.S_ISREG(st.st_mode) else (
+            os.readlink(p) if stat.S_ISLNK(st.st_mode) else None)
+        return (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, data,
+                st.st_nlink if stat.S_ISREG(st.st_mode) else 0)
+    return snapshot(mnt, describe)
 
 
 @pytest.mark.kernel
