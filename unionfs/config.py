@@ -29,6 +29,10 @@ class MountConfig:
     foreground: bool = False
     debug: bool = False
     fsname: str = "unionfs"
+    # the upper's xattrs under user.overlay. (kernel overlayfs's userxattr format) instead
+    # of trusted.overlay.: asked for with -o userxattr, and the only one a mount without
+    # CAP_SYS_ADMIN in the initial user namespace can write
+    userxattr: bool = False
     extra: dict[str, str] = field(default_factory=dict)  # unrecognised-but-harmless mount options
 
     @property
@@ -77,7 +81,6 @@ IGNORED_VALUED = {
 UNSUPPORTED = {
     "metacopy": "metacopy=on is not supported",
     "volatile": "volatile is not supported (use fsync=0 to skip fsync on copy-up)",
-    "userxattr": "userxattr is not supported",
 }
 
 
@@ -96,6 +99,7 @@ class MountOptions:
     poll_us: int = MountConfig.poll_us
     debug: bool = False
     fsname: str | None = None
+    userxattr: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -142,6 +146,7 @@ _FLAG_FIELDS: dict[str, tuple[str | None, bool]] = {
     "dev": ("dev", True), "nodev": ("dev", False),
     "suid": ("suid", True), "nosuid": ("suid", False),
     "allow_other": ("allow_other", True), "debug": ("debug", True),
+    "userxattr": ("userxattr", True),
     "default_permissions": (None, True),  # always on
 }
 _STRING_FIELDS = {"upperdir", "workdir", "fsname"}
@@ -278,7 +283,8 @@ def build_config(lowers: list[str], upper: str | None, mountpoint: str,
         workdir=work, mountpoint=mnt, readonly=opts.readonly,
         allow_other=opts.allow_other, dev=opts.dev, suid=opts.suid, fsync=opts.fsync,
         poll_us=opts.poll_us, foreground=foreground, debug=debug or opts.debug,
-        fsname=opts.fsname or MountConfig.fsname, extra=dict(opts.extra))
+        fsname=opts.fsname or MountConfig.fsname,
+        userxattr=opts.userxattr or not privileged(), extra=dict(opts.extra))
     return config, create
 
 
@@ -316,6 +322,40 @@ def _check_workdir(layers: list[tuple[str, str, os.stat_result]], upper: str | N
         hint = "" if given else " (use --workdir)"
         raise ConfigError(f"workdir '{work}' is not on the same filesystem as the upper layer{hint}")
     return work, create
+
+
+CAP_SYS_ADMIN = 21
+
+
+def privileged() -> bool:
+    """CAP_SYS_ADMIN in the initial user namespace: what trusted.* xattrs and /run need.
+    The root of a user namespace (`unshare -r`, `podman unshare`) has the capability only
+    over its own namespace: the kernel refuses it trusted.* names like any user, and the
+    host's /run is not its own."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+        with open("/proc/self/uid_map") as f:
+            ranges = [line.split() for line in f if line.strip()]
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.geteuid() == 0
+    initial = ranges == [["0", "0", "4294967295"]]
+    return initial and bool(caps >> CAP_SYS_ADMIN & 1)
+
+
+def outer_uid() -> int:
+    """Our uid as the initial user namespace sees it (in a user namespace, the uid that
+    made it): per-user state of several users' namespaces must not meet under one uid 0."""
+    uid = os.getuid()
+    try:
+        with open("/proc/self/uid_map") as f:
+            for line in f:
+                inner, outer, count = (int(x) for x in line.split())
+                if inner <= uid < inner + count:
+                    return outer + uid - inner
+    except (OSError, ValueError):
+        pass
+    return uid
 
 
 def check_dev_fuse() -> None:

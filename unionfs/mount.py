@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from .config import FSTYPE, MountConfig, escape_fuse_option, kernel_flag_options
+from .config import FSTYPE, MountConfig, escape_fuse_option, kernel_flag_options, outer_uid, privileged
 
 log = logging.getLogger("unionfs")
 
@@ -113,9 +113,9 @@ def _alive(pid: int, starttime: str | None) -> bool:
 def rundir() -> str:
     if RUNDIR_ENV in os.environ:
         return os.environ[RUNDIR_ENV]
-    if os.geteuid() == 0:
+    if privileged():
         return "/run/unionfs"
-    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/unionfs-{os.getuid()}", "unionfs")
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/unionfs-{outer_uid()}", "unionfs")
 
 
 def _pidfile(devno: str) -> str:
