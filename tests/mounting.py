@@ -52,6 +52,19 @@ def kernel_overlay(lowers: Sequence[str], upper: str, work: str, mnt: str,
 
 
 @contextlib.contextmanager
+def kernel_view(layers: Sequence[str], mnt: str) -> Iterator[str]:
+    """Kernel overlayfs's read-only view of *layers* (top-most first), e.g. a unionfs upper
+    above its lowers: what the format means, read by the kernel rather than by unionfs.
+    Mounted fresh on each use, so nothing the kernel cached predates the layers' state."""
+    opts = f"ro,lowerdir={':'.join(layers)},redirect_dir=follow"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        force_unmount(mnt)
+
+
+@contextlib.contextmanager
 def unionfs_mount(lowers: Sequence[str], upper: str | None, mnt: str, workdir: str | None = None,
                   options: Sequence[str] = ()) -> Iterator[str]:
     """Mount with the real CLI (daemonising form) and unmount with `unionfs umount`."""

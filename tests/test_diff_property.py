@@ -1,8 +1,11 @@
 """Property test of `unionfs diff`: seeded random operations through a mount.
 
-For each seed: capture the merged view (walking the mountpoint), run random
-operations, capture it again, and compute the expected diff from the two
-captures alone (independently of the changes log and of unionfs.diff). The
+For each seed: capture the merged view, run random operations through the
+mount, capture it again, and compute the expected diff from the two captures
+alone. A capture reads the layers through kernel overlayfs (a read-only mount
+with the upper as its top lower layer), never through unionfs, whose merge
+rules `unionfs diff` shares: the oracle is independent of both the changes log
+and the union's own resolution. The
 log-based diff, the `--rescan` diff and the expected one must be equal (JSON:
 kind, path, type, size and the list of what changed). Then more operations,
 a SIGKILL of the daemon, clean-up of the dead mount, and the unmounted diff,
@@ -16,6 +19,7 @@ the view at the mark and the view now.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -29,7 +33,8 @@ import time
 
 import pytest
 
-from mounting import daemon_pid, force_unmount, is_mounted, unionfs_cmd, unionfs_mount
+from mounting import (daemon_pid, force_unmount, is_mounted, kernel_view, unionfs_cmd, unionfs_mount,
+                      wait_daemon_gone)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, trusted xattrs)")
 
@@ -37,6 +42,7 @@ SEEDS = int(os.environ.get("UNIONFS_DIFF_PROP_SEEDS", 8))
 FIRST = int(os.environ.get("UNIONFS_DIFF_PROP_FIRST", 0))
 N_OPS = int(os.environ.get("UNIONFS_DIFF_PROP_OPS", 60))
 T0 = 1_600_000_000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 # -- the lower layers ---------------------------------------------------------------------
@@ -81,8 +87,14 @@ def build_lowers(root: str) -> list[str]:
 
 # -- the view, and the expected diff from two views ---------------------------------------
 
-def capture(mnt: str) -> dict[str, dict]:
-    """path → what diff compares, for everything visible under the mountpoint."""
+def capture(layers: list[str], mnt: str) -> dict[str, dict]:
+    """path → what diff compares, for everything kernel overlayfs shows of *layers*
+    (top-most first) mounted read-only at *mnt*."""
+    with kernel_view(layers, mnt):
+        return _walk(mnt)
+
+
+def _walk(mnt: str) -> dict[str, dict]:
     out: dict[str, dict] = {}
     stack = [""]
     while stack:
@@ -92,7 +104,8 @@ def capture(mnt: str) -> dict[str, dict]:
             full = mnt + p
             st = os.lstat(full)
             d: dict = {"fmt": stat.S_IFMT(st.st_mode), "mode": stat.S_IMODE(st.st_mode),
-                       "owner": (st.st_uid, st.st_gid), "size": st.st_size, "mtime": st.st_mtime_ns}
+                       "owner": (st.st_uid, st.st_gid), "size": st.st_size, "mtime": st.st_mtime_ns,
+                       "nlink": st.st_nlink}
             if stat.S_ISREG(st.st_mode):
                 with open(full, "rb") as f:
                     d["content"] = hashlib.sha256(f.read()).hexdigest()
@@ -152,6 +165,8 @@ def expected_diff(before: dict, after: dict) -> list[dict]:
                 ch.append("times")
             if b["xattrs"] != a["xattrs"]:
                 ch.append("xattrs")
+            if b["fmt"] != stat.S_IFDIR and b["nlink"] != a["nlink"]:
+                ch.append("links")
             if ch:
                 out[p] = rec("C", p, a, ch)
     for r in [r for r in out.values() if r["kind"] in "AD"]:
@@ -165,7 +180,8 @@ def expected_diff(before: dict, after: dict) -> list[dict]:
             c = out.setdefault(p, rec("C", p, after[p], []))
             if direct and "content" not in c["changes"]:
                 c["changes"] = sorted(c["changes"] + ["content"],
-                                      key=["type", "content", "mode", "owner", "times", "xattrs"].index)
+                                      key=["type", "content", "mode", "owner", "times", "xattrs",
+                                                       "links"].index)
             direct = False
     return [out[p] for p in sorted(out, key=os.fsencode)]
 
@@ -176,8 +192,9 @@ NEW_NAMES = ["n1", "n2", "n3", "x", "a", "o", "w", "f1", "hl", "sub", "deep"]
 
 
 class Ops:
-    def __init__(self, mnt: str, rng: random.Random) -> None:
+    def __init__(self, mnt: str, upper: str, rng: random.Random) -> None:
         self.mnt = mnt
+        self.upper = upper
         self.rng = rng
         self.log: list[str] = []
 
@@ -292,6 +309,15 @@ class Ops:
         dst = self._new(dirs)
         return src, dst, self._try(os.link, self.p(src), self.p(dst), follow_symlinks=False)
 
+    def op_link_lower(self, files, dirs):
+        """A new name for a file still only in a lower layer: copies it up, and its other
+        names (in the view) change link count."""
+        lower = [f for f in files if f in self.regular and not os.path.lexists(self.upper + f)]
+        if not lower:
+            return None
+        src, dst = self.rng.choice(lower), self._new(dirs)
+        return src, dst, self._try(os.link, self.p(src), self.p(dst), follow_symlinks=False)
+
     def op_symlink(self, files, dirs):
         dst = self._new(dirs)
         return dst, self._try(os.symlink, self.rng.choice(["x", "../a", "t"]), self.p(dst))
@@ -340,6 +366,14 @@ class Ops:
         return path, self._try(os.mkfifo, self.p(path))
 
 
+def sync_mount(mnt: str) -> None:
+    fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert _libc.syncfs(fd) == 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
+
+
 # -- running the CLI ------------------------------------------------------------------------
 
 def diff_json(target: str, *args: str) -> tuple[list[dict], str]:
@@ -365,11 +399,18 @@ def test_diff_matches_the_view(tmp_path, seed):
     upper, mnt = str(tmp_path / "upper"), str(tmp_path / "mnt")
     os.makedirs(upper)
     os.makedirs(mnt)
-    ops = Ops(mnt, rng)
+    ops = Ops(mnt, upper, rng)
+    kmnt = str(tmp_path / "kernel-view")
+    os.makedirs(kmnt)
+
+    def view() -> dict[str, dict]:
+        sync_mount(mnt)   # what the writeback cache holds reaches the upper, as diff does
+        return capture([upper, *lowers], kmnt)
+
     with unionfs_mount(lowers, upper, mnt):
-        before = capture(mnt)
+        before = view()
         ops.run(N_OPS)
-        after = capture(mnt)
+        after = view()
         want = expected_diff(before, after)
         got, _ = diff_json(mnt)
         assert got == want, _explain(ops, got, want, "log diff")
@@ -381,8 +422,9 @@ def test_diff_matches_the_view(tmp_path, seed):
         # more changes, then the daemon dies without warning
         ops.log.append("-- marked m1; then, killed after:")
         ops.run(N_OPS // 3)
-        os.kill(daemon_pid(mnt), signal.SIGKILL)
-        time.sleep(0.1)
+        pid = daemon_pid(mnt)
+        os.kill(pid, signal.SIGKILL)
+        wait_daemon_gone(pid)   # until then it may hold the workdir's lock
         force_unmount(mnt)
         assert not is_mounted(mnt)
         # even seeds: the unmounted diff notices first (and repairs the log); odd seeds:
@@ -392,7 +434,7 @@ def test_diff_matches_the_view(tmp_path, seed):
             got_offline, note = diff_json(upper)
             assert "not clean" in note
     with unionfs_mount(lowers, upper, mnt):
-        after = capture(mnt)
+        after = view()
         want = expected_diff(before, after)
         if got_offline is not None:
             assert got_offline == want, _explain(ops, got_offline, want, "diff after SIGKILL (unmounted)")

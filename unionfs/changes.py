@@ -54,10 +54,12 @@ import fcntl
 import logging
 import os
 import re
-import stat
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
+
+from . import format
+from .format import Format
 from .layers import walk_tree
 
 log = logging.getLogger("unionfs")
@@ -68,8 +70,6 @@ LOCK_NAME = "changes.lock"
 HEADER = b"# unionfs changes log v1\n"
 KINDS = b"ACDT?"
 UNKNOWN_PATH = b"-"
-
-REDIRECT_XATTR = b"trusted.overlay.redirect"
 
 # Compact when the log has more than GROWTH * (records at the last compaction) + SLACK lines.
 # A compaction re-reads the whole log (~5 us a line here), so with growth k every record
@@ -178,14 +178,7 @@ def is_clean(workdir: str) -> bool:
 # Scanning the upper directory (the truth) into records
 # --------------------------------------------------------------------------
 
-def _getxattr(fd: int, name: str, attr: bytes) -> bytes | None:
-    try:
-        return os.getxattr(f"/proc/self/fd/{fd}/{name}", attr, follow_symlinks=False)
-    except OSError:
-        return None
-
-
-def scan_upper(upper: str) -> Iterator[tuple[bytes, bytes]]:
+def scan_upper(upper: str, fmt: Format) -> Iterator[tuple[bytes, bytes]]:
     """(kind, path) for every object in the upper directory: whiteouts are D, everything else
     C; a redirected directory also names its old path (D), where its lower contents came from."""
     try:
@@ -197,19 +190,18 @@ def scan_upper(upper: str) -> Iterator[tuple[bytes, bytes]]:
             path = b"/" + rel
             if de.is_dir(follow_symlinks=False):
                 yield b"C", path
-                rd = _getxattr(fd, de.name, REDIRECT_XATTR)
+                try:
+                    rd = fmt.raw_redirect(fd, os.fsencode(de.name))
+                except OSError:  # gone meanwhile (a live mount's upper)
+                    rd = None
                 if rd:
-                    parent = path.rpartition(b"/")[0]
-                    target = b"/" + rd.strip(b"/") if rd.startswith(b"/") else \
-                        parent + b"/" + rd.strip(b"/")
-                    yield b"D", os.path.normpath(target)
+                    yield b"D", format.redirect_target(path, rd)
                 continue
             try:
                 st = de.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-            yield (b"D" if whiteout else b"C"), path
+            yield (b"D" if format.is_whiteout(st) else b"C"), path
     finally:
         os.close(root)
 
@@ -310,10 +302,10 @@ def log_lock(workdir: str) -> Iterator[None]:
         os.close(fd)
 
 
-def rebuild(workdir: str, upper: str, keep: Iterable[Record] = ()) -> list[Record]:
+def rebuild(workdir: str, upper: str, fmt: Format, keep: Iterable[Record] = ()) -> list[Record]:
     """Reconcile: the records to keep plus one for every path in the upper, compacted."""
     stamp = now_stamp()
-    records = list(keep) + [Record(k, stamp, p) for k, p in scan_upper(upper)]
+    records = list(keep) + [Record(k, stamp, p) for k, p in scan_upper(upper, fmt)]
     records = [r for r in records if r.path != UNKNOWN_PATH]
     ufd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -363,8 +355,10 @@ class Journal:
     the log is missing or damaged), compacts it, and clears the clean marker.
     """
 
-    def __init__(self, workdir: str | None, upper: str | None = None) -> None:
+    def __init__(self, workdir: str | None, upper: str | None = None,
+                 fmt: Format = format.OVERLAY) -> None:
         self.fd: int | None = None
+        self.fmt = fmt
         self._last: tuple[bytes, bytes, bool] | None = None  # the last record written
         self.workdir = workdir
         self.upper = upper
@@ -387,7 +381,7 @@ class Journal:
                 reason = "a change at an unknown path was recorded"
             if reason is not None and upper:
                 log.info("%s: rebuilding it from the upper directory", reason)
-                compacted = rebuild(workdir, upper, records or ())
+                compacted = rebuild(workdir, upper, fmt, records or ())
             else:
                 compacted = compact(records or (), self.upper_fd)
             self.base = write_log(workdir, compacted)
@@ -434,10 +428,10 @@ class Journal:
                 records = None
             if records is None and self.upper:
                 log.warning("the changes log went missing or was damaged: rebuilding it")
-                compacted = rebuild(self.workdir, self.upper)
+                compacted = rebuild(self.workdir, self.upper, self.fmt)
             elif sync and self.upper and any(r.path == UNKNOWN_PATH for r in records or ()):
                 # at unmount: name what the unknown-path records stood for, from the upper
-                compacted = rebuild(self.workdir, self.upper, records or ())
+                compacted = rebuild(self.workdir, self.upper, self.fmt, records or ())
             else:
                 compacted = compact(records or (), self.upper_fd)
             os.close(self.fd)

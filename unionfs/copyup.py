@@ -8,7 +8,7 @@ a regular file is an unnamed O_TMPFILE linked into place (as overlayfs does),
 anything else a named temporary renamed into place. The parent's times are
 put back afterwards, since a copy-up is not a change the user made to the parent.
 
-Identity: the upper copy carries ``trusted.overlay.unionfs.ino`` with the st_ino the
+Identity: the upper copy carries the identity xattr (format.py) with the st_ino the
 lower object had in the view, so inode numbers survive copy-up and remounts.
 
 Hard links: when the lower object has several names (st_nlink > 1), every
@@ -27,7 +27,8 @@ from typing import Awaitable, Callable, cast
 import trio
 
 from . import syscalls
-from .layers import OWN_INO, Layer, is_private_xattr, walk_tree
+from .format import Format
+from .layers import Layer, walk_tree
 from .merge import Entry, Resolver
 from .durable import Syncer
 from .nodes import Node, absent_bits
@@ -40,13 +41,13 @@ INLINE_COPY = 128 * 1024
 
 
 def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int,
-                dst_name: bytes | None) -> list[bytes]:
+                dst_name: bytes | None, fmt: Format) -> list[bytes]:
     """Copy every xattr but the union's own markers (opaque, redirect, ino, ...); returns
     the source's names. Objects are addressed as in syscalls (a name None: the fd is the
     open object itself)."""
     names = syscalls.listxattr(src_fd, src_name)
     for attr in names:
-        if is_private_xattr(attr):
+        if fmt.is_private(attr):
             continue
         value = syscalls.getxattr(src_fd, src_name, attr)
         if value is None:
@@ -62,7 +63,7 @@ def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int,
 
 def copy_meta(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: int,
               dst_name: bytes | None, ino: int, identity: bytes | None = None,
-              owner: tuple[int, int] | None = None) -> list[bytes]:
+              owner: tuple[int, int] | None = None, *, fmt: Format) -> list[bytes]:
     """Owner (unless the new object has it already: *owner*, see WorkDir.owner), then
     mode (chown clears set-id bits), xattrs, identity (*identity*, or the bare inode
     number), then times last; returns the source's xattr names. With names None both
@@ -72,8 +73,8 @@ def copy_meta(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: i
         syscalls.chown_at(dst_fd, dst_name, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         syscalls.chmod_at(dst_fd, dst_name, stat.S_IMODE(st.st_mode))
-    names = copy_xattrs(src_fd, src_name, dst_fd, dst_name)
-    syscalls.setxattr(dst_fd, dst_name, OWN_INO, identity or str(ino).encode())
+    names = copy_xattrs(src_fd, src_name, dst_fd, dst_name, fmt)
+    fmt.set_identity(dst_fd, dst_name, identity or str(ino).encode())
     syscalls.utimens_at(dst_fd, dst_name, st.st_atime_ns, st.st_mtime_ns)
     return names
 
@@ -132,6 +133,7 @@ class CopyUp:
                  blocking: Blocking, syncer: Syncer | None = None,
                  alone: Callable[[], bool] = lambda: False) -> None:
         self.r = resolver
+        self.fmt = resolver.fmt
         self.upper = upper
         self.work = work
         self.fsync = fsync
@@ -178,7 +180,7 @@ class CopyUp:
         fd = -1
         try:
             fd = syscalls.open_dir_at(self.work.fd, tmp, os.O_RDONLY)
-            copy_meta(st, src, b"", fd, None, node.id, owner=self.work.owner)
+            copy_meta(st, src, b"", fd, None, node.id, owner=self.work.owner, fmt=self.fmt)
             self._place(node, tmp, parent_made or keep_times(self.r.upper_fd(node.parent)))
         except BaseException:
             if fd >= 0:
@@ -230,7 +232,8 @@ class CopyUp:
                         assert self.syncer is not None
                         # after the data: its batch must not begin syncing before that
                         tagged = self.syncer.tag(node.id, st.st_size)
-                names = copy_meta(st, src, None, dst, None, node.id, tagged, self.work.owner)
+                names = copy_meta(st, src, None, dst, None, node.id, tagged, self.work.owner,
+                                  fmt=self.fmt)
             finally:
                 os.close(src)
             # what the origin lacks, its copy lacks: the kernel's security.capability
@@ -283,7 +286,8 @@ class CopyUp:
                 os.symlink(syscalls.readlink_at(sfd, sname), tmp, dir_fd=self.work.fd)
             else:
                 os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=self.work.fd)
-            copy_meta(st, sfd, sname, self.work.fd, tmp, node.id, owner=self.work.owner)
+            copy_meta(st, sfd, sname, self.work.fd, tmp, node.id, owner=self.work.owner,
+                      fmt=self.fmt)
             parent = self._still_wanted(node)
             if parent is None:
                 self.work.remove_tree(tmp)

@@ -16,7 +16,9 @@ Rules (docker diff's format and meaning, done exactly):
 * ``C`` a path in both whose object differs: type, content (data, symlink
   target, device number), mode, owner, mtime (non-directories; directory
   times change with every entry and are not compared, atime and ctime never
-  are), xattrs (without the union's private ones). Every directory of the old
+  are), xattrs (without the union's private ones), link count (non-directories:
+  a new name of a file, or one removed, changes the object its other names
+  show). Every directory of the old
   view that contains (at any depth) an A or D is C too; its changes include
   ``content`` when such an entry is directly in it.
 
@@ -44,9 +46,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from . import syscalls
+from . import format, syscalls
 from .changes import UNKNOWN_PATH, escape, scan_upper, unescape
-from .layers import OVL_OPAQUE, FdCache, Layer, is_private_xattr, walk_tree
+from .format import Format
+from .layers import FdCache, Layer, walk_tree
 from .merge import Entry, Resolver
 from .nodes import ROOT_ID, Node
 
@@ -55,7 +58,7 @@ TYPE_NAMES = {
     stat.S_IFSOCK: "socket", stat.S_IFCHR: "char-device", stat.S_IFBLK: "block-device",
 }
 TYPE_CODES = {v: k for k, v in TYPE_NAMES.items()}
-CHANGE_ORDER = ("type", "content", "mode", "owner", "times", "xattrs")
+CHANGE_ORDER = ("type", "content", "mode", "owner", "times", "xattrs", "links")
 
 
 def parent_of(path: bytes) -> bytes:
@@ -114,6 +117,7 @@ class Obj:
     size: int
     mtime_ns: int
     rdev: int
+    nlink: int | None   # None: not known (a mark saved before link counts were)
 
     def target(self) -> bytes: raise NotImplementedError
     def xattrs(self) -> dict[bytes, bytes]: raise NotImplementedError
@@ -129,6 +133,8 @@ class Obj:
             d["target"] = escape(self.target()).decode()
         elif self.fmt in (stat.S_IFCHR, stat.S_IFBLK):
             d["rdev"] = self.rdev
+        if self.nlink is not None:
+            d["nlink"] = self.nlink
         d["xattrs"] = {escape(k).decode(): v.hex() for k, v in sorted(self.xattrs().items())}
         return d
 
@@ -145,6 +151,7 @@ class Live(Obj):
         self.st = st
         self.mode, self.uid, self.gid = st.st_mode, st.st_uid, st.st_gid
         self.size, self.mtime_ns, self.rdev = st.st_size, st.st_mtime_ns, st.st_rdev
+        self.nlink = st.st_nlink
         self._digest: str | None = None
         self._xattrs: dict[bytes, bytes] | None = None
 
@@ -174,7 +181,7 @@ class Live(Obj):
         if self._xattrs is None:
             out = {}
             for attr in syscalls.listxattr(*self.loc()):
-                if is_private_xattr(attr):
+                if self.view.r.fmt.is_private(attr):
                     continue
                 value = syscalls.getxattr(*self.loc(), attr)
                 if value is not None:
@@ -203,6 +210,7 @@ class Saved(Obj):
         self.mode = TYPE_CODES.get(d["type"], 0) | d["mode"]
         self.uid, self.gid, self.size = d["uid"], d["gid"], d["size"]
         self.mtime_ns, self.rdev = d["mtime_ns"], d.get("rdev", 0)
+        self.nlink = d.get("nlink")
 
     def target(self) -> bytes:
         return unescape(self.d.get("target", "").encode())
@@ -237,6 +245,9 @@ def compare(old: Obj, new: Obj) -> list[str]:
         out.append("times")
     if old.xattrs() != new.xattrs():
         out.append("xattrs")
+    # a directory's count follows its subdirectories, which are listed themselves
+    if not old.is_dir and None not in (old.nlink, new.nlink) and old.nlink != new.nlink:
+        out.append("links")
     return out
 
 
@@ -250,13 +261,14 @@ class View:
 
     _ids = itertools.count(ROOT_ID + 1)
 
-    def __init__(self, upper: Layer | None, lowers: list[Layer], cache: FdCache) -> None:
-        self.r = Resolver(upper, lowers, cache)
+    def __init__(self, upper: Layer | None, lowers: list[Layer], cache: FdCache,
+                 fmt: Format) -> None:
+        self.r = Resolver(upper, lowers, cache, fmt)
         self.upper = upper
         root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
         root.upper = upper is not None
         if upper is not None:
-            root.opaque = syscalls.getxattr(upper.fd, b"", OVL_OPAQUE) == b"y"
+            root.opaque = fmt.is_opaque(upper.fd, b"")
         root.lowers = [(layer, b"") for layer in lowers]
         self.root = root
         self._dirs: dict[bytes, Node | None] = {b"/": root}
@@ -439,6 +451,7 @@ class Layers:
 
     upper_path: str
     lower_paths: list[str]
+    fmt: Format = format.OVERLAY
 
     def __post_init__(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -449,8 +462,8 @@ class Layers:
         self.cache = FdCache(capacity=max(64, min(16384, soft // 2)))
         self.upper = Layer(self.upper_path, 0, False)
         self.lowers = [Layer(p, i + 1, False) for i, p in enumerate(self.lower_paths)]
-        self.new = View(self.upper, self.lowers, self.cache)
-        self.base = View(None, self.lowers, self.cache)
+        self.new = View(self.upper, self.lowers, self.cache, self.fmt)
+        self.base = View(None, self.lowers, self.cache, self.fmt)
 
     def close(self) -> None:
         self.cache.clear()
@@ -550,5 +563,5 @@ def list_marks(workdir: str) -> list[tuple[str, float, int]]:
     return sorted(out, key=lambda t: t[1])
 
 
-def upper_candidates(upper: str) -> list[bytes]:
-    return [p for _, p in scan_upper(upper)]
+def upper_candidates(upper: str, fmt: Format) -> list[bytes]:
+    return [p for _, p in scan_upper(upper, fmt)]

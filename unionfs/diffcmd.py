@@ -1,7 +1,7 @@
 """`unionfs diff` and `unionfs mark`: the command-line side of unionfs/diff.py.
 
-Only argparse and the standard library are imported at module level, so the
-CLI stays quick to start for its other commands.
+Only argparse, the standard library and the small format and config modules are
+imported at module level, so the CLI stays quick to start for its other commands.
 """
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator
 
+from . import format
 from .config import FSTYPE, ConfigError, default_workdir, split_lowers
+from .format import Format
 
 MARK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -61,6 +63,9 @@ class Target:
     mounted: bool               # a live daemon holds the workdir
     lock_fd: int | None = None  # our lock on the workdir while it is not mounted
     mountpoint: str | None = None
+    # the upper's format (format.py); kernel overlayfs's default until a union can be
+    # told to use another
+    fmt: Format = format.OVERLAY
 
     def close(self) -> None:
         if self.lock_fd is not None:
@@ -204,9 +209,9 @@ def candidates(t: Target, rescan: bool) -> Candidates:
         assert records is not None
         paths = [r.path for r in records if r.path != changes.UNKNOWN_PATH]
         if len(paths) != len(records):  # a change at a path the daemon could not name
-            paths += upper_candidates(t.upper)
+            paths += upper_candidates(t.upper, t.fmt)
         return Candidates(paths, None)
-    paths = upper_candidates(t.upper)
+    paths = upper_candidates(t.upper, t.fmt)
     if t.workdir is not None:
         _write_back(t, records)
     return Candidates(paths, note)
@@ -220,7 +225,7 @@ def _write_back(t: Target, records) -> None:
     try:
         if not t.mounted:
             with changes.log_lock(t.workdir):
-                changes.write_log(t.workdir, changes.rebuild(t.workdir, t.upper, records or ()))
+                changes.write_log(t.workdir, changes.rebuild(t.workdir, t.upper, t.fmt, records or ()))
                 with open(os.path.join(t.workdir, changes.CLEAN_NAME), "w") as f:
                     f.write("rebuilt by unionfs diff --rescan\n")
                 changes.fsync_dir(t.workdir)
@@ -228,7 +233,7 @@ def _write_back(t: Target, records) -> None:
             # the daemon owns the file: only add what it does not name yet (so repeated
             # rescans do not make it grow); its next compaction folds them in
             known = {r.path for r in records}
-            changes.append_records(t.workdir, ((k, p) for k, p in changes.scan_upper(t.upper)
+            changes.append_records(t.workdir, ((k, p) for k, p in changes.scan_upper(t.upper, t.fmt)
                                                if p not in known))
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -249,7 +254,7 @@ def _layers(t: Target):
     from .diff import Layers
 
     try:
-        return Layers(t.upper, t.lowers)
+        return Layers(t.upper, t.lowers, t.fmt)
     except OSError as e:
         raise ConfigError(f"cannot open the layers: {e.filename or ''} {e.strerror}") from None
 

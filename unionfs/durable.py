@@ -8,7 +8,7 @@ journal commit (about 450 µs on ext4 here) inside the first write to every lowe
 file. We link first and sync later, in batches, and keep the guarantee:
 
 * Batches are numbered. Before the link, the new file's identity xattr
-  (``trusted.overlay.unionfs.ino``, which every copy-up writes anyway) gets a tag
+  (format.py's ``<prefix>unionfs.ino``, which every copy-up writes anyway) gets a tag
   after the inode number: the batch, a short boot id and the origin's size
   (``"<ino> <batch> <boot> <size>"``). An xattr is metadata, and a journalling
   filesystem commits it no later than the link that follows, so a name that
@@ -51,9 +51,10 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from . import syscalls
+from . import format, syscalls
 from .changes import is_clean
-from .layers import OWN_INO, walk_tree
+from .format import Format
+from .layers import walk_tree
 from .nodes import split_ino
 
 log = logging.getLogger("unionfs")
@@ -117,14 +118,15 @@ def _write_synced(fd: int, batch: int) -> None:
     os.pwrite(fd, b"%0*d\n" % (_SYNCED_WIDTH, batch), 0)
 
 
-def _untag(fd: int, tag: Tag) -> None:
-    os.setxattr(fd, OWN_INO, b"%d" % tag.ino)
+def _untag(fmt: Format, fd: int, tag: Tag) -> None:
+    fmt.set_identity(fd, None, b"%d" % tag.ino)
 
 
 class Syncer:
     """Copy-ups of one mount that are linked but not yet known durable, by batch."""
 
-    def __init__(self, upper: str, workdir: str) -> None:
+    def __init__(self, upper: str, workdir: str, fmt: Format = format.OVERLAY) -> None:
+        self.fmt = fmt
         # a real (not O_PATH) fd: syncfs refuses O_PATH ones
         self.upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.work_root_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -160,10 +162,10 @@ class Syncer:
         """The user's fsync of *fd*. If its tag is not known durable yet, drop the tag, and
         that durably too, so that no repair ever copies the origin over data the user
         synced. Blocking."""
-        tag = parse_tag(syscalls.getxattr(fd, None, OWN_INO))
+        tag = parse_tag(self.fmt.identity(fd, None))
         (os.fdatasync if datasync else os.fsync)(fd)
         if tag is not None and tag.batch > self.durable:
-            _untag(fd, tag)   # only now: the data is on disk before the tag goes
+            _untag(self.fmt, fd, tag)   # only now: the data is on disk before the tag goes
             os.fsync(fd)
 
     def _run(self) -> None:
@@ -225,7 +227,8 @@ class Syncer:
             os.fsync(self.work_root_fd)
 
 
-def recover(upper: str, workdir: str, find: FindOrigins, open_origin: OpenOrigin) -> int:
+def recover(upper: str, workdir: str, find: FindOrigins, open_origin: OpenOrigin,
+            fmt: Format = format.OVERLAY) -> int:
     """At mount, if the last mount may have left copy-ups unsynced: settle every tag newer
     than the record (see the module's docstring). Returns how many files had their data
     copied again."""
@@ -236,7 +239,7 @@ def recover(upper: str, workdir: str, find: FindOrigins, open_origin: OpenOrigin
     work_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         synced = read_synced(work_fd)
-        newest, torn = _settle_tree(upper_fd, synced, boot_id())
+        newest, torn = _settle_tree(fmt, upper_fd, synced, boot_id())
         repaired = _repair_all(torn, find, open_origin)
         syscalls.syncfs(upper_fd)
         rfd = _open_record(work_fd)
@@ -263,7 +266,8 @@ class _Torn:
     tag: Tag
 
 
-def _settle_tree(upper_fd: int, synced: int, boot: bytes) -> tuple[int, list[_Torn]]:
+def _settle_tree(fmt: Format, upper_fd: int, synced: int, boot: bytes
+                 ) -> tuple[int, list[_Torn]]:
     """Sync every file tagged after *synced*; return the newest tag and the files that may
     have lost their data (tagged in another boot, shorter than their origin), still open."""
     newest = 0
@@ -271,7 +275,7 @@ def _settle_tree(upper_fd: int, synced: int, boot: bytes) -> tuple[int, list[_To
     for dirfd, rel, name, de in walk_tree(upper_fd):
         if not de.is_file(follow_symlinks=False):
             continue
-        tag = parse_tag(syscalls.getxattr(dirfd, name, OWN_INO))
+        tag = parse_tag(fmt.identity(dirfd, name))
         if tag is None or tag.batch <= synced:
             continue
         newest = max(newest, tag.batch)

@@ -18,24 +18,6 @@ from typing import Callable, Hashable, Iterator
 from . import syscalls
 from .syscalls import AT_FDCWD
 
-# The xattr names of the kernel overlayfs on-disk format, and our own.
-OVL_OPAQUE = b"trusted.overlay.opaque"
-OVL_REDIRECT = b"trusted.overlay.redirect"
-OVL_PREFIX = b"trusted.overlay."
-# Our own markers live inside the overlay namespace, which kernel overlayfs hides
-# from its users too: a kernel mount of our upper looks clean.
-OWN_PREFIX = b"trusted.overlay.unionfs."
-OWN_INO = b"trusted.overlay.unionfs.ino"   # st_ino a copied-up object keeps from its origin
-
-OCI_WHITEOUT = b".wh."
-OCI_OPAQUE = b".wh..wh..opq"
-
-
-def is_private_xattr(name: bytes) -> bool:
-    """Xattrs that belong to the union format, never shown or accepted through the mount."""
-    return name.startswith(OVL_PREFIX) or name.startswith(b"trusted.unionfs.")
-
-
 class Layer:
     """One directory of the stack: index 0 is the upper (if any), then lowers top-most first."""
 

@@ -8,11 +8,13 @@ and one name, it finds what the view shows at that name:
 * otherwise each lower, top-most first; a kernel whiteout or an OCI
   ``.wh.NAME`` in a lower hides the name in that layer and all below;
 * a directory merges with the directories of the same name below it until an
-  opaque one (``trusted.overlay.opaque=y`` or an OCI ``.wh..wh..opq`` inside)
+  opaque one (the overlay ``opaque`` xattr or an OCI ``.wh..wh..opq`` inside)
   or a non-directory stops the stack;
-* a directory with ``trusted.overlay.redirect`` takes its lower stack from the
+* a directory with the overlay ``redirect`` xattr takes its lower stack from the
   redirect path instead of its own name (how a renamed directory keeps its
   lower contents).
+
+The format itself (xattr names, whiteouts, OCI markers) is format.py's.
 """
 from __future__ import annotations
 
@@ -23,12 +25,11 @@ from dataclasses import dataclass, field
 from collections import OrderedDict
 from typing import Iterator, NamedTuple, Sequence
 
-from . import syscalls
-from .layers import (OCI_OPAQUE, OCI_WHITEOUT, OVL_OPAQUE, OVL_REDIRECT, OWN_INO, FdCache, Layer,
-                     walk_dir)
+from . import format, syscalls
+from .format import Format
+from .layers import FdCache, Layer, walk_dir
 from .nodes import ROOT_ID, Node, make_ino, parse_ino
 
-NAME_MAX = 255
 ABSENT_CACHE = 65536  # names remembered absent from the lower layers (Resolver._absent)
 FOUND_CACHE = 4096  # lower scans that found something, remembered (Resolver._found): each
                     # holds a stat, so few enough that forgotten nodes still free memory
@@ -67,53 +68,15 @@ def child_path(dirpath: bytes, name: bytes) -> bytes:
     return dirpath + b"/" + name if dirpath else name
 
 
-def _lower_opaque(fd: int, name: bytes) -> bool:
-    """A lower directory is opaque by the kernel xattr or by an OCI marker inside it."""
-    if syscalls.getxattr(fd, name, OVL_OPAQUE) == b"y":
-        return True
-    try:
-        sub = syscalls.open_dir_at(fd, name)
-    except OSError:
-        return False
-    try:
-        return syscalls.lstat_at(sub, OCI_OPAQUE) is not None
-    finally:
-        os.close(sub)
-
-
-def _oci_whiteout(fd: int, name: bytes) -> bool:
-    """Is there a ``.wh.NAME`` beside *name*? (An existence test: faccessat, which answers
-    a miss, the usual case, without an exception to raise and catch.)"""
-    wh = OCI_WHITEOUT + name
-    return len(wh) <= NAME_MAX and os.access(wh, os.F_OK, dir_fd=fd, follow_symlinks=False)
-
-
-def _hides(fd: int, name: bytes, st: os.stat_result | None) -> bool:
-    """Is *name* whited out in this lower directory (for this layer and all below)?
-
-    A kernel whiteout is the entry itself. An OCI ``.wh.NAME`` hides NAME only in
-    the layers below its own (the OCI spec), so an entry beside it still shows.
-    """
-    if st is not None:
-        return syscalls.is_whiteout(st)
-    return _oci_whiteout(fd, name)
-
-
-def valid_redirect(value: bytes) -> bool:
-    """Redirects are layer-relative paths: no empty, '.' or '..' components, no NULs."""
-    if not value or b"\0" in value:
-        return False
-    parts = value.strip(b"/").split(b"/")
-    return all(p and p not in (b".", b"..") for p in parts)
-
-
 class Resolver:
     """Resolves names against the layers; shared by the filesystem and offline tools."""
 
-    def __init__(self, upper: Layer | None, lowers: list[Layer], cache: FdCache) -> None:
+    def __init__(self, upper: Layer | None, lowers: list[Layer], cache: FdCache,
+                 fmt: Format = format.OVERLAY) -> None:
         self.upper = upper
         self.lowers = lowers
         self.cache = cache
+        self.fmt = fmt
         # (lower dirs searched, name) found in none of them: lower layers never change
         # under a mount, so a name a LOOKUP missed is not probed again by the CREATE,
         # MKDIR or RENAME that follows (two syscalls per layer each time)
@@ -159,20 +122,18 @@ class Resolver:
             ufd = self.upper_fd(parent)
             st = syscalls.lstat_at(ufd, name)
             if st is not None:
-                if syscalls.is_whiteout(st):
+                if format.is_whiteout(st):
                     e.whiteout = e.hidden = True
                     return e
                 e.st, e.upper = st, True
-                own = parse_ino(syscalls.getxattr(ufd, name, OWN_INO))
+                own = parse_ino(self.fmt.identity(ufd, name))
                 e.ino = own if own is not None else make_ino(0, st.st_ino)
                 if not stat.S_ISDIR(st.st_mode):
                     return e
-                if syscalls.getxattr(ufd, name, OVL_OPAQUE) == b"y":
+                if self.fmt.is_opaque(ufd, name):
                     e.opaque = True
                     return self._check_origin(e, own)
-                rd = syscalls.getxattr(ufd, name, OVL_REDIRECT)
-                if rd is not None and valid_redirect(rd):
-                    redirect = rd
+                redirect = self.fmt.redirect(ufd, name)
         if parent.opaque and parent.upper and not (redirect and redirect.startswith(b"/")):
             # an absolute redirect searches from the layer roots, as overlayfs does
             return self._check_origin(e, own) if e.upper else e
@@ -196,7 +157,7 @@ class Resolver:
         (``_found``), so the RENAME or UNLINK after a LOOKUP does not probe every layer
         again (an lstat and an OCI check per layer). Its stat is the one the LOOKUP saw;
         GETATTR still asks the layer."""
-        if name.startswith(OCI_WHITEOUT):
+        if format.is_oci_marker(name):
             return  # in a lower layer, .wh.* names are OCI markers, never objects
         lname = name if redirect is None else redirect.rstrip(b"/").rpartition(b"/")[2]
         dirs = tuple(self._search_dirs(parent, name, redirect))
@@ -245,10 +206,10 @@ class Resolver:
                 if not e.lowers:
                     e.origin = make_ino(layer.index, st.st_ino)
                 e.lowers.append((layer, path))
-            if _lower_opaque(fd, lname):
+            if self.fmt.lower_opaque(fd, lname):
                 return True
-            rd = syscalls.getxattr(fd, lname, OVL_REDIRECT)
-            if rd is not None and valid_redirect(rd):
+            rd = self.fmt.lower_redirect(fd, lname)
+            if rd is not None:
                 # the remaining layers are searched at the redirect target
                 self._scan_redirect(layer, rd, e)
                 return True
@@ -277,10 +238,10 @@ class Resolver:
             if st is None or not stat.S_ISDIR(st.st_mode):
                 return
             e.lowers.append((layer, target))
-            if _lower_opaque(fd, lname):
+            if self.fmt.lower_opaque(fd, lname):
                 return
-            rd = syscalls.getxattr(fd, lname, OVL_REDIRECT)
-            if rd is not None and valid_redirect(rd):
+            rd = self.fmt.lower_redirect(fd, lname)
+            if rd is not None:
                 # a lower layer made from an upper with its own renames: follow on, as
                 # overlayfs does (each step goes strictly down the stack, so it ends)
                 return self._scan_redirect(layer, rd, e)
@@ -291,7 +252,7 @@ class Resolver:
         This decides whether removing or renaming the name must leave a
         whiteout behind, the way overlayfs's ovl_lower_positive does.
         """
-        if (parent.opaque and parent.upper) or name.startswith(OCI_WHITEOUT):
+        if (parent.opaque and parent.upper) or format.is_oci_marker(name):
             return False
         for _layer, _dirpath, _fd, st in self._probe(parent.lowers, name):
             return st is not None
@@ -308,7 +269,7 @@ class Resolver:
             except OSError:
                 continue
             st = syscalls.lstat_at(fd, name)
-            if _hides(fd, name, st):
+            if format.lower_hides(fd, name, st):
                 yield layer, dirpath, fd, None
                 return
             if st is not None:
@@ -326,7 +287,7 @@ class Resolver:
                 seen.add(name)
                 if dtype == stat.S_IFCHR or dtype is None:
                     st = syscalls.lstat_at(ufd, name)
-                    if st is None or syscalls.is_whiteout(st):
+                    if st is None or format.is_whiteout(st):
                         continue
                 out.append(name)
             if node.opaque:
@@ -338,16 +299,17 @@ class Resolver:
                 continue
             hidden: list[bytes] = []
             for name, dtype in _scan(fd):
-                if name.startswith(OCI_WHITEOUT):
-                    if name != OCI_OPAQUE:
-                        hidden.append(name[len(OCI_WHITEOUT):])
+                if format.is_oci_marker(name):
+                    target = format.oci_hidden(name)
+                    if target is not None:
+                        hidden.append(target)
                     continue
                 if name in seen:
                     continue
                 seen.add(name)
                 if dtype == stat.S_IFCHR or dtype is None:
                     st = syscalls.lstat_at(fd, name)
-                    if st is None or syscalls.is_whiteout(st):
+                    if st is None or format.is_whiteout(st):
                         continue
                 out.append(name)
             seen.update(hidden)

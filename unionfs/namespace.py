@@ -19,8 +19,7 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from . import syscalls
-from .layers import OVL_OPAQUE, OVL_REDIRECT
+from . import format, syscalls
 from .merge import Entry
 from .nodes import NEW_OBJECT_ABSENT, ROOT_ID, Node, make_ino
 from .workdir import remove_tree_at
@@ -29,9 +28,6 @@ if TYPE_CHECKING:
     from .union import Union
 
 log = logging.getLogger("unionfs")
-
-WHITEOUT_DEV = 0
-
 
 def err(code: int, what: str = "") -> OSError:
     return OSError(code, what or os.strerror(code))
@@ -113,7 +109,7 @@ class NamespaceOps:
             if not stat.S_ISLNK(mode):
                 syscalls.chmod_at(dfd, dname, stat.S_IMODE(mode))
             if opaque:
-                syscalls.setxattr(dfd, dname, OVL_OPAQUE, b"y")
+                self.fmt.set_opaque(dfd, dname)
             st = self._finish_new(parent, name, dfd, dname if via_work else None, e,
                                   stat.S_ISDIR(mode))
         except BaseException:
@@ -126,7 +122,7 @@ class NamespaceOps:
                           lambda d, n: os.mkdir(n, 0o700, dir_fd=d), opaque_if_hidden=True)
 
     def mknod(self: "Union", parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
-        if stat.S_ISCHR(mode) and rdev == WHITEOUT_DEV:
+        if format.is_whiteout_node(mode, rdev):
             raise err(errno.EPERM, "a 0/0 character device is a whiteout")
         return self._make(parent, name, caller, mode,
                           lambda d, n: os.mknod(n, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=d))
@@ -247,7 +243,7 @@ class NamespaceOps:
             if is_dir:
                 tmp = self.work.tmpname()
                 if need_wh:
-                    os.mknod(tmp, stat.S_IFCHR | 0o000, WHITEOUT_DEV, dir_fd=self.work.fd)
+                    format.make_whiteout(self.work.fd, tmp)
                     syscalls.renameat2(self.work.fd, tmp, ufd, name, syscalls.RENAME_EXCHANGE)
                 else:
                     syscalls.renameat2(ufd, name, self.work.fd, tmp)
@@ -260,7 +256,7 @@ class NamespaceOps:
                 os.unlink(name, dir_fd=ufd)
         else:
             self.copyup.dir(parent)
-            os.mknod(name, stat.S_IFCHR | 0o000, WHITEOUT_DEV, dir_fd=self.r.upper_fd(parent))
+            format.make_whiteout(self.r.upper_fd(parent), name)
         self._detach(node, parent, name)
         self.journal.record(b"D", self._child_path(parent, name))
         self._names_left(node, e)
@@ -381,9 +377,9 @@ class NamespaceOps:
         fd = self.r.upper_fd(parent)
         if node.lowers and not node.opaque:
             target = b"/" + node.lowers[0][1]
-            syscalls.setxattr(fd, name, OVL_REDIRECT, target)
+            self.fmt.set_redirect(fd, name, target)
         elif not node.opaque and (parent.lowers or self.r.lower_positive(parent, name)):
-            syscalls.setxattr(fd, name, OVL_OPAQUE, b"y")
+            self.fmt.set_opaque(fd, name)
             node.opaque = True
 
     def _clear_whiteouts(self: "Union", dirfd: int, name: bytes) -> None:
@@ -393,7 +389,7 @@ class NamespaceOps:
             for child in os.listdir(sub):
                 c = os.fsencode(child)
                 st = syscalls.lstat_at(sub, c)
-                if st is not None and syscalls.is_whiteout(st):
+                if st is not None and format.is_whiteout(st):
                     os.unlink(c, dir_fd=sub)
         finally:
             os.close(sub)

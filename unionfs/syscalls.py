@@ -206,11 +206,6 @@ def lstat_at(dirfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def is_whiteout(st: os.stat_result) -> bool:
-    """Kernel overlayfs whiteout: a character device with device number 0/0."""
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
 def open_dir_at(dirfd: int, name: bytes, flags: int = os.O_PATH) -> int:
     """Open a directory (never a symlink to one) below *dirfd*."""
     return os.open(name, flags | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)

@@ -24,8 +24,9 @@ from .changes import Journal
 from .config import MountConfig
 from .copyup import CopyUp, run_in_thread
 from .files import FileOps, Handle
-from .layers import OVL_OPAQUE, OVL_REDIRECT, FdCache, Layer, is_private_xattr, walk_tree
-from .merge import NAME_MAX, Entry, Resolver
+from .format import NAME_MAX, OVERLAY, Format
+from .layers import FdCache, Layer, walk_tree
+from .merge import Entry, Resolver
 from .namespace import Caller, NamespaceOps, err
 from .nodes import ABSENT_XATTRS, ALT_INO, ROOT_ID, Node, NodeTable, low_ino, make_ino
 from .workdir import WorkDir
@@ -50,18 +51,19 @@ class SetAttr:
 class Union(NamespaceOps, FileOps):
     """The merged view over one upper (optional) and the lowers."""
 
-    def __init__(self, config: MountConfig, writeback: bool = True) -> None:
+    def __init__(self, config: MountConfig, writeback: bool = True, fmt: Format = OVERLAY) -> None:
         self.config = config
+        self.fmt = fmt
         self.writeback = writeback
         self.upper = Layer(config.upper, 0, True) if config.upper else None
         self.lowers = [Layer(p, i + 1, False) for i, p in enumerate(config.lowers)]
         self.readonly = self.upper is None or config.readonly
         self.cache = FdCache()
-        self.r = Resolver(self.upper, self.lowers, self.cache)
+        self.r = Resolver(self.upper, self.lowers, self.cache, fmt)
         root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
         root.upper = self.upper is not None
         if self.upper is not None:
-            root.opaque = syscalls.getxattr(self.upper.fd, b"", OVL_OPAQUE) == b"y"
+            root.opaque = fmt.is_opaque(self.upper.fd, b"")
         root.lowers = [(layer, b"") for layer in self.lowers]
         self.root = root
         self.nodes = NodeTable(root, self._dropped, self.r.forget_found)
@@ -84,16 +86,16 @@ class Union(NamespaceOps, FileOps):
             if leftovers:
                 log.info("removed %d leftover work files of an earlier mount", leftovers)
             repaired = durable.recover(config.upper, config.workdir, self._find_origins,
-                                       self._open_origin)
+                                       self._open_origin, fmt)
             if repaired:
                 log.warning("copied the data of %d files up again after a power loss", repaired)
             if config.fsync:
-                self.syncer = durable.Syncer(config.upper, config.workdir)
+                self.syncer = durable.Syncer(config.upper, config.workdir, fmt)
             self.copyup = CopyUp(self.r, self.upper, self.work, config.fsync, self._blocking,
                                  self.syncer, alone=lambda: self.serving <= 1)
             self.copyup.entry_at = self.entry_at
             self.copyup.view_paths = self.view_paths
-            self.journal = Journal(config.workdir, config.upper)
+            self.journal = Journal(config.workdir, config.upper, fmt)
             self._record_lowers(config)
         self.handles: dict[int, Handle] = {}
         # fh -> fd of every open file, for the patched pyfuse3 to answer READs by itself
@@ -188,7 +190,7 @@ class Union(NamespaceOps, FileOps):
         assert e.st is not None
         node = self.nodes.get(e.ino)
         if node is not None and node.kind != stat.S_IFMT(e.st.st_mode):
-            # an identity claim (trusted.overlay.unionfs.ino) naming an object of another
+            # an identity claim (format.py's identity xattr) naming an object of another
             # type is not ours to believe: the claimant keeps its own number; if the
             # claimant got the number first, the rightful object takes its alternate one
             if e.upper:
@@ -226,7 +228,7 @@ class Union(NamespaceOps, FileOps):
         assert self.upper is not None
         return [(rd, b"/" + path) for fd, path, name, de in walk_tree(self.upper.fd)
                 if de.is_dir(follow_symlinks=False)
-                and (rd := syscalls.getxattr(fd, name, OVL_REDIRECT)) is not None]
+                and (rd := self.fmt.raw_redirect(fd, name)) is not None]
 
     def entry_at(self, path: bytes) -> tuple[Node, Entry] | None:
         """Resolve an absolute view path to (parent node, entry), without kernel references."""
@@ -372,7 +374,7 @@ class Union(NamespaceOps, FileOps):
         bit = ABSENT_XATTRS.get(attr, 0)
         if node.no_xattrs & bit:
             raise err(errno.ENODATA)
-        if is_private_xattr(attr):
+        if self.fmt.is_private(attr):
             raise err(errno.EOPNOTSUPP)
         dfd, name = self.loc(node)
         try:
@@ -390,10 +392,10 @@ class Union(NamespaceOps, FileOps):
         """Names of the node's xattrs; trusted.* only for a privileged caller (as the
         kernel lists them: the daemon itself reads as root)."""
         return [a for a in syscalls.listxattr(*self.loc(node))
-                if not is_private_xattr(a) and (privileged or not a.startswith(b"trusted."))]
+                if not self.fmt.is_private(a) and (privileged or not a.startswith(b"trusted."))]
 
     async def setxattr(self, node: Node, attr: bytes, value: bytes, flags: int = 0) -> None:
-        if is_private_xattr(attr):
+        if self.fmt.is_private(attr):
             raise err(errno.EOPNOTSUPP)
         self._writable()
         await self.ensure_upper(node)
@@ -402,7 +404,7 @@ class Union(NamespaceOps, FileOps):
         self.journal.record(b"C", node.path())
 
     async def removexattr(self, node: Node, attr: bytes) -> None:
-        if is_private_xattr(attr):
+        if self.fmt.is_private(attr):
             raise err(errno.EOPNOTSUPP)
         self._writable()
         if attr not in self.listxattr(node):

@@ -1,0 +1,206 @@
+"""The on-disk format of a union's layers, in one place.
+
+The upper directory is in kernel overlayfs's format, so a kernel mount of it
+shows the same view:
+
+* a whiteout is a character device 0/0 at the name it hides;
+* an opaque directory has the xattr ``<prefix>opaque`` = ``y``: nothing below
+  it merges in;
+* a renamed directory that keeps lower contents has ``<prefix>redirect``, the
+  layer-relative path (absolute from the layer root, or relative to its own
+  parent) of where those contents are.
+
+Our own markers live inside the same namespace (``<prefix>unionfs.``), which
+kernel overlayfs hides from its users too, so a kernel mount of our upper looks
+clean: ``<prefix>unionfs.ino`` is the identity xattr, the st_ino a copied-up
+object keeps from its origin (nodes.py makes and parses the number, durable.py
+adds its pending tag to the value).
+
+The prefix is a value of a Format, not a constant: kernel overlayfs keeps these
+xattrs under ``trusted.overlay.`` (only root may set them), or, with its
+``userxattr`` option, under ``user.overlay.``. A Format is built once per mount
+and handed to everything that reads or writes the format. Lower layers are
+read with the Format's ``lower_prefixes`` (every prefix a lower layer may have
+been written with), and also as OCI image layers, whose markers are names:
+
+* ``.wh.NAME`` hides NAME in the layers below its own;
+* ``.wh..wh..opq`` inside a directory makes it opaque.
+
+Nothing here knows about nodes or FUSE: only names, xattrs and stats.
+"""
+from __future__ import annotations
+
+import os
+import stat
+
+from . import syscalls
+
+NAME_MAX = 255
+
+#: a whiteout's device number (character device 0/0)
+WHITEOUT_DEV = 0
+
+OCI_WHITEOUT = b".wh."
+OCI_OPAQUE = b".wh..wh..opq"
+
+#: the prefix kernel overlayfs uses by default, and with its userxattr option
+TRUSTED = b"trusted.overlay."
+USER = b"user.overlay."
+
+
+# -- whiteouts ---------------------------------------------------------------------
+
+def is_whiteout(st: os.stat_result) -> bool:
+    """Kernel overlayfs whiteout: a character device with device number 0/0."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == WHITEOUT_DEV
+
+
+def is_whiteout_node(mode: int, rdev: int) -> bool:
+    """Would mknod(mode, rdev) make a whiteout?"""
+    return stat.S_ISCHR(mode) and rdev == WHITEOUT_DEV
+
+
+def make_whiteout(dirfd: int, name: bytes) -> None:
+    """Make a whiteout at (dirfd, name)."""
+    os.mknod(name, stat.S_IFCHR | 0o000, WHITEOUT_DEV, dir_fd=dirfd)
+
+
+# -- OCI markers (lower layers only) ---------------------------------------------------
+
+def is_oci_marker(name: bytes) -> bool:
+    """A ``.wh.`` name: in a lower layer an OCI marker, never an object of the view."""
+    return name.startswith(OCI_WHITEOUT)
+
+
+def oci_hidden(name: bytes) -> bytes | None:
+    """The name an OCI marker *name* hides (None: the opaque marker, which hides no name)."""
+    return None if name == OCI_OPAQUE else name[len(OCI_WHITEOUT):]
+
+
+def oci_whiteout(fd: int, name: bytes) -> bool:
+    """Is there a ``.wh.NAME`` beside *name*? (An existence test: faccessat, which answers
+    a miss, the usual case, without an exception to raise and catch.)"""
+    wh = OCI_WHITEOUT + name
+    return len(wh) <= NAME_MAX and os.access(wh, os.F_OK, dir_fd=fd, follow_symlinks=False)
+
+
+def oci_opaque(fd: int, name: bytes) -> bool:
+    """Does directory (fd, name) hold the OCI opaque marker?"""
+    try:
+        sub = syscalls.open_dir_at(fd, name)
+    except OSError:
+        return False
+    try:
+        return syscalls.lstat_at(sub, OCI_OPAQUE) is not None
+    finally:
+        os.close(sub)
+
+
+def lower_hides(fd: int, name: bytes, st: os.stat_result | None) -> bool:
+    """Is *name* whited out in this lower directory (for this layer and all below)?
+    *st*: its lstat (None: nothing there).
+
+    A kernel whiteout is the entry itself. An OCI ``.wh.NAME`` hides NAME only in
+    the layers below its own (the OCI spec), so an entry beside it still shows.
+    """
+    if st is not None:
+        return is_whiteout(st)
+    return oci_whiteout(fd, name)
+
+
+# -- redirects -----------------------------------------------------------------------
+
+def valid_redirect(value: bytes) -> bool:
+    """Redirects are layer-relative paths: no empty, '.' or '..' components, no NULs."""
+    if not value or b"\0" in value:
+        return False
+    parts = value.strip(b"/").split(b"/")
+    return all(p and p not in (b".", b"..") for p in parts)
+
+
+def redirect_target(path: bytes, value: bytes) -> bytes:
+    """The absolute layer path a redirect *value* found on the directory at absolute
+    path *path* names: absolute values from the layer root, others beside *path*."""
+    if value.startswith(b"/"):
+        target = b"/" + value.strip(b"/")
+    else:
+        target = path.rpartition(b"/")[0] + b"/" + value.strip(b"/")
+    return os.path.normpath(target)
+
+
+# -- the xattrs ------------------------------------------------------------------------
+
+class Format:
+    """The overlay xattrs under one prefix: how the upper is written and read, how lower
+    layers are read, and which xattrs are private to the union (never shown or accepted
+    through the mount)."""
+
+    def __init__(self, prefix: bytes = TRUSTED, lower_prefixes: tuple[bytes, ...] | None = None
+                 ) -> None:
+        self.prefix = prefix
+        self.opaque_key = prefix + b"opaque"
+        self.redirect_key = prefix + b"redirect"
+        self.own_prefix = prefix + b"unionfs."
+        self.ino_key = self.own_prefix + b"ino"
+        self.lower_prefixes = lower_prefixes or (prefix,)
+        self._lower_opaque = tuple(p + b"opaque" for p in self.lower_prefixes)
+        self._lower_redirect = tuple(p + b"redirect" for p in self.lower_prefixes)
+        self._private = (prefix, b"trusted.unionfs.")
+
+    def __repr__(self) -> str:
+        return f"Format({self.prefix!r})"
+
+    def is_private(self, attr: bytes) -> bool:
+        """An xattr of the union format (ours or overlayfs's), never shown or accepted
+        through the mount."""
+        return attr.startswith(self._private)
+
+    # objects are addressed as in syscalls: (dirfd, name); b"": the object dirfd holds;
+    # None: dirfd is the open object itself
+
+    def is_opaque(self, fd: int, name: bytes | None) -> bool:
+        """Is the upper directory (fd, name) opaque?"""
+        return syscalls.getxattr(fd, name, self.opaque_key) == b"y"
+
+    def set_opaque(self, fd: int, name: bytes | None) -> None:
+        syscalls.setxattr(fd, name, self.opaque_key, b"y")
+
+    def raw_redirect(self, fd: int, name: bytes | None) -> bytes | None:
+        """The redirect xattr of the upper directory (fd, name) as it is, valid or not."""
+        return syscalls.getxattr(fd, name, self.redirect_key)
+
+    def redirect(self, fd: int, name: bytes | None) -> bytes | None:
+        """The redirect of the upper directory (fd, name), None if it has no valid one."""
+        rd = syscalls.getxattr(fd, name, self.redirect_key)
+        return rd if rd is not None and valid_redirect(rd) else None
+
+    def set_redirect(self, fd: int, name: bytes | None, target: bytes) -> None:
+        syscalls.setxattr(fd, name, self.redirect_key, target)
+
+    def identity(self, fd: int, name: bytes | None) -> bytes | None:
+        """The identity xattr's value (see nodes.parse_ino, durable.parse_tag), or None."""
+        return syscalls.getxattr(fd, name, self.ino_key)
+
+    def set_identity(self, fd: int, name: bytes | None, value: bytes) -> None:
+        syscalls.setxattr(fd, name, self.ino_key, value)
+
+    # lower layers: any of lower_prefixes, and OCI markers
+
+    def lower_opaque(self, fd: int, name: bytes) -> bool:
+        """A lower directory is opaque by the overlay xattr or by an OCI marker inside it."""
+        for key in self._lower_opaque:
+            if syscalls.getxattr(fd, name, key) == b"y":
+                return True
+        return oci_opaque(fd, name)
+
+    def lower_redirect(self, fd: int, name: bytes) -> bytes | None:
+        """The valid redirect of a lower directory (one made from an upper), or None."""
+        for key in self._lower_redirect:
+            rd = syscalls.getxattr(fd, name, key)
+            if rd is not None and valid_redirect(rd):
+                return rd
+        return None
+
+
+#: the format kernel overlayfs writes by default (trusted.overlay.*)
+OVERLAY = Format(TRUSTED)
