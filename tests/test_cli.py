@@ -161,7 +161,8 @@ def test_option_parsing() -> None:
     opts = parse_options([r"lowerdir=/a\:b:/c,upperdir=/u\,v,workdir=/w"])
     assert (opts.lowerdir, opts.upperdir, opts.workdir) == (["/a:b", "/c"], "/u,v", "/w")
     assert split_lowers("/x:/y") == ["/x", "/y"]
-    for bad in ("nodev=1", "lowerdir=", "index=maybe", "volatile", "userxattr", "sloppy", "poll_us=",
+    assert parse_options(["userxattr"]).userxattr and not parse_options([]).userxattr
+    for bad in ("nodev=1", "lowerdir=", "index=maybe", "volatile", "userxattr=1", "sloppy", "poll_us=",
                 "poll_us=1e3"):
         with pytest.raises(ConfigError):
             parse_options([bad])

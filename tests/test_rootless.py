@@ -9,14 +9,16 @@ shown nor accepted through the mount; one user cannot reach another's files.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
 import sys
 import textwrap
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import force_unmount, is_mounted  # noqa: E402
+from mounting import force_unmount, is_mounted, unionfs_mount  # noqa: E402
 from rootless import User, unprivileged_user  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="makes users and mounts: needs root")
@@ -137,3 +139,192 @@ def test_user_namespace_root_mounts_directly(user):
     st = os.lstat(os.path.join(upper, "dir", "sub"))
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
     assert os.lstat(os.path.join(upper, "file")).st_uid == user.uid
+
+
+def _kernel_view_script(lower: str, upper: str, work: str, mnt: str, body: str) -> str:
+    """Shell that mounts kernel overlayfs -o userxattr (in the user's namespace), runs
+    *body*, unmounts."""
+    return textwrap.dedent(f"""
+        set -e
+        mkdir -p {work} {mnt}
+        mount -t overlay overlay -o lowerdir={lower},upperdir={upper},workdir={work},userxattr {mnt}
+        trap 'umount {mnt}' EXIT
+        """) + textwrap.dedent(body)
+
+
+LIST = "(cd {m} && find . | LC_ALL=C sort | while read -r p; do " \
+       "printf '%s %s ' \"$p\" \"$(stat -c %F:%a:%s \"$p\")\"; " \
+       "if [ -f \"$p\" ]; then md5sum < \"$p\"; else echo; fi; done)\n"
+
+
+def test_kernel_userxattr_mount_reads_the_same_upper_and_back(user):
+    """An upper unionfs wrote as the user shows the same view through kernel overlayfs
+    -o userxattr in a user namespace; an upper that kernel mount wrote shows the same
+    view through unionfs (whiteouts, opaque directories, copied-up and new files)."""
+    lower, upper, mnt = _layers(user)
+    changes = textwrap.dedent(f"""
+        echo more >> {{m}}/file
+        rm {{m}}/dir/gone
+        rm -r {{m}}/dir/sub && mkdir {{m}}/dir/sub && echo new > {{m}}/dir/sub/fresh
+        mkdir -p {{m}}/new/deep && echo n > {{m}}/new/deep/f
+        ln -s file {{m}}/link
+        """)
+    py = sys.executable
+    views = {}
+    # 1. unionfs (plain user, fusermount3) writes upper; 2. kernel reads it
+    proc = user.unionfs("mount", lower, upper, mnt)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        user.run(["sh", "-c", "set -e\n" + changes.format(m=mnt)], check=True)
+        views["unionfs"] = user.run(["sh", "-c", LIST.format(m=mnt)], check=True).stdout
+    finally:
+        user.unionfs("umount", mnt)
+        force_unmount(mnt)
+    script = _kernel_view_script(lower, upper, user.path("kwork"), user.path("kmnt"),
+                                 LIST.format(m=user.path("kmnt")))
+    views["kernel-on-unionfs"] = user.run(["sh", "-c", script], userns=True, check=True).stdout
+    # 3. kernel writes a second upper from scratch; 4. unionfs (in the same kind of
+    # namespace, and as the plain user) reads it
+    upper2 = user.path("upper2")
+    os.mkdir(upper2)
+    os.chown(upper2, user.uid, user.gid)
+    script = _kernel_view_script(lower, upper2, user.path("kwork2"), user.path("kmnt2"),
+                                 changes.format(m=user.path("kmnt2")) + LIST.format(m=user.path("kmnt2")))
+    views["kernel"] = user.run(["sh", "-c", script], userns=True, check=True).stdout
+    script = textwrap.dedent(f"""
+        set -e
+        {py} -m unionfs mount {lower} {upper2} {mnt}
+        trap '{py} -m unionfs umount {mnt}' EXIT
+        """) + LIST.format(m=mnt)
+    views["unionfs-on-kernel (userns)"] = user.run(["sh", "-c", script], userns=True, check=True).stdout
+    proc = user.unionfs("mount", lower, upper2, mnt)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        views["unionfs-on-kernel"] = user.run(["sh", "-c", LIST.format(m=mnt)], check=True).stdout
+    finally:
+        user.unionfs("umount", mnt)
+        force_unmount(mnt)
+    assert "./dir/sub/fresh" in views["kernel"] and "./dir/gone" not in views["kernel"]
+    assert os.getxattr(os.path.join(upper2, "dir", "sub"), "user.overlay.opaque") == b"y"
+    for name, view in views.items():
+        assert view == views["kernel"], f"{name} differs from kernel overlayfs:\n{view}\n---\n{views['kernel']}"
+
+
+def test_private_xattrs_hidden_and_refused(user):
+    """user.overlay.* (the format's, overlayfs's and ours) and trusted.overlay.* are neither
+    listed, read, set nor removed through a rootless mount; other user.* names work."""
+    lower, upper, mnt = _layers(user)
+    proc = user.unionfs("mount", lower, upper, mnt)
+    assert proc.returncode == 0, proc.stderr
+    code = textwrap.dedent("""
+        import errno, os, sys
+        m = sys.argv[1]
+        f = os.path.join(m, "file")
+        open(f, "a").close()                      # copy it up: it gets its identity xattr
+        out = [sorted(os.listxattr(f))]
+        for name in ("user.overlay.unionfs.ino", "user.overlay.opaque", "user.overlay.origin",
+                     "trusted.overlay.opaque"):
+            for call in (lambda: os.getxattr(f, name), lambda: os.setxattr(f, name, b"y"),
+                         lambda: os.removexattr(f, name)):
+                try:
+                    call()
+                    out.append((name, "ok"))
+                except OSError as e:
+                    out.append((name, errno.errorcode[e.errno]))
+        os.setxattr(f, "user.mine", b"1")
+        out.append(os.getxattr(f, "user.mine"))
+        print(repr(out))
+        """)
+    try:
+        proc = user.python(code, mnt)
+    finally:
+        user.unionfs("umount", mnt)
+        force_unmount(mnt)
+    assert proc.returncode == 0, proc.stderr
+    out = eval(proc.stdout)  # noqa: S307 - our own child's repr
+    assert out[0] == []
+    assert out[-1] == b"1"
+    assert all(result != "ok" for _, result in out[1:-1]), out
+    assert os.getxattr(os.path.join(upper, "file"), "user.overlay.unionfs.ino")
+    assert "user.overlay.opaque" not in os.listxattr(os.path.join(upper, "file"))
+
+
+def test_formats_are_never_mixed_in_one_upper(tmp_path, user):
+    """Root without -o userxattr refuses an upper a user mount wrote, and root with it an
+    upper written in trusted.overlay.*: one line each, nothing mounted."""
+    lower, upper, mnt = _layers(user)
+    proc = user.unionfs("mount", lower, upper, mnt)
+    assert proc.returncode == 0, proc.stderr
+    user.run(["sh", "-c", f"rm -r {mnt}/dir/sub"], check=True)
+    user.unionfs("umount", mnt, check=True)
+    root_mnt = str(tmp_path / "m")
+    os.mkdir(root_mnt)
+    for work in (None, str(tmp_path / "w")):   # with the format noted, and found by a walk
+        args = ["mount"] + (["--workdir", work] if work else []) + [lower, upper, root_mnt]
+        if work:
+            os.mkdir(work)
+        proc = subprocess.run([sys.executable, "-m", "unionfs", *args], capture_output=True,
+                              text=True, timeout=60)
+        force_unmount(root_mnt)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.startswith("unionfs: error: ") and proc.stderr.count("\n") == 1
+        assert "userxattr" in proc.stderr and "-o userxattr" in proc.stderr
+        assert not is_mounted(root_mnt)
+    # root with -o userxattr takes it, and writes user.overlay.* only
+    work = str(tmp_path / "w")
+    with unionfs_mount([lower], upper, root_mnt, workdir=work, options=["userxattr"]):
+        shutil.rmtree(os.path.join(root_mnt, "dir"))
+        os.mkdir(os.path.join(root_mnt, "dir"))
+    assert os.getxattr(os.path.join(upper, "dir"), "user.overlay.opaque") == b"y"
+    assert not [a for a in os.listxattr(os.path.join(upper, "dir")) if a.startswith("trusted.")]
+    # and a trusted.overlay.* upper is refused with -o userxattr
+    upper3, work3 = str(tmp_path / "u3"), str(tmp_path / "w3")
+    os.mkdir(upper3), os.mkdir(work3)
+    with unionfs_mount([lower], upper3, root_mnt, workdir=work3):
+        shutil.rmtree(os.path.join(root_mnt, "dir"))
+        os.mkdir(os.path.join(root_mnt, "dir"))
+    assert os.getxattr(os.path.join(upper3, "dir"), "trusted.overlay.opaque") == b"y"
+    for w in (work3, str(tmp_path / "w4")):
+        os.makedirs(w, exist_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "unionfs", "mount", "-o", "userxattr",
+                               "--workdir", w, lower, upper3, root_mnt],
+                              capture_output=True, text=True, timeout=60)
+        force_unmount(root_mnt)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "trusted.overlay" in proc.stderr and not is_mounted(root_mnt)
+
+
+def test_userxattr_renames_a_merged_directory_like_overlayfs(user):
+    """No redirects in the userxattr format (overlayfs refuses redirect_dir=on with
+    userxattr): renaming a directory with lower contents is EXDEV, so mv copies it; a
+    directory made in the upper renames in place."""
+    lower, upper, mnt = _layers(user)
+    proc = user.unionfs("mount", lower, upper, mnt)
+    assert proc.returncode == 0, proc.stderr
+    code = textwrap.dedent("""
+        import errno, os, sys
+        m = sys.argv[1]
+        out = []
+        try:
+            os.rename(os.path.join(m, "dir"), os.path.join(m, "moved"))
+            out.append("ok")
+        except OSError as e:
+            out.append(errno.errorcode[e.errno])
+        os.mkdir(os.path.join(m, "mine"))
+        os.rename(os.path.join(m, "mine"), os.path.join(m, "mine2"))
+        out.append(sorted(os.listdir(m)))
+        print(repr(out))
+        """)
+    try:
+        proc = user.python(code, mnt)
+        assert proc.returncode == 0, proc.stderr
+        mv = user.run(["mv", f"{mnt}/dir", f"{mnt}/moved"])
+        assert mv.returncode == 0, mv.stderr
+        listing = user.run(["find", f"{mnt}/moved"], check=True).stdout
+    finally:
+        user.unionfs("umount", mnt)
+        force_unmount(mnt)
+    assert eval(proc.stdout) == ["EXDEV", ["dir", "file", "mine2"]]  # noqa: S307
+    assert sorted(listing.split()) == sorted(f"{mnt}/moved{p}" for p in
+                                             ("", "/gone", "/sub", "/sub/keep"))
+    assert not [a for a in os.listxattr(os.path.join(upper, "moved")) if "redirect" in a]

@@ -21,8 +21,8 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 import pyfuse3
 import trio
 
-from . import syscalls
-from .config import MountConfig
+from . import format, syscalls
+from .config import MountConfig, privileged
 from .nodes import Node
 from .union import Caller, SetAttr, Union
 
@@ -368,6 +368,7 @@ def fuse_options(config: MountConfig) -> set[str]:
 
 def make_operations(config: MountConfig) -> Operations:
     """Open the layers and build the Operations for a mount (raises OSError/ValueError)."""
-    ops = Operations(Union(config), debug=config.debug)
+    fmt = format.for_mount(config.userxattr, privileged())
+    ops = Operations(Union(config, fmt=fmt), debug=config.debug)
     ops.poll_us = config.poll_us
     return ops

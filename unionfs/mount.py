@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from .config import FSTYPE, MountConfig, escape_fuse_option, kernel_flag_options, outer_uid, privileged
+from .format import MixedFormat
 
 log = logging.getLogger("unionfs")
 
@@ -290,6 +291,8 @@ def _prepare(config: MountConfig) -> _Session:
         ops = fs.make_operations(config)
         options = set(fs.fuse_options(config)) | kernel_flag_options(config)
         options = {escape_fuse_option(o) for o in options}
+    except MixedFormat as e:
+        raise MountError(str(e)) from None
     except (OSError, ValueError) as e:
         raise MountError(f"cannot open the layers: {_describe(e)}") from None
     deferred = _defer_stop_signals()

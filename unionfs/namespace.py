@@ -302,6 +302,10 @@ class NamespaceOps:
                 raise err(errno.ENOTDIR)
             if ddir and not sdir:
                 raise err(errno.EISDIR)
+        if not self.fmt.redirects and (self._needs_redirect(snode) or (
+                exchange and dnode is not None and self._needs_redirect(dnode))):
+            raise err(errno.EXDEV)  # as overlayfs without redirects: mv copies instead
+        if dst.st is not None and not exchange:
             if ddir and dnode is not None and self.list_dir(dnode):
                 raise err(errno.ENOTEMPTY)
         yields = self.yields
@@ -369,13 +373,18 @@ class NamespaceOps:
             self.nodes.name_gone(node, p1, n1)
             self.nodes.name_added(node, p2, n2)
 
+    @staticmethod
+    def _needs_redirect(node: Node) -> bool:
+        """A directory whose lower contents only a redirect could take along if it moved."""
+        return node.is_dir and bool(node.lowers) and not node.opaque
+
     def _moved_dir(self: "Union", node: Node, parent: Node, name: bytes) -> None:
         """A directory now at (parent, name) keeps its own lower contents: by a redirect to
         where they are, or, for a directory with none, by being opaque where lower ones exist."""
         if not node.is_dir:
             return
         fd = self.r.upper_fd(parent)
-        if node.lowers and not node.opaque:
+        if self._needs_redirect(node):
             target = b"/" + node.lowers[0][1]
             self.fmt.set_redirect(fd, name, target)
         elif not node.opaque and (parent.lowers or self.r.lower_positive(parent, name)):

@@ -24,7 +24,7 @@ from .changes import Journal
 from .config import MountConfig
 from .copyup import CopyUp, run_in_thread
 from .files import FileOps, Handle
-from .format import NAME_MAX, OVERLAY, Format
+from .format import NAME_MAX, OVERLAY, Format, check_upper
 from .layers import FdCache, Layer, walk_tree
 from .merge import Entry, Resolver
 from .namespace import Caller, NamespaceOps, err
@@ -82,6 +82,10 @@ class Union(NamespaceOps, FileOps):
             self.work = WorkDir(config.workdir)
             if self.work.dev != self.upper.dev:
                 raise ValueError("workdir and upper must be on the same filesystem")
+            recorded = self.work.recorded_format()
+            check_upper(self.upper.fd, fmt, recorded, config.upper)
+            if recorded != fmt.prefix and not config.readonly:
+                self.work.record_format(fmt.prefix)
             leftovers = self.work.cleanup()
             if leftovers:
                 log.info("removed %d leftover work files of an earlier mount", leftovers)

@@ -8,6 +8,7 @@ Layout (all private to unionfs, never shown in the view)::
     WORKDIR/copyup.synced   the newest batch of copy-ups known synced (durable.py)
     WORKDIR/copyup.pending  left by a batch of copy-ups that could not be synced (durable.py)
     WORKDIR/unionfs.log  the daemon's log when it runs in the background
+    WORKDIR/format       the upper's xattr prefix (format.py), noted by the first mount
 
 It must be on the upper's filesystem so a finished temporary reaches the
 upper by rename(2), which is atomic: a crash leaves either nothing or the
@@ -47,6 +48,23 @@ class WorkDir:
             if name is not None:
                 os.unlink(name, dir_fd=self.fd)
         return st.st_uid, st.st_gid
+
+    FORMAT = "format"
+
+    def recorded_format(self) -> bytes | None:
+        """The xattr prefix the upper was written with, as a mount noted it (None: never)."""
+        try:
+            with open(os.path.join(self.path, self.FORMAT), "rb") as f:
+                return f.read().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def record_format(self, prefix: bytes) -> None:
+        path = os.path.join(self.path, self.FORMAT)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(prefix + b"\n")
+        os.replace(tmp, path)
 
     def tmpname(self) -> bytes:
         """A fresh name in work/ (pid-prefixed, so two mounts' leftovers never clash)."""
