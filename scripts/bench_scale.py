@@ -16,7 +16,7 @@ Needs root and /dev/fuse. Builds its layers once (cached in --cache-dir, default
   openmany  10,000 files of the lower held open at once through the mount, one
             byte read from each, and the daemon's fd count while they are open
 
-No timed assertion anywhere: these are figures for README and the closing note.
+No timed assertion anywhere: these are figures, reported in docs/benchmarks.md.
 """
 from __future__ import annotations
 

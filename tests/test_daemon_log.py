@@ -2,7 +2,7 @@
 
 Foreground: stderr. Daemonised: WORKDIR/unionfs.log. `--debug` names every
 request with its arguments and failed ones with their errno. A daemon that stops
-says why (a signal, or the kernel ending the session because somebody
+says why (a signal, or the kernel ending the connection because somebody
 unmounted, also lazily); a start that fails inside the daemon is printed by the
 `unionfs mount` that started it. (test_cli.py has SIGTERM of a daemon, --debug
 reaching the log at all, and the one-line errors of bad command lines.)

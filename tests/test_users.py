@@ -1,4 +1,7 @@
-"""Several users through one mount (allow_other), against kernel overlayfs as the oracle.
+"""Several users through one mount, against kernel overlayfs as the oracle.
+
+The mount is made the default way, by root: that lets every user in (allow_other),
+as a kernel overlay does, and the kernel checks each access against the modes.
 
 One script of cases, each run as a given uid/gid/groups in a forked child
 (cwd: the mount root, entered as root), on a unionfs mount and on a kernel
@@ -95,6 +98,8 @@ CASES: list[tuple[str, int, int, list[int], Callable[[], object]]] = [
     ("sticky: u1 unlinks own file", U1, U1, [], lambda: os.unlink("t/f1")),
     # mode bits
     ("u1 reads u2's 0600", U1, U1, [], lambda: read("priv2")),
+    ("u3 reads root's 0644", U3, U3, [], lambda: read("rootro")),
+    ("u3 lists root's 0755 dir", U3, U3, [], lambda: os.listdir("rootdir")),
     ("u1 writes root's 0644", U1, U1, [], lambda: write("rootro")),
     ("u1 truncates root's 0644", U1, U1, [], lambda: os.truncate("rootro", 0)),
     ("u1 creates in root's 0755 dir", U1, U1, [], lambda: create("rootdir/x")),
@@ -158,7 +163,7 @@ def _state(mnt: str) -> dict[str, tuple]:
     return out
 
 
-def test_users_through_allow_other_like_kernel(tmp_path):
+def test_users_through_a_default_mount_like_kernel(tmp_path):
     results, states = [], []
     for side in ("uf", "k"):
         root = tmp_path / side
@@ -168,7 +173,7 @@ def test_users_through_allow_other_like_kernel(tmp_path):
             os.makedirs(p)
         os.chmod(mnt, 0o755)
         if side == "uf":
-            cm = unionfs_mount([lower], up, mnt, workdir=work, options=("allow_other",))
+            cm = unionfs_mount([lower], up, mnt, workdir=work)  # no options: root's default
         else:
             cm = kernel_overlay([lower], up, work, mnt)
         with cm:
@@ -189,7 +194,22 @@ def test_users_through_allow_other_like_kernel(tmp_path):
     assert k["sticky: u2 unlinks u1's file"] == "EPERM"
     assert k["u1 makes a char device"] == "EPERM"
     assert k["u2 chowns u1's file"] == "EPERM"
+    assert k["u1 reads u2's 0600"] == "EACCES" and k["u3 reads root's 0644"] == 0
     assert oct(stat.S_IMODE(int(states[1]["suid"][0], 8))) == "0o777"
     assert states[1]["sg/d2"][2] == G and int(states[1]["sg/d2"][0], 8) & stat.S_ISGID
     print(f"\nusers: {len(CASES)} cases by uids {U1}, {U2}, {U3} (groups {G}) compared with kernel overlayfs; "
           f"{sum(1 for v in k.values() if v)} refused; {len(states[1])} objects' owner/mode compared")
+
+
+def test_noallow_other_lets_only_the_mounter_in(tmp_path):
+    """`-o noallow_other` gives the FUSE rule back: only the mounting user gets in, whatever
+    the modes say (so the default above is what lets the others in)."""
+    lower, up, work, mnt = (str(tmp_path / d) for d in ("lower", "upper", "work", "mnt"))
+    build(lower)
+    for p in (up, work, mnt):
+        os.makedirs(p)
+    os.chmod(mnt, 0o755)
+    with unionfs_mount([lower], up, mnt, workdir=work, options=("noallow_other",)):
+        assert read(os.path.join(mnt, "rootro")) == b"root's\n"
+        assert run_as(lambda: read(os.path.join(mnt, "rootro")), "/", U3, U3) == errno.EACCES
+        assert run_as(lambda: os.stat(os.path.join(mnt, "own1")), "/", U1, U1) == errno.EACCES

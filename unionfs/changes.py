@@ -356,9 +356,10 @@ class Journal:
     """
 
     def __init__(self, workdir: str | None, upper: str | None = None,
-                 fmt: Format = format.OVERLAY) -> None:
+                 fmt: Format = format.OVERLAY, durable: bool = True) -> None:
         self.fd: int | None = None
         self.fmt = fmt
+        self.durable = durable  # False (volatile): the log is written but never fsynced
         self._last: tuple[bytes, bytes, bool] | None = None  # the last record written
         self.workdir = workdir
         self.upper = upper
@@ -387,7 +388,8 @@ class Journal:
             self.base = write_log(workdir, compacted)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(workdir, CLEAN_NAME))
-            fsync_dir(workdir)
+            if durable:
+                fsync_dir(workdir)
             self._open()
         self.lines = self.base
         _OPEN.append(self)
@@ -436,7 +438,7 @@ class Journal:
                 compacted = compact(records or (), self.upper_fd)
             os.close(self.fd)
             self.fd = None
-            self.base = self.lines = write_log(self.workdir, compacted, sync=sync)
+            self.base = self.lines = write_log(self.workdir, compacted, sync=sync and self.durable)
             self._open()
 
     def close(self) -> None:
@@ -447,9 +449,11 @@ class Journal:
             self.fd = None
             with open(os.path.join(self.workdir, CLEAN_NAME), "w") as f:
                 f.write(f"clean unmount at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(self.workdir)
+                if self.durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            if self.durable:
+                fsync_dir(self.workdir)
         if self.upper_fd is not None:
             os.close(self.upper_fd)
             self.upper_fd = None

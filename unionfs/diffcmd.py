@@ -250,7 +250,7 @@ def opened(args: argparse.Namespace) -> Iterator[Target]:
         t.close()
 
 
-def _layers(t: Target):
+def open_layers(t: Target):
     from .diff import Layers
 
     try:
@@ -299,7 +299,7 @@ def run_diff(args: argparse.Namespace) -> int:
         cand = candidates(t, args.rescan)
         if cand.note:
             print(f"unionfs: note: {cand.note}; rebuilt it from the upper directory", file=sys.stderr)
-        layers = _layers(t)
+        layers = open_layers(t)
         try:
             result = [c for c in compute(layers, cand.paths, relevant, since) if inside(c.path)]
         finally:
@@ -343,7 +343,7 @@ def run_mark(args: argparse.Namespace) -> int:
         cand = candidates(t, False)
         if cand.note:
             print(f"unionfs: note: {cand.note}; rebuilt it from the upper directory", file=sys.stderr)
-        layers = _layers(t)
+        layers = open_layers(t)
         try:
             result = compute(layers, cand.paths)
             save_mark(t.workdir, args.name, result)

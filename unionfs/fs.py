@@ -28,7 +28,6 @@ from .union import Caller, SetAttr, Union
 
 log = logging.getLogger("unionfs")
 
-TIMEOUT = 86400.0  # seconds the kernel may trust an entry or attributes
 
 # pyfuse3 with patches/pyfuse3-3.5.0-unionfs.patch (scripts/setup) answers OPENDIR with
 # ENOSYS itself: directories are then opened without a round trip, as files stay opened
@@ -87,6 +86,11 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.u = union
         self.debug = debug
+        config = union.config
+        self.timeout = config.timeout  # seconds the kernel may trust an entry or attributes
+        self.enable_acl = config.acl
+        self.enable_writeback_cache = config.writeback
+        self.volatile = config.volatile
         # the patched pyfuse3 (UNIONFS_PATCH 5) answers READs of these handles itself
         self.read_fds = union.fds
         self._dir_handles: dict[int, Node] = {}  # stock pyfuse3 only: opendir's handles
@@ -112,12 +116,11 @@ class Operations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.id
         a.generation = 0
-        a.entry_timeout = TIMEOUT
-        a.attr_timeout = TIMEOUT
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
         a.st_mode = st.st_mode
         a.st_nlink = self.u.nlink(node, st)
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
+        a.st_uid, a.st_gid = self.u.owners.shown(st.st_uid, st.st_gid)
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blksize = st.st_blksize
@@ -139,7 +142,7 @@ class Operations(pyfuse3.Operations):
         if node is None:
             neg = pyfuse3.EntryAttributes()
             neg.st_ino = 0
-            neg.entry_timeout = TIMEOUT
+            neg.entry_timeout = self.timeout
             return neg
         return self._entry(node, st)
 
@@ -253,6 +256,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if self.volatile:  # nothing is to be durable; ENOSYS: the kernel stops asking
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         fd = self.u.handle(fh).fd
         await trio.to_thread.run_sync(self.u.fsync, fd, datasync)
 
@@ -304,6 +309,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        if self.volatile:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self._dir(fh)
         if node.upper:
             # never by a path that could be followed: a symlink put at the name behind
@@ -369,6 +376,6 @@ def fuse_options(config: MountConfig) -> set[str]:
 def make_operations(config: MountConfig) -> Operations:
     """Open the layers and build the Operations for a mount (raises OSError/ValueError)."""
     fmt = format.for_mount(config.userxattr, privileged())
-    ops = Operations(Union(config, fmt=fmt), debug=config.debug)
+    ops = Operations(Union(config, writeback=config.writeback, fmt=fmt), debug=config.debug)
     ops.poll_us = config.poll_us
     return ops

@@ -15,15 +15,15 @@ from typing import NoReturn
 
 #: every command but `mount` (which, like the mount-helper form, gets the restart);
 #: tests/test_cli.py checks this against cli.COMMANDS
-OTHER_COMMANDS = frozenset({"umount", "diff", "mark"})
+OTHER_COMMANDS = frozenset({"umount", "diff", "mark", "export"})
 
 
 def wants_restart(argv: list[str], environ: dict[str, str] | os._Environ[str]) -> bool:
-    """A mount (command or helper form) not yet on a chosen allocator. A PYTHONMALLOC
-    already set (by the restart, or by a user debugging) is kept."""
+    """A mount (command, helper or mount-program form) not yet on a chosen allocator.
+    A PYTHONMALLOC already set (by the restart, or by a user debugging) is kept."""
     if environ.get("PYTHONMALLOC") or not argv:
         return False
-    return not argv[0].startswith("-") and argv[0] not in OTHER_COMMANDS
+    return argv[0] not in OTHER_COMMANDS and argv[0] not in ("-h", "--help", "--version")
 
 
 def main() -> NoReturn:

@@ -28,6 +28,7 @@ from .format import NAME_MAX, OVERLAY, Format, check_upper
 from .layers import FdCache, Layer, walk_tree
 from .merge import Entry, Resolver
 from .namespace import Caller, NamespaceOps, err
+from .owners import Owners
 from .nodes import ABSENT_XATTRS, ALT_INO, ROOT_ID, Node, NodeTable, low_ino, make_ino
 from .workdir import WorkDir
 
@@ -58,6 +59,7 @@ class Union(NamespaceOps, FileOps):
         self.upper = Layer(config.upper, 0, True) if config.upper else None
         self.lowers = [Layer(p, i + 1, False) for i, p in enumerate(config.lowers)]
         self.readonly = self.upper is None or config.readonly
+        self.owners = Owners(config.squash_uid, config.squash_gid)
         self.cache = FdCache()
         self.r = Resolver(self.upper, self.lowers, self.cache, fmt)
         root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
@@ -99,7 +101,7 @@ class Union(NamespaceOps, FileOps):
                                  self.syncer, alone=lambda: self.serving <= 1)
             self.copyup.entry_at = self.entry_at
             self.copyup.view_paths = self.view_paths
-            self.journal = Journal(config.workdir, config.upper, fmt)
+            self.journal = Journal(config.workdir, config.upper, fmt, durable=not config.volatile)
             self._record_lowers(config)
         self.handles: dict[int, Handle] = {}
         # fh -> fd of every open file, for the patched pyfuse3 to answer READs by itself
@@ -274,11 +276,11 @@ class Union(NamespaceOps, FileOps):
     def stat(self, node: Node) -> os.stat_result:
         return syscalls.stat_at(*self.loc(node))
 
-    @staticmethod
-    def nlink(node: Node, st: os.stat_result) -> int:
+    def nlink(self, node: Node, st: os.stat_result) -> int:
         """st_nlink as overlayfs reports it: 1 for a directory merged from several layers,
-        whose true subdirectory count no single layer knows (find(1) takes 1 as "unknown")."""
-        if node.is_dir and (len(node.lowers) > 1 or node.merged):
+        whose true subdirectory count no single layer knows (find(1) takes 1 as "unknown");
+        with static_nlink, 1 for every directory."""
+        if node.is_dir and (self.config.static_nlink or len(node.lowers) > 1 or node.merged):
             return 1
         return st.st_nlink
 
@@ -374,7 +376,12 @@ class Union(NamespaceOps, FileOps):
 
     # -- xattrs ------------------------------------------------------------------------
 
+    def _xattrs_on(self) -> None:
+        if not self.config.xattrs:  # noxattrs=1
+            raise err(errno.EOPNOTSUPP)
+
     def getxattr(self, node: Node, attr: bytes) -> bytes:
+        self._xattrs_on()
         bit = ABSENT_XATTRS.get(attr, 0)
         if node.no_xattrs & bit:
             raise err(errno.ENODATA)
@@ -395,10 +402,12 @@ class Union(NamespaceOps, FileOps):
     def listxattr(self, node: Node, privileged: bool = True) -> list[bytes]:
         """Names of the node's xattrs; trusted.* only for a privileged caller (as the
         kernel lists them: the daemon itself reads as root)."""
+        self._xattrs_on()
         return [a for a in syscalls.listxattr(*self.loc(node))
                 if not self.fmt.is_private(a) and (privileged or not a.startswith(b"trusted."))]
 
     async def setxattr(self, node: Node, attr: bytes, value: bytes, flags: int = 0) -> None:
+        self._xattrs_on()
         if self.fmt.is_private(attr):
             raise err(errno.EOPNOTSUPP)
         self._writable()
@@ -408,6 +417,7 @@ class Union(NamespaceOps, FileOps):
         self.journal.record(b"C", node.path())
 
     async def removexattr(self, node: Node, attr: bytes) -> None:
+        self._xattrs_on()
         if self.fmt.is_private(attr):
             raise err(errno.EOPNOTSUPP)
         self._writable()
