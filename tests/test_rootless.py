@@ -328,3 +328,117 @@ def test_userxattr_renames_a_merged_directory_like_overlayfs(user):
     assert sorted(listing.split()) == sorted(f"{mnt}/moved{p}" for p in
                                              ("", "/gone", "/sub", "/sub/keep"))
     assert not [a for a in os.listxattr(os.path.join(upper, "moved")) if "redirect" in a]
+
+
+MAPPING = "0:1000:1:1:110000:65536:200000:300000:10"   # the last range overlaps nothing
+
+
+def _owners_after_ops(mnt: str) -> dict[str, tuple[int, int]]:
+    """Create, mkdir and chown through *mnt* as mapped and unmapped callers; return the
+    owners shown."""
+    import errno as _errno
+
+    def as_user(uid: int, fn) -> str:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+                fn()
+                os._exit(0)
+            except OSError as e:
+                os._exit(100 + e.errno)
+            except BaseException:
+                os._exit(99)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        return "ok" if code == 0 else _errno.errorcode.get(code - 100, str(code))
+
+    results = {
+        "new-by-110005": as_user(110005, lambda: open(os.path.join(mnt, "pub", "n1"), "w").close()),
+        "new-by-1000": as_user(1000, lambda: os.mkdir(os.path.join(mnt, "pub", "d1"))),
+        "new-by-300003": as_user(300003, lambda: open(os.path.join(mnt, "pub", "n2"), "w").close()),
+        "new-by-5000": as_user(5000, lambda: open(os.path.join(mnt, "pub", "n3"), "w").close()),
+    }
+    os.chown(os.path.join(mnt, "a"), 110010, 1000)
+    os.chown(os.path.join(mnt, "b"), 5000, -1)     # no range: stored as the overflow id
+    out = {name: (st.st_uid, st.st_gid) for name in ("a", "b", "c", "pub", "pub/n1", "pub/d1",
+                                                     "pub/n2", "pub/n3")
+           if (st := _lstat(os.path.join(mnt, name))) is not None}
+    out.update({k: v for k, v in results.items()})  # type: ignore[misc]
+    return out
+
+
+def _lstat(path: str):
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _stored(upper: str) -> dict[str, tuple[int, int]]:
+    out = {}
+    for dirpath, dirs, files in os.walk(upper):
+        for name in dirs + files:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if not name.startswith(".wh."):  # fuse-overlayfs marks new directories opaque so
+                out[os.path.relpath(path, upper)] = (st.st_uid, st.st_gid)
+    return out
+
+
+@pytest.fixture
+def public_tmp():
+    """A directory other users can reach (pytest's tmp_path is below a root-only one)."""
+    import tempfile
+    base = tempfile.mkdtemp(prefix="unionfs-idmap-", dir="/var/tmp")
+    os.chmod(base, 0o755)
+    try:
+        yield base
+    finally:
+        with open("/proc/self/mountinfo") as f:
+            left = [line.split()[4] for line in f if line.split()[4].startswith(base + "/")]
+        for mnt in left:
+            force_unmount(mnt)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_uidmapping_gidmapping_as_fuse_overlayfs(public_tmp):
+    """uidmapping=/gidmapping= against fuse-overlayfs itself on the same operations: the
+    owners shown for stored ids in, across and outside the ranges, and the owners stored
+    for what mapped and unmapped callers create and chown."""
+    import shutil as _shutil
+    if _shutil.which("fuse-overlayfs") is None:
+        pytest.fail("fuse-overlayfs is not installed (scripts/setup installs it)")
+    results = {}
+    for impl in ("fuse-overlayfs", "unionfs"):
+        base = os.path.join(public_tmp, impl)
+        lower, upper, work, mnt = (os.path.join(base, d) for d in ("lower", "upper", "work", "mnt"))
+        for d in (lower, upper, work, mnt):
+            os.makedirs(d)
+        os.chmod(base, 0o755)
+        for name, owner in (("a", 0), ("b", 1), ("c", 70000)):
+            with open(os.path.join(lower, name), "w") as f:
+                f.write(name)
+            os.chown(os.path.join(lower, name), owner, owner)
+        os.mkdir(os.path.join(lower, "pub"), 0o777)
+        os.chmod(os.path.join(lower, "pub"), 0o777)
+        opts = (f"lowerdir={lower},upperdir={upper},workdir={work},"
+                f"uidmapping={MAPPING},gidmapping={MAPPING},allow_other")
+        cmd = (["fuse-overlayfs", "-o", opts, mnt] if impl == "fuse-overlayfs" else
+               [sys.executable, "-m", "unionfs", "mount", "-o", opts, mnt])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        try:
+            shown = _owners_after_ops(mnt)
+        finally:
+            if impl == "unionfs":
+                subprocess.run([sys.executable, "-m", "unionfs", "umount", mnt], capture_output=True)
+            force_unmount(mnt)
+        results[impl] = (shown, _stored(upper))
+    shown, stored = results["unionfs"]
+    assert shown["a"] == (110010, 1000) and stored["a"] == (11, 0)
+    assert shown["c"] == (65534, 65534)
+    assert stored["pub/n1"] == (6, 6) and stored["pub/n2"] == (200003, 200003)
+    assert results["unionfs"] == results["fuse-overlayfs"]

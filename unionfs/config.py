@@ -41,6 +41,9 @@ class MountConfig:
     # of trusted.overlay.: asked for with -o userxattr, and the only one a mount without
     # CAP_SYS_ADMIN in the initial user namespace can write
     userxattr: bool = False
+    # uidmapping=/gidmapping=: (id on disk, id shown, count) ranges (see owners.IdMap)
+    uid_map: tuple[tuple[int, int, int], ...] | None = None
+    gid_map: tuple[tuple[int, int, int], ...] | None = None
     extra: dict[str, str] = field(default_factory=dict)  # unrecognised-but-harmless mount options
 
     @property
@@ -118,6 +121,8 @@ class MountOptions:
     debug: bool = False
     fsname: str | None = None
     userxattr: bool = False
+    uid_map: tuple[tuple[int, int, int], ...] | None = None
+    gid_map: tuple[tuple[int, int, int], ...] | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def squashed(self) -> tuple[int | None, int | None]:
@@ -125,6 +130,21 @@ class MountOptions:
         root = 0 if self.squash_root else None
         return (root if self.squash_uid is None else self.squash_uid,
                 root if self.squash_gid is None else self.squash_gid)
+
+
+def parse_id_map(name: str, value: str) -> tuple[tuple[int, int, int], ...]:
+    """fuse-overlayfs's `ID:MAPPED:COUNT[:ID:MAPPED:COUNT...]`, all colon-separated (a comma
+    would end the option): ids ID.. on disk are shown as MAPPED.., COUNT of them."""
+    parts = value.split(":")
+    if len(parts) % 3 or not all(p.isdigit() for p in parts):
+        raise ConfigError(f"{name} must be ID:MAPPED-ID:COUNT[:ID:MAPPED-ID:COUNT...], not '{value}'")
+    nums = [int(p) for p in parts]
+    ranges = tuple((nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3))
+    for first, mapped, count in ranges:
+        if count == 0 or first + count > 2**32 - 1 or mapped + count > 2**32 - 1:
+            raise ConfigError(f"{name}: the range {first}:{mapped}:{count} is empty or past "
+                              "the last id")
+    return ranges
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -213,7 +233,7 @@ _STRING_FIELDS = {"upperdir", "workdir", "fsname"}
 _BOOLS: dict[str, tuple[str, bool]] = {
     "fsync": ("fsync", True), "noxattrs": ("xattrs", False), "writeback": ("writeback", True),
 }
-_VALUED = {"lowerdir", "poll_us", "squash_to_uid", "squash_to_gid", "timeout",
+_VALUED = {"lowerdir", "poll_us", "squash_to_uid", "squash_to_gid", "timeout", "uidmapping", "gidmapping",
            "xattr_permissions", "context", *_BOOLS}
 
 
@@ -268,6 +288,8 @@ def _apply_option(opts: MountOptions, item: str) -> None:
         if not value.isdigit() or int(value) >= 2**32 - 1:
             raise ConfigError(f"{name} must be a numeric id, not '{value}'")
         setattr(opts, "squash_" + name[-3:], int(value))
+    elif name in ("uidmapping", "gidmapping"):
+        setattr(opts, name[0] + "id_map", parse_id_map(name, value))
     elif name == "timeout":
         try:
             seconds = float(value)
@@ -394,7 +416,8 @@ def build_config(lowers: list[str], upper: str | None, mountpoint: str,
         xattrs=opts.xattrs, acl=opts.acl, writeback=opts.writeback,
         poll_us=opts.poll_us, foreground=foreground, debug=debug or opts.debug,
         fsname=opts.fsname or MountConfig.fsname,
-        userxattr=opts.userxattr or not privileged(), extra=dict(opts.extra))
+        userxattr=opts.userxattr or not privileged(), uid_map=opts.uid_map,
+        gid_map=opts.gid_map, extra=dict(opts.extra))
     return config, create
 
 

@@ -58,14 +58,15 @@ class NamespaceOps:
         return e, self.r.upper_fd(parent)
 
     def _owner(self: "Union", parent: Node, caller: Caller, mode: int) -> tuple[int, int, int]:
-        """Owner and mode of a new object: the caller's, with set-gid directory inheritance."""
+        """Owner and mode of a new object: the caller's (as stored: uidmapping=), with set-gid
+        directory inheritance."""
         pst = self.stat(parent)
-        gid = caller.gid
+        uid, gid = self.owners.stored(caller.uid, caller.gid)
         if pst.st_mode & stat.S_ISGID:
             gid = pst.st_gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        return caller.uid, gid, mode
+        return uid, gid, mode
 
     def _finish_new(self: "Union", parent: Node, name: bytes, dfd: int, tmp: bytes | None,
                     e: Entry, is_dir: bool) -> os.stat_result:

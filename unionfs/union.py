@@ -59,7 +59,7 @@ class Union(NamespaceOps, FileOps):
         self.upper = Layer(config.upper, 0, True) if config.upper else None
         self.lowers = [Layer(p, i + 1, False) for i, p in enumerate(config.lowers)]
         self.readonly = self.upper is None or config.readonly
-        self.owners = Owners(config.squash_uid, config.squash_gid)
+        self.owners = Owners.for_config(config)
         self.cache = FdCache()
         self.r = Resolver(self.upper, self.lowers, self.cache, fmt)
         root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
@@ -365,8 +365,8 @@ class Union(NamespaceOps, FileOps):
         if attrs.uid is not None or attrs.gid is not None:
             # chown(2) drops set-uid on disk just as the kernel's VFS did before sending
             # this request (with the cleared mode in it, applied below)
-            syscalls.chown_at(dfd, name, -1 if attrs.uid is None else attrs.uid,
-                              -1 if attrs.gid is None else attrs.gid)
+            syscalls.chown_at(dfd, name, *self.owners.stored(
+                -1 if attrs.uid is None else attrs.uid, -1 if attrs.gid is None else attrs.gid))
         if attrs.mode is not None and node.kind != stat.S_IFLNK:
             syscalls.chmod_at(dfd, name, stat.S_IMODE(attrs.mode))
         if attrs.atime_ns is not None or attrs.mtime_ns is not None:
