@@ -164,10 +164,12 @@ def unprivileged_user(tag: str = "u", subids: bool = False) -> Iterator[User]:
     home = os.path.join(base, "home")
     added = False
     try:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", home,
-                        "--shell", "/bin/sh", "--uid", str(uid), "--user-group", name],
-                       check=True, capture_output=True)
+        subprocess.run(["groupadd", "--system", "--gid", str(uid), name], check=True,
+                       capture_output=True)
         added = True
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", home,
+                        "--shell", "/bin/sh", "--uid", str(uid), "--gid", str(uid), name],
+                       check=True, capture_output=True)
         os.mkdir(home, 0o755)
         os.chown(home, uid, uid)
         run = os.path.join(base, "run")
@@ -184,6 +186,7 @@ def unprivileged_user(tag: str = "u", subids: bool = False) -> Iterator[User]:
             _unmount_under(base)
             _remove_subids(name)
             subprocess.run(["userdel", name], capture_output=True)
+            subprocess.run(["groupdel", name], capture_output=True)
         _unmount_under(base)
         shutil.rmtree(base, ignore_errors=True)
 

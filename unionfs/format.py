@@ -191,6 +191,12 @@ class Format:
         """The identity xattr's value (see nodes.parse_ino, durable.parse_tag), or None."""
         return syscalls.getxattr(fd, name, self.ino_key)
 
+    def keeps_identity(self, mode: int) -> bool:
+        """Can an object of this type carry the identity xattr? user.* xattrs exist only on
+        regular files and directories, so in the userxattr format a copied-up symlink,
+        fifo, socket or device shows its upper inode number, as on overlayfs there."""
+        return self.prefix != USER or stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
     def set_identity(self, fd: int, name: bytes | None, value: bytes) -> None:
         syscalls.setxattr(fd, name, self.ino_key, value)
 

@@ -77,6 +77,9 @@ class Resolver:
         self.lowers = lowers
         self.cache = cache
         self.fmt = fmt
+        # upper st_ino -> identity of the copies this mount made that cannot carry the
+        # identity xattr (Format.keeps_identity): they keep their node until unmounted
+        self.unmarked: dict[int, int] = {}
         # (lower dirs searched, name) found in none of them: lower layers never change
         # under a mount, so a name a LOOKUP missed is not probed again by the CREATE,
         # MKDIR or RENAME that follows (two syscalls per layer each time)
@@ -127,6 +130,8 @@ class Resolver:
                     return e
                 e.st, e.upper = st, True
                 own = parse_ino(self.fmt.identity(ufd, name))
+                if own is None and self.unmarked:
+                    own = self.unmarked.get(st.st_ino)
                 e.ino = own if own is not None else make_ino(0, st.st_ino)
                 if not stat.S_ISDIR(st.st_mode):
                     return e
