@@ -322,3 +322,23 @@ def test_refusals_are_one_line(tmp_path: Path, args: list[str], message: str) ->
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("unionfs: error: "), proc.stderr
     assert message in proc.stderr, proc.stderr
     assert not is_mounted(str(mnt)) and sorted(str(p) for p in root.rglob("*")) == before
+
+
+def test_volatile_stop_makes_no_name_in_the_workdir(tmp_path: Path) -> None:
+    """An engine removes the container's directories right after its umount(2), while the
+    daemon may still be stopping: a volatile stop creates nothing there (a new name makes
+    the engine's rm -r fail with ENOTEMPTY). A later mount still knows what changed."""
+    root = store(tmp_path)
+    mnt = root / "ctr/merged"
+    mount_program(root, "-o", engine_opts(root, extra="volatile"), str(mnt))
+    (mnt / "made").write_text("x")
+    os.unlink(mnt / "only1")
+    names = sorted(os.listdir(root / "ctr/work"))
+    unmount_like_the_engine(mnt)
+    assert sorted(os.listdir(root / "ctr/work")) == names
+    mount_program(root, "-o", engine_opts(root), str(mnt))
+    try:
+        proc = subprocess.run(unionfs_cmd("diff", str(mnt)), capture_output=True, text=True, check=True)
+        assert proc.stdout.split("\n")[:-1] == ["A /made", "D /only1"], proc.stdout
+    finally:
+        unmount_like_the_engine(mnt)

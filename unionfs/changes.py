@@ -61,12 +61,10 @@ from typing import Iterable, Iterator
 from . import format
 from .format import Format
 from .layers import walk_tree
+from .workdir import CHANGES_CLEAN, CHANGES_LOCK, CHANGES_LOG, path_of
 
 log = logging.getLogger("unionfs")
 
-LOG_NAME = "changes.log"
-CLEAN_NAME = "changes.clean"
-LOCK_NAME = "changes.lock"
 HEADER = b"# unionfs changes log v1\n"
 KINDS = b"ACDT?"
 UNKNOWN_PATH = b"-"
@@ -163,7 +161,7 @@ def parse(data: bytes) -> list[Record]:
 def read_log(workdir: str) -> list[Record] | None:
     """The records of WORKDIR/changes.log; None if there is none; LogDamaged if it is bad."""
     try:
-        with open(os.path.join(workdir, LOG_NAME), "rb") as f:
+        with open(path_of(workdir, CHANGES_LOG), "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return None
@@ -171,7 +169,7 @@ def read_log(workdir: str) -> list[Record] | None:
 
 
 def is_clean(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, CLEAN_NAME))
+    return os.path.exists(path_of(workdir, CHANGES_CLEAN))
 
 
 # --------------------------------------------------------------------------
@@ -260,7 +258,7 @@ def compact(records: Iterable[Record], upper_fd: int | None = None) -> list[Reco
 
 def write_log(workdir: str, records: Iterable[Record], sync: bool = True) -> int:
     """Atomically replace WORKDIR/changes.log; returns the number of records."""
-    path = os.path.join(workdir, LOG_NAME)
+    path = path_of(workdir, CHANGES_LOG)
     tmp = path + ".tmp"
     buf = [HEADER]
     n = 0
@@ -294,7 +292,7 @@ def fsync_dir(path: str) -> None:
 @contextlib.contextmanager
 def log_lock(workdir: str) -> Iterator[None]:
     """Serialises rewrites of the log with appends by other processes (`diff --rescan`)."""
-    fd = os.open(os.path.join(workdir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path_of(workdir, CHANGES_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -318,7 +316,7 @@ def append_records(workdir: str, pairs: Iterable[tuple[bytes, bytes]]) -> None:
     """Append records from another process than the daemon (under the log lock)."""
     stamp = now_stamp()
     with log_lock(workdir):
-        fd = os.open(os.path.join(workdir, LOG_NAME), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        fd = os.open(path_of(workdir, CHANGES_LOG), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         try:
             chunk: list[bytes] = []
             for kind, path in pairs:
@@ -359,7 +357,7 @@ class Journal:
                  fmt: Format = format.OVERLAY, durable: bool = True) -> None:
         self.fd: int | None = None
         self.fmt = fmt
-        self.durable = durable  # False (volatile): the log is written but never fsynced
+        self.durable = durable  # False (volatile): never fsynced, the stop not recorded
         self._last: tuple[bytes, bytes, bool] | None = None  # the last record written
         self.workdir = workdir
         self.upper = upper
@@ -387,7 +385,7 @@ class Journal:
                 compacted = compact(records or (), self.upper_fd)
             self.base = write_log(workdir, compacted)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(workdir, CLEAN_NAME))
+                os.unlink(path_of(workdir, CHANGES_CLEAN))
             if durable:
                 fsync_dir(workdir)
             self._open()
@@ -396,7 +394,7 @@ class Journal:
 
     def _open(self) -> None:
         assert self.workdir is not None
-        self.fd = os.open(os.path.join(self.workdir, LOG_NAME),
+        self.fd = os.open(path_of(self.workdir, CHANGES_LOG),
                           os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     def record(self, kind: bytes, path: bytes, tree: bool = False) -> None:
@@ -442,18 +440,22 @@ class Journal:
             self._open()
 
     def close(self) -> None:
+        if self.fd is not None and not self.durable:
+            # volatile: the stop is not recorded (no compaction, no clean marker), so no
+            # name is made in the workdir after the unmount, when an engine is already
+            # removing it; a later mount of this upper rebuilds the log from the upper
+            os.close(self.fd)
+            self.fd = None
         if self.fd is not None:
             assert self.workdir is not None
             self.compact(sync=True)
             os.close(self.fd)
             self.fd = None
-            with open(os.path.join(self.workdir, CLEAN_NAME), "w") as f:
+            with open(path_of(self.workdir, CHANGES_CLEAN), "w") as f:
                 f.write(f"clean unmount at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
-                if self.durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            if self.durable:
-                fsync_dir(self.workdir)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(self.workdir)
         if self.upper_fd is not None:
             os.close(self.upper_fd)
             self.upper_fd = None

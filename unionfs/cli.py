@@ -122,6 +122,8 @@ COMMANDS: dict[str, Command] = {
                     diffcmd.add_mark, diffcmd.run_mark),
     "export": Command("write a union's changes as an OCI image layer (tar, tar+gzip, tar+zstd)",
                       oci.add_export, oci.run_export),
+    "import": Command("unpack an OCI layer or image (docker save, OCI layout) into layer directories",
+                      oci.add_import, oci.run_import),
 }
 
 

@@ -52,6 +52,7 @@ from .format import Format
 from .layers import FdCache, Layer, walk_tree
 from .merge import Entry, Resolver
 from .nodes import ROOT_ID, Node
+from .workdir import MARKS, path_of
 
 TYPE_NAMES = {
     stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
@@ -509,11 +510,8 @@ def compute(layers: Layers, candidates: Iterable[bytes], relevant: Relevant = la
 # Marks: the full change state at a named point, for `diff --since`
 # --------------------------------------------------------------------------
 
-MARKS_DIR = "marks"
-
-
 def mark_path(workdir: str, name: str) -> str:
-    return os.path.join(workdir, MARKS_DIR, name + ".json")
+    return os.path.join(path_of(workdir, MARKS), name + ".json")
 
 
 def save_mark(workdir: str, name: str, changes: list[Change]) -> None:
@@ -522,7 +520,7 @@ def save_mark(workdir: str, name: str, changes: list[Change]) -> None:
         entries.append({"path": escape(c.path).decode(), "kind": c.kind,
                         "state": None if c.new is None else c.new.to_json()})
     doc = {"version": 1, "name": name, "time": time.time(), "entries": entries}
-    os.makedirs(os.path.join(workdir, MARKS_DIR), mode=0o700, exist_ok=True)
+    os.makedirs(path_of(workdir, MARKS), mode=0o700, exist_ok=True)
     path = mark_path(workdir, name)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -548,14 +546,14 @@ def list_marks(workdir: str) -> list[tuple[str, float, int]]:
     """(name, time, number of changes) of each mark, oldest first."""
     out = []
     try:
-        names = os.listdir(os.path.join(workdir, MARKS_DIR))
+        names = os.listdir(path_of(workdir, MARKS))
     except FileNotFoundError:
         return []
     for fn in names:
         if not fn.endswith(".json"):
             continue
         try:
-            with open(os.path.join(workdir, MARKS_DIR, fn)) as f:
+            with open(os.path.join(path_of(workdir, MARKS), fn)) as f:
                 doc = json.load(f)
             out.append((doc["name"], float(doc["time"]), len(doc["entries"])))
         except (OSError, ValueError, KeyError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import gc
 import logging
 import logging.handlers
@@ -26,123 +25,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from .config import FSTYPE, MountConfig, escape_fuse_option, kernel_flag_options, outer_uid, privileged
+from . import workdir
+from .config import FSTYPE, MountConfig, escape_fuse_option, kernel_flag_options
 from .format import MixedFormat
+from .runstate import (MountEntry, alive, lock_dir, mount_entries, read_pidfile, remove_pidfile,
+                       this_process, top_mount, write_pidfile)
 
 log = logging.getLogger("unionfs")
 
 MAX_TASKS = 32          # concurrent request handlers in the trio loop
-LOG_NAME = "unionfs.log"
 UMOUNT_TIMEOUT_ENV = "UNIONFS_UMOUNT_TIMEOUT"
-RUNDIR_ENV = "UNIONFS_RUNDIR"
 MNT_DETACH = 2
 
 
 class MountError(Exception):
     """A failure to mount or unmount, reported to the user as one line."""
-
-
-# --------------------------------------------------------------------------
-# /proc helpers
-# --------------------------------------------------------------------------
-
-@dataclass
-class MountEntry:
-    """One line of /proc/self/mountinfo (only the fields we use)."""
-
-    devno: str        # "major:minor", unique among live mounts
-    mountpoint: str
-    fstype: str
-    source: str
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mount_entries() -> list[MountEntry]:
-    entries = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.rstrip("\n").partition(" - ")
-            fields, tail = pre.split(), post.split()
-            entries.append(MountEntry(fields[2], _unescape(fields[4]), tail[0], _unescape(tail[1])))
-    return entries
-
-
-def top_mount(path: str) -> MountEntry | None:
-    """The mount visible at *path* (the last one stacked there), if any."""
-    found = None
-    for entry in mount_entries():
-        if entry.mountpoint == path:
-            found = entry
-    return found
-
-
-def _proc_state(pid: int) -> tuple[str, str] | None:
-    """(state, starttime) of *pid*, or None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return fields[0], fields[19]
-
-
-def _alive(pid: int, starttime: str | None) -> bool:
-    """Running and the same process (start time guards against pid reuse); zombies count as gone."""
-    state = _proc_state(pid)
-    if state is None or state[0] in ("Z", "X"):
-        return False
-    return starttime is None or state[1] == starttime
-
-
-# --------------------------------------------------------------------------
-# pid files: <rundir>/<major>:<minor>.pid, keyed by the mount's device number
-# so they work for read-only unions (no workdir) and stacked mounts alike.
-# --------------------------------------------------------------------------
-
-def rundir() -> str:
-    if RUNDIR_ENV in os.environ:
-        return os.environ[RUNDIR_ENV]
-    if privileged():
-        return "/run/unionfs"
-    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/unionfs-{outer_uid()}", "unionfs")
-
-
-def _pidfile(devno: str) -> str:
-    return os.path.join(rundir(), devno + ".pid")
-
-
-def _write_pidfile(devno: str, mountpoint: str, config: MountConfig | None = None) -> str:
-    path = _pidfile(devno)
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    state = _proc_state(os.getpid())
-    tmp = f"{path}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()} {state[1] if state else '-'}\n{mountpoint}\n")
-        if config is not None:  # read by `unionfs diff MOUNTPOINT` (unionfs/diffcmd.py)
-            f.write(f"upper={config.upper or ''}\nworkdir={config.workdir or ''}\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _read_pidfile(devno: str) -> tuple[int, str | None] | None:
-    try:
-        with open(_pidfile(devno)) as f:
-            pid, start = f.readline().split()
-        return int(pid), (None if start == "-" else start)
-    except (OSError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------
@@ -234,7 +131,7 @@ def _detach_stdio(config: MountConfig) -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    logfile = os.path.join(config.workdir, LOG_NAME) if config.workdir else None
+    logfile = workdir.path_of(config.workdir, workdir.DAEMON_LOG) if config.workdir else None
     if logfile:
         try:
             out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -301,7 +198,7 @@ def _prepare(config: MountConfig) -> _Session:
     pidfile = None
     if entry is not None:
         with contextlib.suppress(OSError):
-            pidfile = _write_pidfile(entry.devno, config.mountpoint, config)
+            pidfile = write_pidfile(entry.devno, config.mountpoint, config.upper, config.workdir)
     log.info("mounted %s (pid %d)", config.mountpoint, os.getpid())
     return _Session(pidfile, locks, ops, deferred)
 
@@ -362,18 +259,10 @@ def _lock_dir(path: str, what: str) -> int:
     A daemon whose mount is already gone may still be finishing (closing the changes
     log) when the next mount of the same upper starts, e.g. after a lazy or forced
     unmount that did not wait for it: give it a moment before calling the upper busy."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    deadline = time.monotonic() + LOCK_GRACE
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() < deadline:
-                time.sleep(0.05)
-                continue
-            os.close(fd)
-            raise MountError(f"{what} '{path}' is in use by another unionfs mount") from None
+    fd = lock_dir(path, LOCK_GRACE)
+    if fd is None:
+        raise MountError(f"{what} '{path}' is in use by another unionfs mount")
+    return fd
 
 
 def _rss_kib() -> int:
@@ -463,10 +352,7 @@ def _serve(config: MountConfig, session: _Session) -> None:
         devno = os.path.basename(session.pidfile or "").removesuffix(".pid")
         if session.pidfile and not any(e.devno == devno for e in mount_entries()):
             # the device number may already serve another mount, with its own pid file
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(session.pidfile) as f:
-                    if int(f.readline().split()[0]) == os.getpid():
-                        os.unlink(session.pidfile)
+            remove_pidfile(devno, this_process())
         log.info("unmounted %s", config.mountpoint)
 
 
@@ -503,8 +389,9 @@ def unmount(path: str, recursive: bool = False) -> None:
         names = ", ".join(dict.fromkeys(e.mountpoint for e in reversed(below)))  # stacked: once
         raise MountError(f"'{path}' has mounts below it: {names} "
                          "(unmount them first, or use `unionfs umount -R`)")
-    owner = _read_pidfile(entry.devno)
-    dead = owner is not None and not _alive(*owner)
+    pf = read_pidfile(entry.devno)
+    owner = pf.owner if pf is not None else None
+    dead = owner is not None and not alive(*owner)
     if below and dead:
         # paths below a dead FUSE mount may not resolve (ENOTCONN); detaching
         # the union takes everything mounted below it along
@@ -518,9 +405,7 @@ def unmount(path: str, recursive: bool = False) -> None:
         _umount(mnt, lazy=False, dead=dead)
     if owner is not None:
         _wait_for_exit(*owner)
-    if _read_pidfile(entry.devno) == owner:  # not yet another mount's (device numbers get reused)
-        with contextlib.suppress(OSError):
-            os.unlink(_pidfile(entry.devno))
+    remove_pidfile(entry.devno, owner)  # not another mount's (device numbers get reused)
 
 
 def _umount(mnt: str, lazy: bool, dead: bool) -> None:
@@ -546,11 +431,11 @@ def _wait_for_exit(pid: int, starttime: str | None) -> None:
     """Wait for the daemon; nudge it with SIGTERM, then SIGKILL, if it lingers."""
     timeout = float(os.environ.get(UMOUNT_TIMEOUT_ENV, "30"))
     for sig, wait in ((None, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        if sig is not None and _alive(pid, starttime):
+        if sig is not None and alive(pid, starttime):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while _alive(pid, starttime):
+        while alive(pid, starttime):
             if time.monotonic() > deadline:
                 break
             time.sleep(0.02)

@@ -30,6 +30,7 @@ from .merge import Entry, Resolver
 from .namespace import Caller, NamespaceOps, err
 from .owners import Owners
 from .nodes import ABSENT_XATTRS, ALT_INO, ROOT_ID, Node, NodeTable, low_ino, make_ino
+from . import workdir
 from .workdir import WorkDir
 
 __all__ = ["Union", "Caller", "SetAttr", "Handle", "err"]
@@ -84,10 +85,10 @@ class Union(NamespaceOps, FileOps):
             self.work = WorkDir(config.workdir)
             if self.work.dev != self.upper.dev:
                 raise ValueError("workdir and upper must be on the same filesystem")
-            recorded = self.work.recorded_format()
+            recorded = workdir.recorded_format(config.workdir)
             check_upper(self.upper.fd, fmt, recorded, config.upper)
             if recorded != fmt.prefix and not config.readonly:
-                self.work.record_format(fmt.prefix)
+                workdir.record_format(config.workdir, fmt.prefix)
             leftovers = self.work.cleanup()
             if leftovers:
                 log.info("removed %d leftover work files of an earlier mount", leftovers)
@@ -102,23 +103,13 @@ class Union(NamespaceOps, FileOps):
             self.copyup.entry_at = self.entry_at
             self.copyup.view_paths = self.view_paths
             self.journal = Journal(config.workdir, config.upper, fmt, durable=not config.volatile)
-            self._record_lowers(config)
+            workdir.record_lowers(config.workdir, config.lowers)
         self.handles: dict[int, Handle] = {}
         # fh -> fd of every open file, for the patched pyfuse3 to answer READs by itself
         self.fds: dict[int, int] = {}
         self._lower_handles: dict[Node, set[int]] = {}  # open read-only on the lower copy
         self._next_fh = 1
         self._redirects: list[tuple[bytes, bytes]] | None = None  # see view_paths
-
-    @staticmethod
-    def _record_lowers(config: MountConfig) -> None:
-        """Remember the stack in the workdir, so `unionfs diff UPPER` works unmounted."""
-        assert config.workdir is not None
-        path = os.path.join(config.workdir, "lowers")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("".join(p + "\n" for p in config.lowers))
-        os.replace(tmp, path)
 
     def _find_origins(self, index: int, inos: set[int]) -> dict[int, bytes]:
         """Paths of the regular files with these st_inos (low 48 bits, as make_ino keeps

@@ -86,3 +86,33 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"digest {lw.digest}", file=report)
     print(f"diffid {lw.diff_id}", file=report)
     return 0
+
+
+# -- import ---------------------------------------------------------------------------
+
+def add_import(p: argparse.ArgumentParser) -> None:
+    p.usage = "unionfs import [--digest sha256:HEX] ARCHIVE DIR"
+    p.add_argument("archive", metavar="ARCHIVE",
+                   help="a layer (tar, tar.gz, tar.zst), a `docker save` tar, or an OCI image "
+                        "layout (directory or tar)")
+    p.add_argument("dest", metavar="DIR", help="the new layer directory (images: DIR/0, DIR/1, ...)")
+    p.add_argument("--digest", metavar="sha256:HEX",
+                   help="refuse a layer archive whose sha256 is not this")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from .importer import Refused, import_archive
+
+    try:
+        result = import_archive(args.archive, args.dest, args.digest)
+    except Refused as e:
+        raise ConfigError(str(e)) from None
+    if result.skipped_xattrs:
+        print("unionfs: warning: left out xattrs a layer does not carry: "
+              + ", ".join(sorted(result.skipped_xattrs)), file=sys.stderr)
+    top_first = list(reversed(result.layers))
+    print(":".join(d for d, *_ in top_first))
+    if result.is_image:
+        for d, diff_id, created, created_by in top_first:
+            print(f"{d}\t{diff_id}\t{created}\t{created_by}")
+    return 0
