@@ -442,3 +442,85 @@ def test_uidmapping_gidmapping_as_fuse_overlayfs(public_tmp):
     assert shown["c"] == (65534, 65534)
     assert stored["pub/n1"] == (6, 6) and stored["pub/n2"] == (200003, 200003)
     assert results["unionfs"] == results["fuse-overlayfs"]
+
+
+def test_one_user_cannot_reach_anothers_files():
+    """Through user B's own mount of layers holding user A's files, B gets what the modes
+    give B and no more (the daemon runs as B, the kernel checks the modes shown); A's mount
+    is closed to B altogether (no allow_other); and in a user namespace, where the mount
+    lets every mapped user in, one mapped user cannot read another's private file."""
+    with unprivileged_user("a") as a, unprivileged_user("b") as b:
+        lower = a.path("lower")
+        a.run(["sh", "-c", textwrap.dedent(f"""
+            set -e
+            mkdir -p {lower}/private {lower}/open
+            echo secret > {lower}/secret && chmod 600 {lower}/secret
+            echo hidden > {lower}/private/f && chmod 700 {lower}/private
+            echo readable > {lower}/open/f && chmod 644 {lower}/open/f
+            mkdir {a.path('upper')} {a.path('mnt')}
+            """)], check=True)
+        os.chmod(a.home, 0o755)
+        upper, mnt = b.path("upper"), b.path("mnt")
+        b.run(["mkdir", upper, mnt], check=True)
+        proc = b.unionfs("mount", lower, upper, mnt)
+        assert proc.returncode == 0, proc.stderr
+        code = textwrap.dedent("""
+            import errno, os, sys
+            m = sys.argv[1]
+            def outcome(fn):
+                try:
+                    fn()
+                    return "ok"
+                except OSError as e:
+                    return errno.errorcode[e.errno]
+            print(repr({
+                "read secret": outcome(lambda: open(os.path.join(m, "secret")).read()),
+                "list private": outcome(lambda: os.listdir(os.path.join(m, "private"))),
+                "read private/f": outcome(lambda: open(os.path.join(m, "private/f")).read()),
+                "read open/f": outcome(lambda: open(os.path.join(m, "open/f")).read()),
+                "write open/f": outcome(lambda: open(os.path.join(m, "open/f"), "a").write("x")),
+                "chmod secret": outcome(lambda: os.chmod(os.path.join(m, "secret"), 0o666)),
+                "new in open": outcome(lambda: open(os.path.join(m, "open/new"), "w").close()),
+                "unlink open/f": outcome(lambda: os.unlink(os.path.join(m, "open/f"))),
+            }))
+            """)
+        try:
+            seen = b.python(code, mnt)
+            proc = a.unionfs("mount", lower, a.path("upper"), a.path("mnt"))
+            assert proc.returncode == 0, proc.stderr
+            try:
+                into_a = b.python("import os, sys; os.listdir(sys.argv[1])", a.path("mnt"))
+            finally:
+                a.unionfs("umount", a.path("mnt"))
+                force_unmount(a.path("mnt"))
+        finally:
+            b.unionfs("umount", mnt)
+            force_unmount(mnt)
+        assert seen.returncode == 0, seen.stderr
+        assert eval(seen.stdout) == {  # noqa: S307 - our own child's repr
+            "read secret": "EACCES", "list private": "EACCES", "read private/f": "EACCES",
+            "read open/f": "ok", "write open/f": "EACCES", "chmod secret": "EPERM",
+            "new in open": "EACCES", "unlink open/f": "EACCES"}
+        assert into_a.returncode != 0 and "Permission denied" in into_a.stderr
+        assert os.listdir(upper) == []   # nothing was copied up for B
+        # in a user namespace: ids 1000 and 1001 there, one mount that lets both in
+    with unprivileged_user("n", subids=True) as n:
+        lower, upper, mnt = n.path("lower"), n.path("upper"), n.path("mnt")
+        py = sys.executable
+        script = textwrap.dedent(f"""
+            set -e
+            mkdir -p {lower} {upper} {mnt}
+            echo mine > {lower}/mine && chown 1000:1000 {lower}/mine && chmod 600 {lower}/mine
+            chmod 755 {n.home} {lower} {upper}
+            {py} -m unionfs mount {lower} {upper} {mnt}
+            trap '{py} -m unionfs umount {mnt}' EXIT
+            setpriv --reuid=1000 --regid=1000 --clear-groups cat {mnt}/mine
+            if setpriv --reuid=1001 --regid=1001 --clear-groups cat {mnt}/mine 2>/dev/null; then
+                echo LEAKED
+            fi
+            setpriv --reuid=1001 --regid=1001 --clear-groups sh -c 'echo x >> {mnt}/mine' 2>/dev/null \\
+                || echo refused
+            """)
+        proc = n.run(["sh", "-c", script], userns=True)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["mine", "refused"]

@@ -329,7 +329,8 @@ _DT_TO_IFMT = {
 
 def _scan(dirfd: int) -> list[tuple[bytes, int | None]]:
     """(name, S_IFMT or None) for each entry of a directory, from one getdents pass."""
-    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOATIME, dir_fd=dirfd)
+    fd = syscalls.open_noatime(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOATIME,
+                               dir_fd=dirfd)
     out: list[tuple[bytes, int | None]] = []
     with os.scandir(fd) as it:
         for de in it:
