@@ -124,10 +124,26 @@ COMMANDS: dict[str, Command] = {
                       oci.add_export, oci.run_export),
     "import": Command("unpack an OCI layer or image (docker save, OCI layout) into layer directories",
                       oci.add_import, oci.run_import),
+    "inspect": Command("show what each layer of a union holds and wastes (like dive)",
+                       oci.add_inspect, oci.run_inspect),
 }
 
 
 # -- dispatch ---------------------------------------------------------------
+
+class VersionAction(argparse.Action):
+    """`--version`: ours, and which FUSE binding a mount would run on (loaded only here)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from . import binding
+
+        try:
+            fuse = binding.load().describe()
+        except ImportError as e:
+            fuse = f"none ({str(e).removeprefix('no FUSE binding: ')})"
+        sys.stdout.write(f"{PROG} {__version__}\nFUSE binding: {fuse}\n")
+        parser.exit()
+
 
 def build_parser() -> Parser:
     parser = Parser(
@@ -137,7 +153,8 @@ def build_parser() -> Parser:
                f"{PROG} SOURCE MOUNTPOINT -o lowerdir=L1:L2[,upperdir=U,workdir=W,...]. "
                "Mount-program form (fuse-overlayfs's, used by podman and buildah): "
                f"{PROG} [-f] [-d] -o lowerdir=L1:L2,upperdir=U,workdir=W[,...] MOUNTPOINT")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=VersionAction, nargs=0,
+                        help="show the version and the FUSE binding, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))

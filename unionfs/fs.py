@@ -18,18 +18,17 @@ import logging
 import os
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-import pyfuse3
 import trio
 
-from . import format, syscalls
+from . import binding, format, syscalls
 from .config import MountConfig, privileged
 from .nodes import Node
 from .union import Caller, SetAttr, Union
 
+pyfuse3 = binding.load().module  # the built-in binding, else a stock pyfuse3 (binding.py)
 log = logging.getLogger("unionfs")
 
-
-# pyfuse3 with patches/pyfuse3-3.5.0-unionfs.patch (scripts/setup) answers OPENDIR with
+# The built-in binding (patches/pyfuse3, docs/binding.md) answers OPENDIR with
 # ENOSYS itself: directories are then opened without a round trip, as files stay opened
 # with one (OPEN decides copy-up and O_TRUNC).
 ZERO_OPENDIR = getattr(pyfuse3, "UNIONFS_PATCH", 0) >= 2
@@ -74,7 +73,7 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     enable_acl = True  # the kernel checks and caches POSIX ACLs (no GETXATTR per ls -l)
-    # patched pyfuse3 only (scripts/setup), ignored by a stock one:
+    # the built-in binding only (docs/binding.md), ignored by a stock pyfuse3:
     cache_readdir = True  # listings stay in the kernel until the directory changes
     enable_cache_symlinks = True  # a symlink's target never changes: the kernel keeps it
     no_opendir = ZERO_OPENDIR  # no OPENDIR/RELEASEDIR round trips; readdir gets the inode
@@ -91,7 +90,7 @@ class Operations(pyfuse3.Operations):
         self.enable_acl = config.acl
         self.enable_writeback_cache = config.writeback
         self.volatile = config.volatile
-        # the patched pyfuse3 (UNIONFS_PATCH 5) answers READs of these handles itself
+        # the built-in binding (UNIONFS_PATCH 5) answers READs of these handles itself
         self.read_fds = union.fds
         self._dir_handles: dict[int, Node] = {}  # stock pyfuse3 only: opendir's handles
         self._next_dh = 1

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 #: every command but `mount` (which, like the mount-helper form, gets the restart);
 #: tests/test_cli.py checks this against cli.COMMANDS
-OTHER_COMMANDS = frozenset({"umount", "diff", "mark", "export", "import"})
+OTHER_COMMANDS = frozenset({"umount", "diff", "mark", "export", "import", "inspect"})
 
 
 def wants_restart(argv: list[str], environ: dict[str, str] | os._Environ[str]) -> bool:

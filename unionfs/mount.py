@@ -1,8 +1,9 @@
 """Running and stopping the FUSE daemon.
 
-Only this module and the core (unionfs.fs) import pyfuse3. `start` returns
-only once the mount is live (or raised MountError with one line of reason),
-so scripts, mount(8) and fstab can use the mount right after we exit.
+Only this module and the core (unionfs.fs) load the FUSE binding
+(unionfs.binding). `start` returns only once the mount is live (or raised
+MountError with one line of reason), so scripts, mount(8) and fstab can use
+the mount right after we exit.
 `unmount` waits until the daemon is gone, so a following mount of the same
 layers cannot race with a daemon that is still flushing.
 """
@@ -180,10 +181,16 @@ def _prepare(config: MountConfig) -> _Session:
     locks = [_lock_dir(path, what) for path, what in
              ((config.upper, "upper layer"), (config.workdir, "workdir")) if path]
     try:
-        from . import fs  # the core; imported late so CLI errors never need pyfuse3
-        import pyfuse3
+        from . import binding, fs  # the core; imported late so CLI errors never need pyfuse3
+        fuse = binding.load()
     except ImportError as e:
         raise MountError(f"the filesystem core is not available ({e})") from None
+    pyfuse3 = fuse.module
+    log.info("FUSE binding: %s; poll_us=%d", fuse.describe(), config.poll_us)
+    if fuse.missing():
+        log.warning("running on %s without the fast paths %s (%s): more requests and more "
+                    "time per request; `pip install .` builds the built-in binding",
+                    fuse.name, ", ".join(fuse.missing()), fuse.fallback_reason or "its own build")
     try:
         ops = fs.make_operations(config)
         options = set(fs.fuse_options(config)) | kernel_flag_options(config)
@@ -299,8 +306,10 @@ def _tune_gc() -> None:
 
 def _serve(config: MountConfig, session: _Session) -> None:
     """Run the request loop until unmounted or signalled, then clean up."""
-    import pyfuse3
     import trio
+
+    from .binding import load
+    pyfuse3 = load().module
 
     signalled = False
     _tune_gc()
