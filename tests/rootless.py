@@ -41,11 +41,14 @@ class User:
     def path(self, *parts: str) -> str:
         return os.path.join(self.home, *parts)
 
-    def argv(self, args: Sequence[str], userns: bool = False) -> list[str]:
-        """*args* as this user; with *userns*, as root of a new user and mount namespace
-        (`unshare -r -m`; with subordinate ids, uids and gids 1..65536 mapped to them)."""
+    def argv(self, args: Sequence[str], userns: bool = False,
+             env: dict[str, str] | None = None) -> list[str]:
+        """*args* as this user, in *env* (default: environ()); with *userns*, as root of a
+        new user and mount namespace (`unshare -r -m`; with subordinate ids, uids and gids
+        1..65536 mapped to them)."""
+        env = self.environ() if env is None else env
         prefix = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
-                  "--reset-env", "env", *(f"{k}={v}" for k, v in self.environ().items())]
+                  "--reset-env", "env", *(f"{k}={v}" for k, v in env.items())]
         if userns:
             prefix += ["unshare", "--map-root-user", "--mount"]
             if self.subid is not None:
@@ -193,7 +196,7 @@ def unprivileged_user(tag: str = "u", subids: bool = False) -> Iterator[User]:
 
 def _check_python(user: User) -> None:
     """The venv must be usable by every user (scripts/setup makes it from /usr/bin/python3)."""
-    proc = user.python("import pyfuse3, trio, unionfs")
+    proc = user.python("import trio, unionfs.fs")
     if proc.returncode != 0:
         raise AssertionError(f"{sys.executable} cannot be run by an unprivileged user "
                              f"(run scripts/setup): {proc.stderr.strip()[-300:]}")
