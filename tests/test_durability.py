@@ -23,16 +23,14 @@ import shutil
 import signal
 import select
 import subprocess
-import sys
 import time
 from typing import Iterator
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pid, pid_gone, unionfs_mount  # noqa: E402
-from unionfs import durable  # noqa: E402
-from unionfs.format import OVERLAY  # noqa: E402
+from mounting import daemon_pid, pid_gone, unionfs_mount
+from unionfs import durable
+from unionfs.format import OVERLAY
 
 pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/setup)")
 

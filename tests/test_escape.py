@@ -18,14 +18,12 @@ import errno
 import os
 import random
 import stat
-import sys
 import time
 from collections import Counter
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from guard import SECRET, Guard, in_decoy  # noqa: E402
-from mounting import daemon_pids, unionfs_mount  # noqa: E402
-from unit_helpers import xattr  # noqa: E402
+from guard import SECRET, Guard, in_decoy
+from mounting import daemon_pids, unionfs_mount
+from unit_helpers import xattr
 
 RENAME_EXCHANGE = 2
 

@@ -15,10 +15,8 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pids, kernel_overlay, unionfs_cmd, unionfs_mount  # noqa: E402
+from mounting import daemon_pids, kernel_overlay, unionfs_cmd, unionfs_mount
 
 OWN_INO = "trusted.overlay.unionfs.ino"
 

@@ -25,6 +25,7 @@ import pytest
 
 from mounting import kernel_overlay, unionfs_mount
 from unit_helpers import is_whiteout, xattr
+from unionfs import binding
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -1166,6 +1167,9 @@ def test_symlink_target_cache_follows_replacement(mounted):
     assert other_sees("readlink", mounted.m("sym_rel")).stdout.strip() == "elsewhere"
 
 
+@pytest.mark.skipif("cache_readdir" not in binding.load().fast_paths,
+                    reason="the kernel caches listings only where the binding can ask it to "
+                    "(FOPEN_CACHE_DIR: the built-in binding)")
 def test_kernel_answers_repeated_listings_and_acls(layers):
     """The caching levers are in force: once listed, an unchanged directory is answered by
     the kernel, and so are its entries' POSIX ACLs (the daemon's --debug log counts requests).

@@ -70,7 +70,7 @@ KINDS = b"ACDT?"
 UNKNOWN_PATH = b"-"
 
 # Compact when the log has more than GROWTH * (records at the last compaction) + SLACK lines.
-# A compaction re-reads the whole log (~5 us a line here), so with growth k every record
+# A compaction re-reads and parses the whole log, so with growth k every record
 # is read k/(k-1) times on average: 2x at k=2, 1.33x at k=4, for a log at most 4x its
 # compacted size; SLACK spares a small log (a few thousand paths) any rewrite at all.
 GROWTH = 4

@@ -4,7 +4,7 @@ file again once its data is safe.
 
 Kernel overlayfs fdatasyncs each copied-up file before linking it into place, so a
 power loss can never leave a half-copied file under the name. That costs one
-journal commit (about 450 µs on ext4 here) inside the first write to every lower
+journal commit, a wait for the disk, inside the first write to every lower
 file. We link first and sync later, in batches, and keep the guarantee:
 
 * Batches are numbered. Before the link, the new file's identity xattr

@@ -87,6 +87,15 @@ class Resolver:
         # and what was found where something was (see _scan_lowers), the most recent ones
         self._found: OrderedDict[tuple[object, ...], _Found] = OrderedDict()
 
+    def root_node(self) -> Node:
+        """A root node of the view these layers make (its upper root opaque by the xattr)."""
+        root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
+        root.upper = self.upper is not None
+        if self.upper is not None:
+            root.opaque = self.fmt.is_opaque(self.upper.fd, b"")
+        root.lowers = [(layer, b"") for layer in self.lowers]
+        return root
+
     # -- fds -------------------------------------------------------------------------
 
     def upper_fd(self, node: Node) -> int:
@@ -103,6 +112,19 @@ class Resolver:
             return syscalls.open_dir_real(self.upper_fd(node.parent), node.name)
 
         return self.cache.get(("u", node.id), opener)
+
+    def loc(self, node: Node) -> tuple[int, bytes]:
+        """(dir fd, name) where the node's top object is, for *at calls."""
+        if node.pin is not None:
+            return node.pin, b""
+        if node.upper:
+            assert self.upper is not None
+            if node.parent is None:
+                return self.upper.fd, b""
+            return self.upper_fd(node.parent), node.name
+        if not node.lowers:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return self.lower_loc(*node.lowers[0])
 
     def lower_fd(self, layer: Layer, path: bytes) -> int:
         return walk_dir(layer, self.cache, path)

@@ -56,7 +56,7 @@ def start(config: MountConfig, created_workdir: bool = False) -> None:
     try:
         if config.foreground:
             _setup_logging(config, logging.StreamHandler(sys.stderr))
-            session = _prepare(config)
+            serving = _prepare(config)
         else:
             _daemonize(config)
             return
@@ -64,7 +64,7 @@ def start(config: MountConfig, created_workdir: bool = False) -> None:
         if created_workdir and config.workdir:
             shutil.rmtree(config.workdir, ignore_errors=True)
         raise
-    _serve(config, session)
+    _serve(config, serving)
 
 
 def _is_our_mount(path: str) -> bool:
@@ -110,7 +110,7 @@ def _daemon_child(config: MountConfig, ready_fd: int) -> int:
     """Detach from the terminal, mount, say "ok" (or why not) on ready_fd, then serve."""
     try:
         _detach_stdio(config)
-        session = _prepare(config)
+        serving = _prepare(config)
     except BaseException as e:  # noqa: BLE001 - whatever it is, the parent prints one line
         message = str(e) if isinstance(e, MountError) else f"internal error: {type(e).__name__}: {e}"
         log.error("mount of %s failed: %s", config.mountpoint, message, exc_info=not isinstance(e, MountError))
@@ -119,7 +119,7 @@ def _daemon_child(config: MountConfig, ready_fd: int) -> int:
         return 1
     os.write(ready_fd, b"ok")
     os.close(ready_fd)
-    _serve(config, session)
+    _serve(config, serving)
     return 0
 
 
@@ -164,7 +164,7 @@ def _setup_logging(config: MountConfig, handler: logging.Handler) -> None:
 
 
 @dataclass
-class _Session:
+class _Serving:
     """What _serve needs from _prepare: the pid file to remove and the locks to hold."""
 
     pidfile: str | None
@@ -173,7 +173,7 @@ class _Session:
     deferred: list[int] = field(default_factory=list)  # stop signals that came before serving
 
 
-def _prepare(config: MountConfig) -> _Session:
+def _prepare(config: MountConfig) -> _Serving:
     """Everything up to a live mount; raises MountError with one line."""
     _raise_nofile_limit()
     os.umask(0o077)   # private state files stay private; the core sets union objects' modes explicitly
@@ -207,7 +207,7 @@ def _prepare(config: MountConfig) -> _Session:
         with contextlib.suppress(OSError):
             pidfile = write_pidfile(entry.devno, config.mountpoint, config.upper, config.workdir)
     log.info("mounted %s (pid %d)", config.mountpoint, os.getpid())
-    return _Session(pidfile, locks, ops, deferred)
+    return _Serving(pidfile, locks, ops, deferred)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -292,9 +292,8 @@ GC_THRESHOLDS = (50_000, 20, 100)
 def _tune_gc() -> None:
     """Fewer passes of Python's cyclic garbage collector while serving. With the default
     thresholds a walk collects every 700 new objects, and every node the kernel keeps
-    (one per name it looked up) is traversed again at each full collection: in a find
-    over 32,000 names that was 170 collections and 0.18 s of the daemon's time,
-    including full ones of 50 and 100 ms, during which no request is answered. The
+    (one per name it looked up) is traversed again at each full collection, which grows
+    with the tree walked; no request is answered while one runs. The
     objects made while mounting never become garbage: frozen, no collection walks them.
     Nodes form no cycles (a node points only to its parent, which keeps a count of its
     children), so reference counting frees them at forget; the collector only gathers
@@ -304,7 +303,7 @@ def _tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def _serve(config: MountConfig, session: _Session) -> None:
+def _serve(config: MountConfig, serving: _Serving) -> None:
     """Run the request loop until unmounted or signalled, then clean up."""
     import trio
 
@@ -316,22 +315,22 @@ def _serve(config: MountConfig, session: _Session) -> None:
 
     async def run() -> None:
         with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGUSR1) as signals:
-            if session.deferred:  # signalled while mounting: stop without serving
-                stop(session.deferred[0])
+            if serving.deferred:  # signalled while mounting: stop without serving
+                stop(serving.deferred[0])
                 return
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(terminate_on_signal, signals)
                 await pyfuse3.main(max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
         if not signalled:  # say why we stop: nobody asked this process to
-            log.info("the kernel ended the FUSE session: %s was unmounted (umount, umount -l "
+            log.info("the kernel ended the FUSE connection: %s was unmounted (umount, umount -l "
                      "or fusermount -u)", config.mountpoint)
 
     async def terminate_on_signal(signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             if signum == signal.SIGUSR1:  # `kill -USR1 PID`: what the daemon holds, in its log
                 log.info("stats: %s, rss_kib=%s, gc_passes=%s", ", ".join(
-                    f"{k}={v}" for k, v in session.ops.stats().items()), _rss_kib(),
+                    f"{k}={v}" for k, v in serving.ops.stats().items()), _rss_kib(),
                     sum(g["collections"] for g in gc.get_stats()))
                 continue
             stop(signum)
@@ -351,15 +350,15 @@ def _serve(config: MountConfig, session: _Session) -> None:
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
-        if session.ops is not None:
+        if serving.ops is not None:
             try:
-                session.ops.shutdown()
+                serving.ops.shutdown()
             except Exception:  # noqa: BLE001 - the next mount settles what is still marked
                 log.exception("making copied-up files durable failed")
         from .changes import close_all  # compact the changes log, mark the stop clean
         close_all()
-        devno = os.path.basename(session.pidfile or "").removesuffix(".pid")
-        if session.pidfile and not any(e.devno == devno for e in mount_entries()):
+        devno = os.path.basename(serving.pidfile or "").removesuffix(".pid")
+        if serving.pidfile and not any(e.devno == devno for e in mount_entries()):
             # the device number may already serve another mount, with its own pid file
             remove_pidfile(devno, this_process())
         log.info("unmounted %s", config.mountpoint)
