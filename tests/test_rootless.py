@@ -524,3 +524,22 @@ def test_one_user_cannot_reach_anothers_files():
         proc = n.run(["sh", "-c", script], userns=True)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split() == ["mine", "refused"]
+
+
+def test_diff_of_a_rootless_mount(user):
+    """`unionfs diff` as the user, of the live mount and of the unmounted upper, reads the
+    userxattr format: an opaque directory replaces what was below it."""
+    lower, upper, mnt = _layers(user)
+    proc = user.unionfs("mount", lower, upper, mnt)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        user.run(["sh", "-c", f"set -e; rm -r {mnt}/dir/sub; mkdir {mnt}/dir/sub; "
+                              f"echo n > {mnt}/dir/sub/new; echo x >> {mnt}/file"], check=True)
+        live = user.unionfs("diff", mnt, check=True).stdout
+    finally:
+        user.unionfs("umount", mnt)
+        force_unmount(mnt)
+    assert os.getxattr(os.path.join(upper, "dir", "sub"), "user.overlay.opaque") == b"y"
+    offline = user.unionfs("diff", upper, check=True).stdout
+    want = ["C /dir", "C /dir/sub", "D /dir/sub/keep", "A /dir/sub/new", "C /file"]
+    assert live.splitlines() == want and offline.splitlines() == want, (live, offline)
