@@ -17,7 +17,10 @@ from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_c
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing"),
+]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

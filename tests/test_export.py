@@ -20,7 +20,11 @@ from oci_helpers import (capture, differences, members, oci_layout, tar_diffid, 
                          umoci_unpack)
 from test_diff_property import Ops, build_lowers
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, devices)")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, devices)"),
+]
 
 SEEDS = int(os.environ.get("UNIONFS_EXPORT_SEEDS", 4))
 N_OPS = 60
@@ -45,7 +49,7 @@ def specials(mnt: str, rng: random.Random) -> None:
     os.mknod(f"{mnt}/dev{rng.randrange(100)}", stat.S_IFCHR | 0o600, os.makedev(1, 3))
     with open(f"{mnt}/cap", "wb") as f:
         f.write(b"#!/bin/true\n")
-    subprocess.run(["setcap", "cap_net_raw+ep", f"{mnt}/cap"], check=False, capture_output=True)
+    subprocess.run(["setcap", "cap_net_raw+ep", f"{mnt}/cap"], check=True, capture_output=True)
     os.link(f"{mnt}/cap", f"{mnt}/cap-link")
 
 

@@ -19,7 +19,11 @@ from mounting import kernel_view, unionfs_cmd, unionfs_mount
 from oci_helpers import capture, differences, oci_layout, run, tar_diffid, tar_tree, umoci_unpack
 from test_diff_property import Ops, build_lowers
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, whiteouts, devices)")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, whiteouts, devices)"),
+]
 
 
 def uf(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -280,3 +284,15 @@ def test_image_with_a_bad_blob_refused(image, tmp_path):
         f.seek(600)
         f.write(bytes([b[0] ^ 1]))
     _refused(tmp_path, layout, expect="layer")
+
+
+def test_padding_after_the_end_is_accepted(tmp_path):
+    """Writers pad archives to their block size; a megabyte of zeros after the two end
+    blocks is still a whole archive (the end is checked where tarfile stopped)."""
+    path = str(tmp_path / "padded.tar")
+    with open(path, "wb") as f:
+        f.write(GOOD + b"\0" * (1 << 20))
+    proc = uf("import", path, str(tmp_path / "layer"))
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "layer" / "d" / "f", "rb") as f:
+        assert f.read() == b"a" * 5000

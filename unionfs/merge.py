@@ -312,11 +312,8 @@ class Resolver:
             ufd = self.upper_fd(node)
             for name, dtype in _scan(ufd):
                 seen.add(name)
-                if dtype == stat.S_IFCHR or dtype is None:
-                    st = syscalls.lstat_at(ufd, name)
-                    if st is None or format.is_whiteout(st):
-                        continue
-                out.append(name)
+                if not format.listed_whiteout(ufd, name, dtype):
+                    out.append(name)
             if node.opaque:
                 return out
         for layer, path in node.lowers:
@@ -334,19 +331,10 @@ class Resolver:
                 if name in seen:
                     continue
                 seen.add(name)
-                if dtype == stat.S_IFCHR or dtype is None:
-                    st = syscalls.lstat_at(fd, name)
-                    if st is None or format.is_whiteout(st):
-                        continue
-                out.append(name)
+                if not format.listed_whiteout(fd, name, dtype):
+                    out.append(name)
             seen.update(hidden)
         return out
-
-
-_DT_TO_IFMT = {
-    1: stat.S_IFIFO, 2: stat.S_IFCHR, 4: stat.S_IFDIR, 6: stat.S_IFBLK,
-    8: stat.S_IFREG, 10: stat.S_IFLNK, 12: stat.S_IFSOCK,
-}
 
 
 def _scan(dirfd: int) -> list[tuple[bytes, int | None]]:
