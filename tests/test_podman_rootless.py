@@ -21,6 +21,8 @@ from rootless import User, unprivileged_user
 from test_podman import (BASE, BUILT_CHECK, BUILT_SHOWS, CONTAINERFILE, build, busybox_rootfs,
                          changes_committed, root_fstype)
 
+pytestmark = [pytest.mark.mount, pytest.mark.rootfs, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def user() -> Iterator[User]:

@@ -17,11 +17,10 @@ import textwrap
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import force_unmount, is_mounted, unionfs_mount  # noqa: E402
-from rootless import User, unprivileged_user  # noqa: E402
+from mounting import force_unmount, is_mounted, unionfs_mount
+from rootless import User, unprivileged_user
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="makes users and mounts: needs root")
+pytestmark = [pytest.mark.mount, pytest.mark.kernel]
 
 
 @pytest.fixture
