@@ -33,7 +33,9 @@ class Layer:
         self.dev = os.fstat(self.fd).st_dev
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def __repr__(self) -> str:
         return f"Layer({self.path!r}, {self.index})"
