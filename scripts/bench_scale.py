@@ -16,7 +16,7 @@ Needs root and /dev/fuse. Builds its layers once (cached in --cache-dir, default
   openmany  10,000 files of the lower held open at once through the mount, one
             byte read from each, and the daemon's fd count while they are open
 
-No timed assertion anywhere: these are figures for README and the closing note.
+No timed assertion anywhere: these are figures, reported in docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_diff import build_lower  # noqa: E402  (the 1M-file lower, shared cache)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from unionfs.mount import _read_pidfile, top_mount  # noqa: E402
+from unionfs.runstate import read_pidfile, top_mount  # noqa: E402
 
 
 def unionfs(*args: str) -> None:
@@ -60,8 +60,8 @@ class Mounted:
         os.stat(self.mnt)
         self.mount_s = time.perf_counter() - t
         entry = top_mount(self.mnt)
-        owner = _read_pidfile(entry.devno) if entry else None
-        self.pid = owner[0] if owner else 0
+        state = read_pidfile(entry.devno) if entry else None
+        self.pid = state.owner[0] if state else 0
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,14 +25,12 @@ import contextlib
 import hashlib
 import os
 import stat
-import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import is_mounted, kernel_overlay, unionfs_mount  # noqa: E402
+from mounting import is_mounted, kernel_overlay, unionfs_mount
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

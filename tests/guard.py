@@ -15,11 +15,15 @@ the real canary or secret is the daemon's.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pickle
+import select
+import signal
 import stat
 import struct
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -38,6 +42,9 @@ IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = 0x200, 0x400, 0x800
 IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
 WATCH = (IN_ACCESS | IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_OPEN | IN_MOVED_FROM | IN_MOVED_TO
          | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF)
+
+#: how long a child given to in_decoy may run; generous (its attempts take seconds)
+CHILD_TIMEOUT = 300.0
 
 SECRET = b"SECRET-7f3a-daemon-side-only\n"
 DECOY = b"decoy seen by callers\n"
@@ -169,9 +176,27 @@ def in_decoy(guard: Guard, fn: Callable[[], Any]) -> Any:
         finally:
             os._exit(0)
     os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
+    data = b""
+    done = False
+    end = time.monotonic() + CHILD_TIMEOUT
+    try:
+        while True:
+            left = end - time.monotonic()
+            ready, _, _ = select.select([r], [], [], max(left, 0))
+            if not ready:
+                raise AssertionError(f"the child ran {CHILD_TIMEOUT:.0f}s without finishing "
+                                     f"(stuck in a request to the mount?); killed it")
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                done = True
+                break
+            data += chunk
+    finally:
+        os.close(r)
+        if not done:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
     kind, value = pickle.loads(data) if data else ("error", "the child died without a word")
     if kind != "ok":
         raise AssertionError(f"child failed:\n{value}")

@@ -66,8 +66,9 @@ def kernel_view(layers: Sequence[str], mnt: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def unionfs_mount(lowers: Sequence[str], upper: str | None, mnt: str, workdir: str | None = None,
-                  options: Sequence[str] = ()) -> Iterator[str]:
-    """Mount with the real CLI (daemonising form) and unmount with `unionfs umount`."""
+                  options: Sequence[str] = (), wrapper: Sequence[str] = ()) -> Iterator[str]:
+    """Mount with the real CLI (daemonising form) and unmount with `unionfs umount`.
+    *wrapper* runs the mount (and so the daemon) under a command, e.g. setpriv."""
     args = ["mount"]
     if workdir:
         args += ["--workdir", workdir]
@@ -77,7 +78,7 @@ def unionfs_mount(lowers: Sequence[str], upper: str | None, mnt: str, workdir: s
     if upper is not None:
         args += [upper]
     args += [mnt]
-    proc = subprocess.run(unionfs_cmd(*args), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([*wrapper, *unionfs_cmd(*args)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         force_unmount(mnt)
         raise RuntimeError(f"unionfs mount failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -119,7 +120,7 @@ def daemon_pids(mnt: str) -> list[int]:
 def daemon_pid(mnt: str) -> int:
     """The daemon serving *mnt*, from its pid file (RUNDIR/MAJOR:MINOR.pid), checked against
     the live daemons found by command line."""
-    from unionfs.mount import rundir, top_mount
+    from unionfs.runstate import rundir, top_mount
     entry = top_mount(os.path.realpath(mnt))
     assert entry is not None, f"{mnt} is not mounted"
     with open(os.path.join(rundir(), entry.devno + ".pid")) as f:

@@ -164,10 +164,25 @@ def test_option_parsing() -> None:
     opts = parse_options([r"lowerdir=/a\:b:/c,upperdir=/u\,v,workdir=/w"])
     assert (opts.lowerdir, opts.upperdir, opts.workdir) == (["/a:b", "/c"], "/u,v", "/w")
     assert split_lowers("/x:/y") == ["/x", "/y"]
-    for bad in ("nodev=1", "noallow_other=1", "lowerdir=", "index=maybe", "volatile", "userxattr", "sloppy", "poll_us=",
-                "poll_us=1e3"):
+    for bad in ("nodev=1", "noallow_other=1", "lowerdir=", "index=maybe", "volatile=1", "userxattr", "sloppy",
+                "poll_us=", "poll_us=1e3", "plugins=a.so", "xattr_permissions=1", "timeout=-1", "timeout=inf",
+                "squash_to_gid=-1", "fsync=2", "writeback=on", "noacl=1"):
         with pytest.raises(ConfigError):
             parse_options([bad])
+
+
+def test_fuse_overlayfs_option_parsing() -> None:
+    """The options containers/storage passes to its mount program (fuse-overlayfs's)."""
+    opts = parse_options(['lowerdir=l/A:l/B,,volatile', 'threaded=1,fast_ino=0,timeout=2.5',
+                          'context="system_u:object_r:container_file_t:s0:c1,c2",noacl',
+                          "static_nlink,squash_to_root,squash_to_gid=7,noxattrs=1,writeback=0",
+                          "xattr_permissions=0,redirect_dir=off"])
+    assert opts.lowerdir == ["l/A", "l/B"] and opts.volatile and opts.timeout == 2.5
+    assert opts.extra["context"] == "system_u:object_r:container_file_t:s0:c1,c2"
+    assert (opts.acl, opts.static_nlink, opts.xattrs, opts.writeback) == (False, True, False, False)
+    assert opts.squashed() == (0, 7)
+    assert parse_options(["squash_to_uid=5"]).squashed() == (5, None)
+    assert parse_options([]).squashed() == (None, None)
 
 
 def test_rootfs_shorthand_parsing() -> None:
@@ -475,7 +490,9 @@ def test_launcher_restarts_only_mounts():
     assert launch.OTHER_COMMANDS == set(cli.COMMANDS) - {"mount"}
     assert launch.wants_restart(["mount", "l", "u", "m"], {})
     assert launch.wants_restart(["unionfs", "/mnt", "-o", "lowerdir=/l"], {})  # helper form
+    assert launch.wants_restart(["-o", "lowerdir=/l", "/mnt"], {})  # mount-program form
+    assert launch.wants_restart(["-f", "-olowerdir=/l", "/mnt"], {})
     assert not launch.wants_restart(["mount", "l", "u", "m"], {"PYTHONMALLOC": "malloc"})
     assert not launch.wants_restart(["mount"], {"PYTHONMALLOC": "debug"})
-    for argv in (["diff", "/mnt"], ["umount", "/mnt"], ["mark", "/mnt", "x"], ["--help"], []):
+    for argv in (["diff", "/mnt"], ["umount", "/mnt"], ["mark", "/mnt", "x"], ["--help"], ["--version"], []):
         assert not launch.wants_restart(argv, {}), argv

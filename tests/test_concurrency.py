@@ -15,15 +15,13 @@ import os
 import signal
 import stat
 import struct
-import sys
 import traceback
 from typing import Callable
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pid, pid_gone, unionfs_mount, wait_daemon_gone  # noqa: E402
-from unit_helpers import seeded  # noqa: E402
+from mounting import daemon_pid, pid_gone, unionfs_mount, wait_daemon_gone
+from unit_helpers import seeded
 
 DEADLINE = 180.0   # seconds for one batch of workers; only a hang gets near it
 CTX = multiprocessing.get_context("fork")

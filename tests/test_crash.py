@@ -35,8 +35,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pid, force_unmount, is_mounted, pid_gone, unionfs_cmd  # noqa: E402
+from mounting import daemon_pid, force_unmount, is_mounted, pid_gone, unionfs_cmd
 
 BIG_SIZE = 64 * 1024 * 1024
 BIG_NAMES = [f"big/b{i}" for i in range(4)]

@@ -2,7 +2,7 @@
 
 Foreground: stderr. Daemonised: WORKDIR/unionfs.log. `--debug` names every
 request with its arguments and failed ones with their errno. A daemon that stops
-says why (a signal, or the kernel ending the session because somebody
+says why (a signal, or the kernel ending the connection because somebody
 unmounted, also lazily); a start that fails inside the daemon is printed by the
 `unionfs mount` that started it. (test_cli.py has SIGTERM of a daemon, --debug
 reaching the log at all, and the one-line errors of bad command lines.)
@@ -12,12 +12,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount  # noqa: E402
-from test_cli import wait_for  # noqa: E402
+from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount
+from test_cli import wait_for
 
 
 def layers(tmp_path: Path) -> tuple[str, str, str, Path]:
@@ -58,7 +56,7 @@ def test_lazy_unmount_from_under_the_daemon_is_logged(tmp_path):
             os.close(fd)
         assert wait_for(lambda: pid_gone(pid), 30)
     text = log.read_text()
-    assert f"the kernel ended the FUSE session: {mnt} was unmounted" in text
+    assert f"the kernel ended the FUSE connection: {mnt} was unmounted" in text
     assert "got SIG" not in text and "internal error" not in text
 
 
@@ -82,7 +80,7 @@ def test_foreground_logs_to_stderr_and_says_why_it_stops(tmp_path):
             force_unmount(mnt)
         text = errfile.read_text()
         assert f"mounted {mnt}" in text and f"unmounted {mnt}" in text
-        assert ("the kernel ended the FUSE session" in text) == (how == "umount")
+        assert ("the kernel ended the FUSE connection" in text) == (how == "umount")
         assert ("got SIGINT" in text) == (how == "SIGINT")
         assert not log.exists() or "mounted" not in log.read_text()  # stderr, not the file
 

@@ -15,15 +15,13 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from typing import Iterator
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pid, force_unmount, kernel_overlay, unionfs_mount, wait_daemon_gone  # noqa: E402
-from unit_helpers import xattr  # noqa: E402
+from mounting import daemon_pid, force_unmount, kernel_overlay, unionfs_mount, wait_daemon_gone
+from unit_helpers import xattr
 
 IDENTITY = "trusted.overlay.unionfs.ino"
 SYNCED = "copyup.synced"  # the newest batch known synced

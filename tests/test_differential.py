@@ -8,7 +8,7 @@ See tests/difftest/__init__.py for the stages. Environment knobs:
   UNIONFS_DIFF_SIDE             what side B is: unionfs (default) or kernel
   UNIONFS_DIFF_SELFTEST_SEEDS   kernel-vs-kernel harness self-test seeds (default 2)
   UNIONFS_DIFF_SHRINK_SECONDS   time budget to shrink a failing seed (default 60)
-  UNIONFS_DIFF_SHRINK_TOTAL     time budget for all shrinking in a session (default 240)
+  UNIONFS_DIFF_SHRINK_TOTAL     time budget for all shrinking in one pytest run (default 240)
   UNIONFS_DIFF_TMP              where to put the case directories (default: $TMPDIR)
   UNIONFS_DIFF_REPLAY           run the ops printed by a failure ("as Python: ops = [...]"),
                                 saved to this file, instead of the seeds (test id: replay)
@@ -49,7 +49,7 @@ def _seeds() -> list[int]:
 N_OPS = _env_int("UNIONFS_DIFF_OPS", 300)
 SHRINK_SECONDS = float(os.environ.get("UNIONFS_DIFF_SHRINK_SECONDS", 60))
 SIDE_B = os.environ.get("UNIONFS_DIFF_SIDE", "unionfs")
-# Shrinking is bounded per seed and for the whole session, so that a badly
+# Shrinking is bounded per seed and for the whole pytest run, so that a badly
 # broken build still finishes in minutes (later failures are reported unshrunk).
 _SHRINK_LEFT = [float(os.environ.get("UNIONFS_DIFF_SHRINK_TOTAL", 240))]
 
@@ -89,7 +89,7 @@ def difftest_root():
     if REPO not in pp.split(os.pathsep):
         os.environ["PYTHONPATH"] = REPO + (os.pathsep + pp if pp else "")
     # Our own directory, not tmp_path_factory's: pytest prunes old numbered
-    # dirs at session start, which must never hit a concurrent session's mounts.
+    # dirs when a run starts, which must never hit a concurrent run's mounts.
     root = tempfile.mkdtemp(prefix="unionfs-difftest-", dir=os.environ.get("UNIONFS_DIFF_TMP"))
     os.chmod(root, 0o755)   # the unprivileged ops must be able to reach the mountpoints
     pristine = os.path.join(root, "pristine")

@@ -21,41 +21,111 @@ import os
 import re
 import shutil
 import signal
+import select
 import subprocess
-import sys
+import time
 from typing import Iterator
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pid, pid_gone, unionfs_mount  # noqa: E402
+from mounting import daemon_pid, pid_gone, unionfs_mount
+from unionfs import durable
+from unionfs.format import OVERLAY
 
 pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/setup)")
 
 _libc = ctypes.CDLL(None, use_errno=True)
-SYNC_CALL = re.compile(r"^\d+\s+(fsync|fdatasync|syncfs)\((\d+)<([^>]*)>\)\s+= 0", re.M)
+SYNC_CALL = re.compile(r"^(fsync|fdatasync|syncfs)\((\d+)<([^>]*)>\)\s+= 0\b")
+UNFINISHED = " <unfinished ...>"
+RESUMED = re.compile(r"^<\.\.\. (\w+) resumed>(.*)$")
+ATTACH_TIMEOUT = 30.0   # strace attaching to a busy machine's daemon; generous, never hit
+
+
+def sync_calls(raw: str) -> list[tuple[str, str]]:
+    """(call, path) of each successful sync call in an `strace -f -y` log. Calls of two threads
+    that overlap are printed split (`fsync(3</p> <unfinished ...>`, later `<... fsync
+    resumed>) = 0`): each thread's halves are joined back first."""
+    pending: dict[str, str] = {}
+    calls = []
+    for line in raw.splitlines():
+        tid, _, rest = line.partition(" ")
+        rest = rest.strip()
+        if rest.endswith(UNFINISHED):
+            pending[tid] = rest[:-len(UNFINISHED)]
+            continue
+        resumed = RESUMED.match(rest)
+        if resumed:
+            head = pending.pop(tid, "")
+            if not head.startswith(resumed.group(1) + "("):
+                continue  # its start was before the trace began
+            rest = head + resumed.group(2)
+        m = SYNC_CALL.match(rest)
+        if m:
+            calls.append((m.group(1), m.group(3)))
+    return calls
+
+
+class Trace:
+    """What `traced` saw: the parsed calls, and the raw log for failure messages."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.raw = ""
+
+    def __contains__(self, call: tuple[str, str]) -> bool:
+        return call in self.calls
+
+    def __repr__(self) -> str:
+        return f"{self.calls}; raw trace:\n{self.raw}"
 
 
 @contextlib.contextmanager
-def traced(pid: int, out: str) -> Iterator[list[tuple[str, str]]]:
-    """strace the daemon's sync calls while the body runs; the list gets (call, path) after."""
-    calls: list[tuple[str, str]] = []
+def traced(pid: int, out: str) -> Iterator[Trace]:
+    """strace the daemon's sync calls while the body runs; the Trace gets them after.
+    strace is detached (killed, if SIGINT does not do it) whatever happens."""
+    trace = Trace()
     proc = subprocess.Popen(["strace", "-f", "-y", "-p", str(pid), "-o", out,
                              "-e", "trace=fsync,fdatasync,syncfs"],
                             stderr=subprocess.PIPE, text=True)
     try:
         # strace says "Process PID attached" once it has the main thread
-        while True:
-            line = proc.stderr.readline()
-            assert line, "strace could not attach"
-            if f"Process {pid} attached" in line:
-                break
-        yield calls
+        said = ""
+        end = time.monotonic() + ATTACH_TIMEOUT
+        while f"Process {pid} attached" not in said:
+            left = end - time.monotonic()
+            ready, _, _ = select.select([proc.stderr], [], [], max(left, 0))
+            line = proc.stderr.readline() if ready else ""
+            assert line, f"strace did not attach to {pid}: {said!r}"
+            said += line
+        yield trace
     finally:
         proc.send_signal(signal.SIGINT)   # detaches, after writing all it saw
-        proc.communicate(timeout=30)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()   # a tracer's death detaches it too
+            proc.communicate()
     with open(out) as f:
-        calls.extend((m.group(1), m.group(3)) for m in SYNC_CALL.finditer(f.read()))
+        trace.raw = f.read()
+    trace.calls = sync_calls(trace.raw)
+
+
+def copy_up_synced(upper_file: str, work: str) -> None:
+    """Wait until the deferred syncer has synced the batch of *upper_file*'s copy-up, so that
+    its syncfs cannot land in a trace begun after this."""
+    tag = durable.parse_tag(os.getxattr(upper_file, os.fsdecode(OVERLAY.ino_key)))
+    assert tag is not None, f"{upper_file} carries no copy-up tag"
+    end = time.monotonic() + 60
+    while True:
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            synced = durable.read_synced(fd)
+        finally:
+            os.close(fd)
+        if synced >= tag.batch:
+            return
+        assert time.monotonic() < end, f"copy-up batch {tag.batch} never synced (record: {synced})"
+        time.sleep(0.01)
 
 
 def upper_bytes(path: str, off: int, size: int) -> bytes:
@@ -75,11 +145,11 @@ def union(tmp_path):
         with open(os.path.join(lower, "d", name), "wb") as f:
             f.write(b"L" * 100_000)
     with unionfs_mount([lower], upper, mnt, workdir=work):
-        yield lower, upper, mnt, daemon_pid(mnt)
+        yield lower, upper, work, mnt, daemon_pid(mnt)
 
 
 def test_sync_calls_reach_the_upper(union, tmp_path):
-    lower, upper, mnt, pid = union
+    lower, upper, work, mnt, pid = union
     # (name, open flags, how the data is synced, the daemon call that must show)
     cases = [("fsync", 0, os.fsync, "fsync"),
              ("fdatasync", 0, os.fdatasync, "fdatasync"),
@@ -89,9 +159,10 @@ def test_sync_calls_reach_the_upper(union, tmp_path):
         view, up = os.path.join(mnt, "d", name), os.path.join(upper, "d", name)
         data = f"<{name} reached the upper>".encode()
         off = 4096 * 7 + 11
-        # copy-up first (its own fdatasync is on a work/ temporary), outside the trace
+        # copy-up first, and its batch synced (by the deferred syncer), outside the trace
         fd = os.open(view, os.O_RDWR | flags)
         try:
+            copy_up_synced(up, work)
             with traced(pid, str(tmp_path / f"strace{n}")) as calls:
                 os.pwrite(fd, data, off)
                 if sync is not None:
@@ -104,10 +175,11 @@ def test_sync_calls_reach_the_upper(union, tmp_path):
 
 
 def test_msync_and_directory_fsync_reach_the_upper(union, tmp_path):
-    lower, upper, mnt, pid = union
+    lower, upper, work, mnt, pid = union
     view, up = os.path.join(mnt, "d", "msync"), os.path.join(upper, "d", "msync")
     fd = os.open(view, os.O_RDWR)
     try:
+        copy_up_synced(up, work)
         m = mmap.mmap(fd, 100_000)
         try:
             with traced(pid, str(tmp_path / "strace-msync")) as calls:
@@ -133,10 +205,11 @@ def test_msync_and_directory_fsync_reach_the_upper(union, tmp_path):
 
 
 def test_syncfs_flushes_the_writeback_cache_into_the_upper(union, tmp_path):
-    lower, upper, mnt, pid = union
+    lower, upper, work, mnt, pid = union
     view, up = os.path.join(mnt, "d", "syncfs"), os.path.join(upper, "d", "syncfs")
     fd = os.open(view, os.O_RDWR)
     try:
+        copy_up_synced(up, work)
         with traced(pid, str(tmp_path / "strace-syncfs")) as calls:
             os.pwrite(fd, b"syncfs data", 60_000)
             assert _libc.syncfs(fd) == 0, os.strerror(ctypes.get_errno())
@@ -145,4 +218,4 @@ def test_syncfs_flushes_the_writeback_cache_into_the_upper(union, tmp_path):
         os.close(fd)
     # the kernel sent nothing the daemon could sync on (if this fails, FUSE_SYNCFS reaches
     # FUSE daemons now: handle it and sync the upper's filesystem)
-    assert [c for c in calls if c[1] == up] == [], calls
+    assert [c for c in calls.calls if c[1] == up] == [], calls

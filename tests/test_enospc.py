@@ -18,14 +18,12 @@ import errno
 import mmap
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pid, force_unmount, pid_gone, unionfs_mount  # noqa: E402
-from unit_helpers import seeded  # noqa: E402
+from mounting import daemon_pid, force_unmount, pid_gone, unionfs_mount
+from unit_helpers import seeded
 
 MiB = 1 << 20
 

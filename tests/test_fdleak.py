@@ -19,11 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pid, pid_gone, unionfs_mount  # noqa: E402
+from mounting import daemon_pid, pid_gone, unionfs_mount
 
 NDIRS, NFILES = 8, 25
 MANY = 5000

@@ -19,13 +19,11 @@ from __future__ import annotations
 import mmap
 import os
 import random
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pid, unionfs_mount, wait_daemon_gone  # noqa: E402
-from unit_helpers import seeded  # noqa: E402
+from mounting import daemon_pid, unionfs_mount, wait_daemon_gone
+from unit_helpers import seeded
 
 SEEDS = [int(s) for s in os.environ.get("UNIONFS_FSX_SEEDS", "1,2,3,4").split(",")]
 OPS = int(os.environ.get("UNIONFS_FSX_OPS", "3000"))

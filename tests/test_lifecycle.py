@@ -4,7 +4,7 @@ The unmount loop is scripts/bench_umount.py (tmpfs holding lower/upper/work, a u
 of them, a few changes, `UNMOUNT MNT && umount TMPFS`): plain `umount` (through
 /sbin/umount.fuse.unionfs) and `unionfs umount` wait for the daemon, so neither may
 ever find the tmpfs busy; `umount -i` and `fusermount3 -u` do not wait (umount(2)
-returns before the daemon sees the session end), so their counts are printed only.
+returns before the daemon sees the connection end), so their counts are printed only.
 
 The helper and /usr/local/sbin/unionfs are machine-wide; each test runs in a mount
 namespace of its own where this checkout's helper and a `unionfs` of its choosing are

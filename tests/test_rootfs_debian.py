@@ -357,7 +357,7 @@ def git(repo: str, *args: str) -> str:
     return r.stdout
 
 
-def git_session(mnt: str) -> list[str]:
+def git_workflow(mnt: str) -> list[str]:
     """init, two commits of a copy of /etc, gc (loose objects packed and deleted), fsck."""
     repo = os.path.join(mnt, "srv/repo")
     git(mnt, "init", "-q", "-b", "main", repo)
@@ -393,7 +393,7 @@ def test_git_tar_cpio_rsync_on_a_debian_union(debian, tmp_path):
             change_the_root(uf)
             change_the_root(k)
             # git: the same history, packed the same, fsck clean, on both
-            uf_git, k_git = git_session(uf), git_session(k)
+            uf_git, k_git = git_workflow(uf), git_workflow(k)
             assert k_git[2:4] == ["loose after gc 0", "packs 1 in-pack " + k_git[3].split()[-1]], k_git
             assert uf_git == k_git
             the_view, k_view = tools_view(uf), tools_view(k)

@@ -30,12 +30,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import daemon_pid, pid_gone, unionfs_mount  # noqa: E402
+from mounting import daemon_pid, pid_gone, unionfs_mount
 
 STRESS_SECONDS = int(os.environ.get("UNIONFS_STRESS_SECONDS", "10"))
 

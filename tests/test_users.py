@@ -16,12 +16,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import sys
 from typing import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mounting import kernel_overlay, unionfs_mount  # noqa: E402
-from test_ops import run_as  # noqa: E402
+from mounting import kernel_overlay, unionfs_mount
+from test_ops import run_as
 
 U1, U2, U3 = 1000, 1001, 1002     # U1 is in group G, U2 and U3 are not
 G, G_OTHER = 2000, 3000

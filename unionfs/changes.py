@@ -25,8 +25,9 @@ then the C of the writeback cache's time flush at close) is not written again;
 a path's history is a set, so the repeat would say nothing new.
 
 Compaction: the log is a *set of touched paths*. At mount and whenever it
-has grown fourfold (plus SLACK lines) since the last compaction, it is rewritten (to a temporary, then rename(2)) with one record per path, sorted by path, whose
-kind sums up its history: ``A``/``T`` if the first record was A/T (the path
+has grown fourfold (plus SLACK lines) since the last compaction, it is
+rewritten (to a temporary, then rename(2)) with one record per path, sorted by
+path, whose kind sums up its history: ``A``/``T`` if the first record was A/T (the path
 is new), else ``D`` if the last was D, else ``C``; its time is the last
 record's. A path that was made and then removed again (first A/T, last D)
 and has nothing at it in the upper is dropped, so a file rewritten a million
@@ -62,18 +63,16 @@ from typing import Iterable, Iterator
 from . import format
 from .format import Format
 from .layers import walk_tree
+from .workdir import CHANGES_CLEAN, CHANGES_LOCK, CHANGES_LOG, path_of
 
 log = logging.getLogger("unionfs")
 
-LOG_NAME = "changes.log"
-CLEAN_NAME = "changes.clean"
-LOCK_NAME = "changes.lock"
 HEADER = b"# unionfs changes log v1\n"
 KINDS = b"ACDT?"
 UNKNOWN_PATH = b"-"
 
 # Compact when the log has more than GROWTH * (records at the last compaction) + SLACK lines.
-# A compaction re-reads the whole log (~5 us a line here), so with growth k every record
+# A compaction re-reads and parses the whole log, so with growth k every record
 # is read k/(k-1) times on average: 2x at k=2, 1.33x at k=4, for a log at most 4x its
 # compacted size; SLACK spares a small log (a few thousand paths) any rewrite at all.
 GROWTH = 4
@@ -164,7 +163,7 @@ def parse(data: bytes) -> list[Record]:
 def read_log(workdir: str) -> list[Record] | None:
     """The records of WORKDIR/changes.log; None if there is none; LogDamaged if it is bad."""
     try:
-        with open(os.path.join(workdir, LOG_NAME), "rb") as f:
+        with open(path_of(workdir, CHANGES_LOG), "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return None
@@ -172,7 +171,7 @@ def read_log(workdir: str) -> list[Record] | None:
 
 
 def is_clean(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, CLEAN_NAME))
+    return os.path.exists(path_of(workdir, CHANGES_CLEAN))
 
 
 # --------------------------------------------------------------------------
@@ -261,7 +260,7 @@ def compact(records: Iterable[Record], upper_fd: int | None = None) -> list[Reco
 
 def write_log(workdir: str, records: Iterable[Record], sync: bool = True) -> int:
     """Atomically replace WORKDIR/changes.log; returns the number of records."""
-    path = os.path.join(workdir, LOG_NAME)
+    path = path_of(workdir, CHANGES_LOG)
     tmp = path + ".tmp"
     buf = [HEADER]
     n = 0
@@ -295,7 +294,7 @@ def fsync_dir(path: str) -> None:
 @contextlib.contextmanager
 def log_lock(workdir: str) -> Iterator[None]:
     """Serialises rewrites of the log with appends by other processes (`diff --rescan`)."""
-    fd = os.open(os.path.join(workdir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path_of(workdir, CHANGES_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -319,7 +318,7 @@ def append_records(workdir: str, pairs: Iterable[tuple[bytes, bytes]]) -> None:
     """Append records from another process than the daemon (under the log lock)."""
     stamp = now_stamp()
     with log_lock(workdir):
-        fd = os.open(os.path.join(workdir, LOG_NAME), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        fd = os.open(path_of(workdir, CHANGES_LOG), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         try:
             chunk: list[bytes] = []
             for kind, path in pairs:
@@ -345,9 +344,10 @@ class Journal:
     """
 
     def __init__(self, workdir: str | None, upper: str | None = None,
-                 fmt: Format = format.OVERLAY) -> None:
+                 fmt: Format = format.OVERLAY, durable: bool = True) -> None:
         self.fd: int | None = None
         self.fmt = fmt
+        self.durable = durable  # False (volatile): never fsynced, the stop not recorded
         self._last: tuple[bytes, bytes, bool] | None = None  # the last record written
         self.workdir = workdir
         self.upper = upper
@@ -375,14 +375,15 @@ class Journal:
                 compacted = compact(records or (), self.upper_fd)
             self.base = write_log(workdir, compacted)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(workdir, CLEAN_NAME))
-            fsync_dir(workdir)
+                os.unlink(path_of(workdir, CHANGES_CLEAN))
+            if durable:
+                fsync_dir(workdir)
             self._open()
         self.lines = self.base
 
     def _open(self) -> None:
         assert self.workdir is not None
-        self.fd = os.open(os.path.join(self.workdir, LOG_NAME),
+        self.fd = os.open(path_of(self.workdir, CHANGES_LOG),
                           os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     def record(self, kind: bytes, path: bytes, tree: bool = False) -> None:
@@ -426,12 +427,18 @@ class Journal:
 
     def close(self) -> None:
         """At unmount: every record on disk, then the clean marker (see the module doc)."""
+        if self.fd is not None and not self.durable:
+            # volatile: the stop is not recorded (no clean marker), so no name is made in
+            # the workdir after the unmount, when an engine is already removing it; a later
+            # mount of this upper rebuilds the log from the upper
+            os.close(self.fd)
+            self.fd = None
         if self.fd is not None:
             assert self.workdir is not None
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = None
-            fd = os.open(os.path.join(self.workdir, CLEAN_NAME),
+            fd = os.open(path_of(self.workdir, CHANGES_CLEAN),
                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, b"clean unmount at %s\n"

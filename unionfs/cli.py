@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, NoReturn, Sequence
 
 from . import __version__, diffcmd
+from .oci import cmd as oci
 from .config import ConfigError, build_config, check_dev_fuse, parse_options, split_lowers
 
 PROG = "unionfs"
@@ -119,18 +120,41 @@ COMMANDS: dict[str, Command] = {
                     diffcmd.add_diff, diffcmd.run_diff),
     "mark": Command("name the union's current state, for `diff --since NAME`",
                     diffcmd.add_mark, diffcmd.run_mark),
+    "export": Command("write a union's changes as an OCI image layer (tar, tar+gzip, tar+zstd)",
+                      oci.add_export, oci.run_export),
+    "import": Command("unpack an OCI layer or image (docker save, OCI layout) into layer directories",
+                      oci.add_import, oci.run_import),
+    "inspect": Command("show what each layer of a union holds and wastes (like dive)",
+                       oci.add_inspect, oci.run_inspect),
 }
 
 
 # -- dispatch ---------------------------------------------------------------
+
+class VersionAction(argparse.Action):
+    """`--version`: ours, and which FUSE binding a mount would run on (loaded only here)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from . import binding
+
+        try:
+            fuse = binding.load().describe()
+        except ImportError as e:
+            fuse = f"none ({str(e).removeprefix('no FUSE binding: ')})"
+        sys.stdout.write(f"{PROG} {__version__}\nFUSE binding: {fuse}\n")
+        parser.exit()
+
 
 def build_parser() -> Parser:
     parser = Parser(
         prog=PROG,
         description="Union-mount filesystem (overlayfs-compatible) on FUSE.",
         epilog="Mount-helper form (used by mount(8) and /etc/fstab): "
-               f"{PROG} SOURCE MOUNTPOINT -o lowerdir=L1:L2[,upperdir=U,workdir=W,...]")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+               f"{PROG} SOURCE MOUNTPOINT -o lowerdir=L1:L2[,upperdir=U,workdir=W,...]. "
+               "Mount-program form (fuse-overlayfs's, used by podman and buildah): "
+               f"{PROG} [-f] [-d] -o lowerdir=L1:L2,upperdir=U,workdir=W[,...] MOUNTPOINT")
+    parser.add_argument("--version", action=VersionAction, nargs=0,
+                        help="show the version and the FUSE binding, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.help))
@@ -152,9 +176,54 @@ def helper_argv(argv: Sequence[str]) -> list[str] | None:
     return None
 
 
+#: what fuse-overlayfs adds in front of its options when run as root: a container's
+#: root filesystem is used by every user in it (allow_other) and has setuid binaries
+MOUNT_PROGRAM_ROOT_DEFAULTS = "allow_other,suid,noatime"
+
+
+def mount_program_argv(argv: Sequence[str]) -> list[str] | None:
+    """Rewrite `unionfs [-f] [-d] [-o OPTS]... MOUNTPOINT` as `mount`.
+
+    This is fuse-overlayfs's command line, which containers/storage (podman, buildah,
+    CRI-O) runs as its overlay `mount_program`: every layer in -o, the mountpoint the
+    only argument. It is recognised by a first word that is one of those flags.
+    """
+    if not argv or not (argv[0] in ("-f", "-d", "--debug") or argv[0].startswith("-o")):
+        return None
+    options: list[str] = []
+    flags: list[str] = []
+    paths: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word == "-o":
+            value = next(words, None)
+            if value is None:
+                raise UsageError("option -o needs a value")
+            options.append(value)
+        elif word.startswith("-o"):
+            options.append(word[2:])
+        elif word == "-f":
+            flags.append("-f")
+        elif word in ("-d", "--debug"):  # as in libfuse: debug output, in the foreground
+            flags += ["-f", "--debug"]
+        elif word.startswith("-") and word != "-":
+            raise UsageError(f"unknown option '{word}' (this form takes -f, -d and -o OPTS)")
+        else:
+            paths.append(word)
+    if not paths:
+        raise UsageError("missing MOUNTPOINT")
+    if len(paths) > 1:
+        raise UsageError(f"too many arguments: {' '.join(paths)} (give only the MOUNTPOINT; "
+                         "the layers go in -o lowerdir=,upperdir=,workdir=)")
+    if not any("lowerdir=" in o for o in options):
+        raise UsageError("missing -o lowerdir=...")
+    defaults = [MOUNT_PROGRAM_ROOT_DEFAULTS] if os.geteuid() == 0 else []
+    return ["mount", *(f"-o{o}" for o in defaults + options), *dict.fromkeys(flags), "--", paths[0]]
+
+
 def dispatch(argv: Sequence[str]) -> int:
     argv = list(argv)
-    argv = helper_argv(argv) or argv
+    argv = helper_argv(argv) or mount_program_argv(argv) or argv
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         raise UsageError(f"unknown command '{argv[0]}' (choose from {', '.join(COMMANDS)})")
     parser = build_parser()

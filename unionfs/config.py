@@ -25,6 +25,14 @@ class MountConfig:
     dev: bool = False                 # honour device nodes (mount(8) `dev`)
     suid: bool = False                # honour setuid bits (mount(8) `suid`)
     fsync: bool = True                # copy-ups made durable (deferred: see durable.py)
+    volatile: bool = False            # no durability work at all: the upper is thrown away
+    timeout: float = 86400.0          # seconds the kernel may trust an entry or attributes
+    squash_uid: int | None = None     # every object shown as owned by this uid (squash_to_*)
+    squash_gid: int | None = None
+    static_nlink: bool = False        # every directory shown with st_nlink 1
+    xattrs: bool = True               # noxattrs=1: no xattrs at all through the mount
+    acl: bool = True                  # noacl: the kernel does not enforce POSIX ACLs
+    writeback: bool = True            # the kernel's writeback cache (writeback=0: off)
     poll_us: int = 200                # poll this long for the next request before sleeping
     foreground: bool = False
     debug: bool = False
@@ -76,8 +84,9 @@ IGNORED_VALUED = {
 }
 UNSUPPORTED = {
     "metacopy": "metacopy=on is not supported",
-    "volatile": "volatile is not supported (use fsync=0 to skip fsync on copy-up)",
     "userxattr": "userxattr is not supported",
+    "plugins": "plugins= is not supported (fuse-overlayfs's lower-layer plugins have no "
+               "counterpart in unionfs)",
 }
 
 
@@ -93,10 +102,25 @@ class MountOptions:
     dev: bool = False
     suid: bool = False
     fsync: bool = True
+    volatile: bool = False
+    timeout: float = MountConfig.timeout
+    squash_root: bool = False
+    squash_uid: int | None = None
+    squash_gid: int | None = None
+    static_nlink: bool = False
+    xattrs: bool = True
+    acl: bool = True
+    writeback: bool = True
     poll_us: int = MountConfig.poll_us
     debug: bool = False
     fsname: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+    def squashed(self) -> tuple[int | None, int | None]:
+        """squash_to_uid/gid win over squash_to_root, whatever their order (fuse-overlayfs)."""
+        root = 0 if self.squash_root else None
+        return (root if self.squash_uid is None else self.squash_uid,
+                root if self.squash_gid is None else self.squash_gid)
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -127,11 +151,36 @@ def split_lowers(text: str) -> list[str]:
     return lowers
 
 
+def split_option_list(text: str) -> list[str]:
+    """Split a comma list; a comma may be escaped (`\\,`) or inside double quotes, as
+    containers/storage quotes an SELinux label: `context="u:r:t:s0:c1,c2"`. The quotes go."""
+    items: list[str] = []
+    cur: list[str] = []
+    quoted = False
+    chars = iter(text)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            cur.append(nxt if nxt in (",", "\\") else ch + nxt)
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if quoted:
+        raise ConfigError(f"unbalanced double quote in mount options '{text}'")
+    items.append("".join(cur))
+    return items
+
+
 def parse_options(option_strings: Iterable[str]) -> MountOptions:
-    """Parse mount(8)-style comma lists; unknown options are errors, never ignored."""
+    """Parse mount(8)-style comma lists; unknown options are errors, never ignored.
+    Empty fields (`a,,b`, which containers/storage writes) are skipped."""
     opts = MountOptions()
     for option_string in option_strings:
-        for item in split_escaped(option_string, ","):
+        for item in split_option_list(option_string):
             if item:
                 _apply_option(opts, item)
     return opts
@@ -144,8 +193,30 @@ _FLAG_FIELDS: dict[str, tuple[str | None, bool]] = {
     "allow_other": ("allow_other", True), "noallow_other": ("allow_other", False),
     "debug": ("debug", True),
     "default_permissions": (None, True),  # always on
+    # fuse-overlayfs's options, which containers/storage passes to its mount program
+    "volatile": ("volatile", True),
+    "noacl": ("acl", False),
+    "static_nlink": ("static_nlink", True),
+    "squash_to_root": ("squash_root", True),
 }
+
+# fuse-overlayfs options whose values only tune its own implementation (how many threads
+# serve, how inode numbers are checked): accepted when well-formed, no effect on what the
+# mount shows or stores. unionfs serves every request on one thread.
+TUNING_INTS = frozenset({"threaded", "fast_ino"})
 _STRING_FIELDS = {"upperdir", "workdir", "fsname"}
+# name=0|1 options → (MountOptions field, the field's value for 1)
+_BOOLS: dict[str, tuple[str, bool]] = {
+    "fsync": ("fsync", True), "noxattrs": ("xattrs", False), "writeback": ("writeback", True),
+}
+_VALUED = {"lowerdir", "poll_us", "squash_to_uid", "squash_to_gid", "timeout",
+           "xattr_permissions", "context", *_BOOLS}
+
+
+def selinux_enabled() -> bool:
+    """Whether an SELinux policy is loaded (selinuxfs mounted with an enforce file)."""
+    return os.path.exists("/sys/fs/selinux/enforce")
+
 
 # Shorthands: one word for a usual set. `rootfs` is what a root filesystem
 # needs (other users, device nodes, setuid binaries, mode-bit checks); it is
@@ -178,16 +249,41 @@ def _apply_option(opts: MountOptions, item: str) -> None:
         else:
             opts.extra[name] = ""
         return
-    if name not in _STRING_FIELDS and name not in IGNORED_VALUED and name not in ("lowerdir", "fsync", "poll_us"):
+    if (name not in _STRING_FIELDS and name not in IGNORED_VALUED and name not in _VALUED
+            and name not in TUNING_INTS):
         raise ConfigError(f"unknown mount option '{item}'")
     if not value:
         raise ConfigError(f"mount option '{name}' needs a value")
     if name == "lowerdir":
         opts.lowerdir = split_lowers(value)
-    elif name == "fsync":
+    elif name in _BOOLS:
         if value not in ("0", "1"):
-            raise ConfigError(f"fsync must be 0 or 1, not '{value}'")
-        opts.fsync = value == "1"
+            raise ConfigError(f"{name} must be 0 or 1, not '{value}'")
+        setattr(opts, _BOOLS[name][0], (value == "1") is _BOOLS[name][1])
+    elif name in ("squash_to_uid", "squash_to_gid"):
+        if not value.isdigit() or int(value) >= 2**32 - 1:
+            raise ConfigError(f"{name} must be a numeric id, not '{value}'")
+        setattr(opts, "squash_" + name[-3:], int(value))
+    elif name == "timeout":
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds < float("inf"):
+            raise ConfigError(f"timeout must be a number of seconds, not '{value}'")
+        opts.timeout = seconds
+    elif name in TUNING_INTS:
+        if not value.lstrip("-").isdigit():
+            raise ConfigError(f"{name} must be a number, not '{value}'")
+        opts.extra[name] = value
+    elif name == "xattr_permissions":
+        if value != "0":
+            raise ConfigError("xattr_permissions=1/2 (owners and modes kept in xattrs, for "
+                              "storage.conf force_mask) is not supported")
+    elif name == "context":
+        if selinux_enabled():
+            raise ConfigError("context= is not supported: unionfs does not label files for SELinux")
+        opts.extra[name] = value  # no LSM here to apply the label: nothing to do
     elif name == "poll_us":
         if not value.isdigit() or int(value) > MAX_POLL_US:
             raise ConfigError(f"poll_us must be a number of microseconds from 0 to {MAX_POLL_US},"
@@ -282,12 +378,16 @@ def build_config(lowers: list[str], upper: str | None, mountpoint: str,
             raise ConfigError(f"{role_a} '{a}' is inside the mountpoint '{mnt}'")
 
     work, create = _check_workdir(layers, upper, mnt, opts.workdir, workdir)
+    squash_uid, squash_gid = opts.squashed()
     config = MountConfig(
         lowers=[real for role, real, _ in layers if role == "lower layer"],
         upper=layers[-1][1] if upper is not None else None,
         workdir=work, mountpoint=mnt, readonly=opts.readonly,
         allow_other=allow_other_default() if opts.allow_other is None else opts.allow_other,
-        dev=opts.dev, suid=opts.suid, fsync=opts.fsync,
+        dev=opts.dev, suid=opts.suid,
+        fsync=opts.fsync and not opts.volatile, volatile=opts.volatile, timeout=opts.timeout,
+        squash_uid=squash_uid, squash_gid=squash_gid, static_nlink=opts.static_nlink,
+        xattrs=opts.xattrs, acl=opts.acl, writeback=opts.writeback,
         poll_us=opts.poll_us, foreground=foreground, debug=debug or opts.debug,
         fsname=opts.fsname or MountConfig.fsname, extra=dict(opts.extra))
     return config, create

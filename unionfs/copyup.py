@@ -128,10 +128,18 @@ class AliasIndex:
         return index
 
 
+#: resolves an absolute view path to (parent node, entry), or None (Union.entry_at)
+EntryAt = Callable[[bytes], "tuple[Node, Entry] | None"]
+#: where a lower path may show in the view (Union.view_paths)
+ViewPaths = Callable[[bytes], list[bytes]]
+
+
 class CopyUp:
     def __init__(self, resolver: Resolver, upper: Layer, work: WorkDir, fsync: bool,
                  blocking: Blocking, syncer: Syncer | None = None,
-                 alone: Callable[[], bool] = lambda: False) -> None:
+                 alone: Callable[[], bool] = lambda: False,
+                 entry_at: EntryAt = lambda path: None,
+                 view_paths: ViewPaths = lambda path: [b"/" + path]) -> None:
         self.r = resolver
         self.fmt = resolver.fmt
         self.upper = upper
@@ -142,9 +150,9 @@ class CopyUp:
         self.alone = alone  # True while no other request is being served (see _fill)
         self.aliases = AliasIndex()
         self._how: dict[int, int] = {}  # lower layer -> copy method that worked (syscalls.copy_data)
-        # set by the owner: resolves a view path to (parent node, entry), for hard-link aliases
-        self.entry_at: Callable[[bytes], tuple[Node, Entry] | None] = lambda path: None
-        self.view_paths: Callable[[bytes], list[bytes]] = lambda path: [b"/" + path]
+        # the other names of a hard-linked file are found in the view by these
+        self.entry_at = entry_at
+        self.view_paths = view_paths
 
     # -- directories (metadata only: never awaits) ---------------------------------
 
@@ -263,8 +271,8 @@ class CopyUp:
         """Copy the data (and fdatasync it when asked). A small file without fsync is
         copied on the trio loop when it is in the page cache (the copy cannot block), or
         when no other request is being served: then there is nothing to overlap with, and
-        the hop to a worker thread and back costs more than a cold read of the file (on
-        the 2-core VM here, ~250 µs against ~100 µs; a woken thread waits for a CPU). A
+        the hop to a worker thread and back costs more than a cold read of a small file
+        (the woken thread waits for a CPU, then the loop waits to be woken again). A
         request arriving meanwhile waits one small read, as with fuse-overlayfs. Anything
         bigger, synced, or uncached while other requests are in flight goes to a thread."""
         how = self._how.get(layer.index, syscalls.CLONE)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -16,9 +15,10 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator
 
-from . import format
+from . import format, runstate
 from .config import FSTYPE, ConfigError, default_workdir, split_lowers
 from .format import Format
+from .workdir import CHANGES_CLEAN, path_of, recorded_lowers
 
 MARK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -73,34 +73,18 @@ class Target:
             self.lock_fd = None
 
 
-def _mount_state(path: str) -> dict[str, str] | None:
-    """upper/workdir of the unionfs mounted at *path*, from its daemon's pid file."""
-    from .mount import rundir, top_mount
-
-    entry = top_mount(path)
+def _mount_state(path: str) -> runstate.PidFile | None:
+    """The pid file of the unionfs mounted at *path*, if one is."""
+    entry = runstate.top_mount(path)
     if entry is None or entry.fstype != FSTYPE:
         return None
-    try:
-        with open(os.path.join(rundir(), entry.devno + ".pid")) as f:
-            lines = f.read().splitlines()
-    except OSError:
+    state = runstate.read_pidfile(entry.devno)
+    if state is None or state.upper is None:
         raise ConfigError(f"'{path}' is a unionfs mount but its daemon's state is missing; "
-                          "give its UPPER (and --workdir) instead") from None
-    state = dict(line.split("=", 1) for line in lines[2:] if "=" in line)
-    if not state.get("upper"):
+                          "give its UPPER (and --workdir) instead")
+    if not state.upper:
         raise ConfigError(f"'{path}' is a read-only unionfs mount (no upper layer): nothing changes")
     return state
-
-
-def _lock(workdir: str) -> int | None:
-    """Lock the workdir as a mount does; None if a mount holds it."""
-    fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def locate(target: str, workdir: str | None, lower: str | None) -> Target:
@@ -109,7 +93,7 @@ def locate(target: str, workdir: str | None, lower: str | None) -> Target:
         raise ConfigError(f"'{target}' is not a directory (give a MOUNTPOINT or an UPPER)")
     state = _mount_state(path)
     if state is not None:
-        upper, work = state["upper"], state.get("workdir") or None
+        upper, work = state.upper, state.workdir or None
         if workdir and work and os.path.realpath(workdir) != work:
             raise ConfigError(f"'{target}' is mounted with workdir '{work}', not '{workdir}'")
     else:
@@ -121,9 +105,8 @@ def locate(target: str, workdir: str | None, lower: str | None) -> Target:
         work = None
     if lower is not None:
         lowers = split_lowers(lower)
-    elif work is not None and os.path.exists(os.path.join(work, "lowers")):
-        with open(os.path.join(work, "lowers")) as f:
-            lowers = [line for line in f.read().split("\n") if line]
+    elif work is not None and (recorded := recorded_lowers(work)) is not None:
+        lowers = recorded
     else:
         raise ConfigError(f"no lower layers recorded for '{upper}' (never mounted?): give --lower L1:L2")
     for lw in lowers:
@@ -133,7 +116,7 @@ def locate(target: str, workdir: str | None, lower: str | None) -> Target:
     lock_fd = None
     mounted = False
     if work is not None:
-        lock_fd = _lock(work)
+        lock_fd = runstate.lock_dir(work)
         mounted = lock_fd is None
     t = Target(upper, work, lowers, mounted, lock_fd)
     if mounted:
@@ -144,21 +127,8 @@ def locate(target: str, workdir: str | None, lower: str | None) -> Target:
 
 def _mountpoint_of(workdir: str) -> str | None:
     """The mountpoint of the live mount using *workdir*, from the daemons' pid files."""
-    from .mount import rundir
-
-    try:
-        names = os.listdir(rundir())
-    except OSError:
-        return None
-    for name in names:
-        try:
-            with open(os.path.join(rundir(), name)) as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        if len(lines) > 2 and f"workdir={workdir}" in lines[2:]:
-            return lines[1]
-    return None
+    state = runstate.find_pidfile(workdir)
+    return state.mountpoint if state is not None else None
 
 
 def _flush(mountpoint: str | None) -> None:
@@ -166,14 +136,15 @@ def _flush(mountpoint: str | None) -> None:
     still be in the kernel; this sends them to the daemon, and so to the upper we read."""
     if mountpoint is None:
         return
-    import ctypes
+    from . import syscalls
 
     try:
         fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return
     try:
-        ctypes.CDLL(None, use_errno=True).syncfs(fd)
+        with contextlib.suppress(OSError):
+            syscalls.syncfs(fd)
     finally:
         os.close(fd)
 
@@ -226,7 +197,7 @@ def _write_back(t: Target, records) -> None:
         if not t.mounted:
             with changes.log_lock(t.workdir):
                 changes.write_log(t.workdir, changes.rebuild(t.workdir, t.upper, t.fmt, records or ()))
-                with open(os.path.join(t.workdir, changes.CLEAN_NAME), "w") as f:
+                with open(path_of(t.workdir, CHANGES_CLEAN), "w") as f:
                     f.write("rebuilt by unionfs diff --rescan\n")
                 changes.fsync_dir(t.workdir)
         elif records is not None:
@@ -250,7 +221,7 @@ def opened(args: argparse.Namespace) -> Iterator[Target]:
         t.close()
 
 
-def _layers(t: Target):
+def open_layers(t: Target):
     from .diff import Layers
 
     try:
@@ -299,7 +270,7 @@ def run_diff(args: argparse.Namespace) -> int:
         cand = candidates(t, args.rescan)
         if cand.note:
             print(f"unionfs: note: {cand.note}; rebuilt it from the upper directory", file=sys.stderr)
-        layers = _layers(t)
+        layers = open_layers(t)
         try:
             result = [c for c in compute(layers, cand.paths, relevant, since) if inside(c.path)]
         finally:
@@ -343,7 +314,7 @@ def run_mark(args: argparse.Namespace) -> int:
         cand = candidates(t, False)
         if cand.note:
             print(f"unionfs: note: {cand.note}; rebuilt it from the upper directory", file=sys.stderr)
-        layers = _layers(t)
+        layers = open_layers(t)
         try:
             result = compute(layers, cand.paths)
             save_mark(t.workdir, args.name, result)

@@ -4,7 +4,7 @@ file again once its data is safe.
 
 Kernel overlayfs fdatasyncs each copied-up file before linking it into place, so a
 power loss can never leave a half-copied file under the name. That costs one
-journal commit (about 450 µs on ext4 here) inside the first write to every lower
+journal commit, a wait for the disk, inside the first write to every lower
 file. We link first and sync later, in batches, and keep the guarantee:
 
 * Batches are numbered. Before the link, the new file's identity xattr
@@ -55,12 +55,11 @@ from . import format, syscalls
 from .changes import is_clean
 from .format import Format
 from .layers import walk_tree
+from .workdir import COPYUP_PENDING as HINT, COPYUP_SYNCED as SYNCED
 from .nodes import split_ino
 
 log = logging.getLogger("unionfs")
 
-HINT = "copyup.pending"
-SYNCED = "copyup.synced"
 _SYNCED_WIDTH = 20  # digits: every write of the number is one same-sized overwrite
 #: the flusher waits this long after the first pending copy-up, to batch the next ones
 #: (UNIONFS_SYNC_DELAY, in seconds, lets the tests hold copy-ups pending)

@@ -1,20 +1,17 @@
 """Open files: real fds on the upper or lower object, behind small integer handles.
 
-A mixin of union.Union.
+The handle table of a union (union.Union holds one); opening, which may copy up
+first, is the Union's, and so are read and fsync (fs.py).
 """
 from __future__ import annotations
 
 import errno
 import os
 import stat
-from typing import TYPE_CHECKING
 
 from . import syscalls
-from .namespace import err
+from .merge import Resolver
 from .nodes import Node
-
-if TYPE_CHECKING:
-    from .union import Union
 
 
 class Handle:
@@ -33,12 +30,20 @@ class Handle:
         self.flags = flags
 
 
-class FileOps:
-    """open/release and the handle table (mixed into Union); read and write are fs.py's."""
+class Handles:
+    """The open files of one union, by handle number."""
 
-    # -- open files ----------------------------------------------------------------------------
+    def __init__(self, resolver: Resolver, writeback: bool) -> None:
+        self.r = resolver
+        self.writeback = writeback
+        self.handles: dict[int, Handle] = {}
+        # fh -> fd of every open file, for the patched pyfuse3 to answer READs by itself
+        self.fds: dict[int, int] = {}
+        self._lower: dict[Node, set[int]] = {}  # open read-only on the lower copy
+        self._next_fh = 1
 
-    def _open_flags(self: "Union", flags: int) -> int:
+    def open_flags(self, flags: int) -> int:
+        """The flags our own fd is opened with, for the kernel's *flags*."""
         # O_DIRECT is the kernel's business (it bypasses its page cache); our own fd reads into
         # unaligned buffers, so it must not have it
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)
@@ -50,65 +55,49 @@ class FileOps:
             flags &= ~os.O_APPEND
         return flags
 
-    def _new_handle(self: "Union", fd: int, node: Node, on_upper: bool, flags: int) -> int:
+    def add(self, fd: int, node: Node, on_upper: bool, flags: int) -> int:
+        """A new handle for *fd*, open on *node*'s upper (else lower) object."""
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = Handle(fd, node, on_upper, flags & os.O_ACCMODE)
         self.fds[fh] = fd
         if not on_upper:
-            self._lower_handles.setdefault(node, set()).add(fh)
+            self._lower.setdefault(node, set()).add(fh)
         return fh
 
-    def _handles_to_upper(self: "Union", node: Node) -> None:
+    def to_upper(self, node: Node) -> None:
         """*node* was just copied up: its open lower handles read the upper copy from now.
 
         At once, not at their next read: the patched pyfuse3 answers READs from `fds`
         without calling us. If the upper copy cannot be opened (EMFILE, say), the handle
-        leaves `fds`, so its reads come to `handle()`, which tries again or fails them."""
-        for fh in self._lower_handles.pop(node, ()):
+        leaves `fds`, so its reads come to `get()`, which tries again or fails them."""
+        for fh in self._lower.pop(node, ()):
             try:
                 self._reopen_upper(fh, self.handles[fh])
             except OSError:
                 del self.fds[fh]
 
-    def _reopen_upper(self: "Union", fh: int, h: Handle) -> None:
-        fd = syscalls.open_at(*self.loc(h.node), os.O_RDONLY)
+    def _reopen_upper(self, fh: int, h: Handle) -> None:
+        fd = syscalls.open_at(*self.r.loc(h.node), os.O_RDONLY)
         os.close(h.fd)
         h.fd, h.on_upper = fd, True
         self.fds[fh] = fd
 
-    async def open(self: "Union", node: Node, flags: int, privileged: bool = True) -> int:
-        """Open for I/O; a write open copies up first. *privileged*: the caller may keep
-        set-id bits when truncating (CAP_FSETID; we go by uid 0)."""
-        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
-        if writing:
-            self._writable()
-            await self.ensure_upper(node, data=not flags & os.O_TRUNC)
-        real = self._open_flags(flags)
-        if not node.upper:
-            real |= os.O_NOATIME  # reading through the union leaves the lower layers untouched
-        fd = syscalls.open_at(*self.loc(node), real)
-        if flags & os.O_TRUNC and not privileged:
-            _kill_setid(fd)
-        if writing:
-            self.journal.record(b"C", node.path())
-        return self._new_handle(fd, node, node.upper, self._open_flags(flags))
-
-    def handle(self: "Union", fh: int) -> Handle:
+    def get(self, fh: int) -> Handle:
         h = self.handles.get(fh)
         if h is None:
-            raise err(errno.EBADF)
-        if not h.on_upper and h.node.upper:  # _handles_to_upper could not open it
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        if not h.on_upper and h.node.upper:  # to_upper could not open it
             self._reopen_upper(fh, h)
         return h
 
-    def write(self: "Union", fh: int, off: int, data: bytes) -> int:
+    def write(self, fh: int, off: int, data: bytes) -> int:
         """Write through to the upper file. With the writeback cache the kernel owns a
         file's mtime: it sets its own at write(2) and sends it in a SETATTR later, but
         not when the write fell in the clock tick of the mtime it already had. Our
         pwrite would move the upper's mtime all the same, and the view would show
         another time after a remount; so the upper keeps the mtime the kernel knows."""
-        fd = self.handle(fh).fd
+        fd = self.get(fh).fd
         if not self.writeback:
             return syscalls.pwrite_all(fd, data, off)
         st = os.fstat(fd)  # both times put back (pwrite changes neither atime): one C call
@@ -117,20 +106,27 @@ class FileOps:
         finally:
             syscalls.futimens(fd, st.st_atime_ns, st.st_mtime_ns)
 
-    def release(self: "Union", fh: int) -> None:
+    def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
         if h is not None:
             self.fds.pop(fh, None)
             if not h.on_upper:
-                fhs = self._lower_handles.get(h.node)
+                fhs = self._lower.get(h.node)
                 if fhs is not None:
                     fhs.discard(fh)
                     if not fhs:
-                        del self._lower_handles[h.node]
+                        del self._lower[h.node]
             os.close(h.fd)
 
+    def close(self) -> None:
+        self.fds.clear()
+        self._lower.clear()
+        for h in self.handles.values():
+            os.close(h.fd)
+        self.handles.clear()
 
-def _kill_setid(fd: int) -> None:
+
+def kill_setid(fd: int) -> None:
     """What the kernel does when an unprivileged caller truncates: drop set-uid, and
     set-gid where group-execute makes it one (the kernel leaves this to us when open
     truncates atomically)."""

@@ -55,6 +55,16 @@ def is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == WHITEOUT_DEV
 
 
+def listed_whiteout(fd: int, name: bytes, dtype: int | None) -> bool:
+    """Does the entry *name* a listing of directory *fd* gave, of type *dtype* (an S_IFMT;
+    None: the listing did not say), show nothing: a whiteout, or gone since? Only a
+    character device or an unknown type needs an lstat to tell."""
+    if dtype is not None and dtype != stat.S_IFCHR:
+        return False
+    st = syscalls.lstat_at(fd, name)
+    return st is None or is_whiteout(st)
+
+
 def is_whiteout_node(mode: int, rdev: int) -> bool:
     """Would mknod(mode, rdev) make a whiteout?"""
     return stat.S_ISCHR(mode) and rdev == WHITEOUT_DEV

@@ -18,19 +18,17 @@ import logging
 import os
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-import pyfuse3
 import trio
 
-from . import syscalls
+from . import binding, syscalls
 from .config import MountConfig
 from .nodes import Node
 from .union import Caller, SetAttr, Union
 
+pyfuse3 = binding.load().module  # the built-in binding, else a stock pyfuse3 (binding.py)
 log = logging.getLogger("unionfs")
 
-TIMEOUT = 86400.0  # seconds the kernel may trust an entry or attributes
-
-# pyfuse3 with patches/pyfuse3-3.5.0-unionfs.patch (scripts/setup) answers OPENDIR with
+# The built-in binding (patches/pyfuse3, docs/binding.md) answers OPENDIR with
 # ENOSYS itself: directories are then opened without a round trip, as files stay opened
 # with one (OPEN decides copy-up and O_TRUNC).
 ZERO_OPENDIR = getattr(pyfuse3, "UNIONFS_PATCH", 0) >= 2
@@ -75,7 +73,7 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     enable_acl = True  # the kernel checks and caches POSIX ACLs (no GETXATTR per ls -l)
-    # patched pyfuse3 only (scripts/setup), ignored by a stock one:
+    # the built-in binding only (docs/binding.md), ignored by a stock pyfuse3:
     cache_readdir = True  # listings stay in the kernel until the directory changes
     enable_cache_symlinks = True  # a symlink's target never changes: the kernel keeps it
     no_opendir = ZERO_OPENDIR  # no OPENDIR/RELEASEDIR round trips; readdir gets the inode
@@ -87,7 +85,12 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.u = union
         self.debug = debug
-        # the patched pyfuse3 (UNIONFS_PATCH 5) answers READs of these handles itself
+        config = union.config
+        self.timeout = config.timeout  # seconds the kernel may trust an entry or attributes
+        self.enable_acl = config.acl
+        self.enable_writeback_cache = config.writeback
+        self.volatile = config.volatile
+        # the built-in binding (UNIONFS_PATCH 5) answers READs of these handles itself
         self.read_fds = union.fds
         self._dir_handles: dict[int, Node] = {}  # stock pyfuse3 only: opendir's handles
         self._next_dh = 1
@@ -117,12 +120,11 @@ class Operations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.id
         a.generation = 0
-        a.entry_timeout = TIMEOUT
-        a.attr_timeout = TIMEOUT
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
         a.st_mode = st.st_mode
         a.st_nlink = self.u.nlink(node, st)
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
+        a.st_uid, a.st_gid = self.u.owners.shown(st.st_uid, st.st_gid)
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blksize = st.st_blksize
@@ -144,7 +146,7 @@ class Operations(pyfuse3.Operations):
         if node is None:
             neg = pyfuse3.EntryAttributes()
             neg.st_ino = 0
-            neg.entry_timeout = TIMEOUT
+            neg.entry_timeout = self.timeout
             return neg
         return self._entry(node, st)
 
@@ -258,6 +260,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if self.volatile:  # nothing is to be durable; ENOSYS: the kernel stops asking
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         fd = self.u.handle(fh).fd
         await trio.to_thread.run_sync(self.u.fsync, fd, datasync)
 
@@ -309,6 +313,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        if self.volatile:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self._dir(fh)
         if node.upper:
             # never by a path that could be followed: a symlink put at the name behind
@@ -373,6 +379,6 @@ def fuse_options(config: MountConfig) -> set[str]:
 
 def make_operations(config: MountConfig) -> Operations:
     """Open the layers and build the Operations for a mount (raises OSError/ValueError)."""
-    ops = Operations(Union(config), debug=config.debug)
+    ops = Operations(Union(config, writeback=config.writeback), debug=config.debug)
     ops.poll_us = config.poll_us
     return ops

@@ -84,6 +84,15 @@ class Resolver:
         # and what was found where something was (see _scan_lowers), the most recent ones
         self._found: OrderedDict[tuple[object, ...], _Found] = OrderedDict()
 
+    def root_node(self) -> Node:
+        """A root node of the view these layers make (its upper root opaque by the xattr)."""
+        root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
+        root.upper = self.upper is not None
+        if self.upper is not None:
+            root.opaque = self.fmt.is_opaque(self.upper.fd, b"")
+        root.lowers = [(layer, b"") for layer in self.lowers]
+        return root
+
     # -- fds -------------------------------------------------------------------------
 
     def upper_fd(self, node: Node) -> int:
@@ -100,6 +109,19 @@ class Resolver:
             return syscalls.open_dir_real(self.upper_fd(node.parent), node.name)
 
         return self.cache.get(("u", node.id), opener)
+
+    def loc(self, node: Node) -> tuple[int, bytes]:
+        """(dir fd, name) where the node's top object is, for *at calls."""
+        if node.pin is not None:
+            return node.pin, b""
+        if node.upper:
+            assert self.upper is not None
+            if node.parent is None:
+                return self.upper.fd, b""
+            return self.upper_fd(node.parent), node.name
+        if not node.lowers:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return self.lower_loc(*node.lowers[0])
 
     def lower_fd(self, layer: Layer, path: bytes) -> int:
         return walk_dir(layer, self.cache, path)
@@ -285,11 +307,8 @@ class Resolver:
             ufd = self.upper_fd(node)
             for name, dtype in _scan(ufd):
                 seen.add(name)
-                if dtype == stat.S_IFCHR or dtype is None:
-                    st = syscalls.lstat_at(ufd, name)
-                    if st is None or format.is_whiteout(st):
-                        continue
-                out.append(name)
+                if not format.listed_whiteout(ufd, name, dtype):
+                    out.append(name)
             if node.opaque:
                 return out
         for layer, path in node.lowers:
@@ -307,19 +326,10 @@ class Resolver:
                 if name in seen:
                     continue
                 seen.add(name)
-                if dtype == stat.S_IFCHR or dtype is None:
-                    st = syscalls.lstat_at(fd, name)
-                    if st is None or format.is_whiteout(st):
-                        continue
-                out.append(name)
+                if not format.listed_whiteout(fd, name, dtype):
+                    out.append(name)
             seen.update(hidden)
         return out
-
-
-_DT_TO_IFMT = {
-    1: stat.S_IFIFO, 2: stat.S_IFCHR, 4: stat.S_IFDIR, 6: stat.S_IFBLK,
-    8: stat.S_IFREG, 10: stat.S_IFLNK, 12: stat.S_IFSOCK,
-}
 
 
 def _scan(dirfd: int) -> list[tuple[bytes, int | None]]:

@@ -1,8 +1,9 @@
 """Running and stopping the FUSE daemon.
 
-Only this module and the core (unionfs.fs) import pyfuse3. `start` returns
-only once the mount is live (or raised MountError with one line of reason),
-so scripts, mount(8) and fstab can use the mount right after we exit.
+Only this module and the core (unionfs.fs) load the FUSE binding
+(unionfs.binding). `start` returns only once the mount is live (or raised
+MountError with one line of reason), so scripts, mount(8) and fstab can use
+the mount right after we exit.
 `unmount` waits until the daemon is gone, so a following mount of the same
 layers cannot race with a daemon that is still flushing.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import gc
 import logging
 import logging.handlers
@@ -27,123 +27,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from . import utab
+from . import utab, workdir
 from .config import FSTYPE, MountConfig, escape_fuse_option, kernel_flag_options
+from .runstate import (MountEntry, alive, lock_dir, mount_entries, read_pidfile, remove_pidfile,
+                       this_process, top_mount, write_pidfile)
 
 log = logging.getLogger("unionfs")
 
 MAX_TASKS = 32          # concurrent request handlers in the trio loop
-LOG_NAME = "unionfs.log"
 UMOUNT_TIMEOUT_ENV = "UNIONFS_UMOUNT_TIMEOUT"
-RUNDIR_ENV = "UNIONFS_RUNDIR"
 MNT_DETACH = 2
 
 
 class MountError(Exception):
     """A failure to mount or unmount, reported to the user as one line."""
-
-
-# --------------------------------------------------------------------------
-# /proc helpers
-# --------------------------------------------------------------------------
-
-@dataclass
-class MountEntry:
-    """One line of /proc/self/mountinfo (only the fields we use)."""
-
-    devno: str        # "major:minor", unique among live mounts
-    mountpoint: str
-    fstype: str
-    source: str
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mount_entries() -> list[MountEntry]:
-    entries = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.rstrip("\n").partition(" - ")
-            fields, tail = pre.split(), post.split()
-            entries.append(MountEntry(fields[2], _unescape(fields[4]), tail[0], _unescape(tail[1])))
-    return entries
-
-
-def top_mount(path: str) -> MountEntry | None:
-    """The mount visible at *path* (the last one stacked there), if any."""
-    found = None
-    for entry in mount_entries():
-        if entry.mountpoint == path:
-            found = entry
-    return found
-
-
-def _proc_state(pid: int) -> tuple[str, str] | None:
-    """(state, starttime) of *pid*, or None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return fields[0], fields[19]
-
-
-def _alive(pid: int, starttime: str | None) -> bool:
-    """Running and the same process (start time guards against pid reuse); zombies count as gone."""
-    state = _proc_state(pid)
-    if state is None or state[0] in ("Z", "X"):
-        return False
-    return starttime is None or state[1] == starttime
-
-
-# --------------------------------------------------------------------------
-# pid files: <rundir>/<major>:<minor>.pid, keyed by the mount's device number
-# so they work for read-only unions (no workdir) and stacked mounts alike.
-# --------------------------------------------------------------------------
-
-def rundir() -> str:
-    if RUNDIR_ENV in os.environ:
-        return os.environ[RUNDIR_ENV]
-    if os.geteuid() == 0:
-        return "/run/unionfs"
-    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/unionfs-{os.getuid()}", "unionfs")
-
-
-def _pidfile(devno: str) -> str:
-    return os.path.join(rundir(), devno + ".pid")
-
-
-def _write_pidfile(devno: str, mountpoint: str, config: MountConfig | None = None) -> str:
-    path = _pidfile(devno)
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    state = _proc_state(os.getpid())
-    tmp = f"{path}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()} {state[1] if state else '-'}\n{mountpoint}\n")
-        if config is not None:  # read by `unionfs diff MOUNTPOINT` (unionfs/diffcmd.py)
-            f.write(f"upper={config.upper or ''}\nworkdir={config.workdir or ''}\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _read_pidfile(devno: str) -> tuple[int, str | None] | None:
-    try:
-        with open(_pidfile(devno)) as f:
-            pid, start = f.readline().split()
-        return int(pid), (None if start == "-" else start)
-    except (OSError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------
@@ -159,7 +56,7 @@ def start(config: MountConfig, created_workdir: bool = False) -> None:
     try:
         if config.foreground:
             _setup_logging(config, logging.StreamHandler(sys.stderr))
-            session = _prepare(config)
+            serving = _prepare(config)
         else:
             _daemonize(config)
             return
@@ -167,7 +64,7 @@ def start(config: MountConfig, created_workdir: bool = False) -> None:
         if created_workdir and config.workdir:
             shutil.rmtree(config.workdir, ignore_errors=True)
         raise
-    _serve(config, session)
+    _serve(config, serving)
 
 
 def _is_our_mount(path: str) -> bool:
@@ -213,7 +110,7 @@ def _daemon_child(config: MountConfig, ready_fd: int) -> int:
     """Detach from the terminal, mount, say "ok" (or why not) on ready_fd, then serve."""
     try:
         _detach_stdio(config)
-        session = _prepare(config)
+        serving = _prepare(config)
     except BaseException as e:  # noqa: BLE001 - whatever it is, the parent prints one line
         message = str(e) if isinstance(e, MountError) else f"internal error: {type(e).__name__}: {e}"
         log.error("mount of %s failed: %s", config.mountpoint, message, exc_info=not isinstance(e, MountError))
@@ -222,7 +119,7 @@ def _daemon_child(config: MountConfig, ready_fd: int) -> int:
         return 1
     os.write(ready_fd, b"ok")
     os.close(ready_fd)
-    _serve(config, session)
+    _serve(config, serving)
     return 0
 
 
@@ -235,7 +132,7 @@ def _detach_stdio(config: MountConfig) -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    logfile = os.path.join(config.workdir, LOG_NAME) if config.workdir else None
+    logfile = workdir.path_of(config.workdir, workdir.DAEMON_LOG) if config.workdir else None
     if logfile:
         try:
             out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -267,7 +164,7 @@ def _setup_logging(config: MountConfig, handler: logging.Handler) -> None:
 
 
 @dataclass
-class _Session:
+class _Serving:
     """What _serve needs from _prepare: the pid file to remove and the locks to hold."""
 
     pidfile: str | None
@@ -277,7 +174,7 @@ class _Session:
     released: bool = False  # _let_go has run
 
 
-def _prepare(config: MountConfig) -> _Session:
+def _prepare(config: MountConfig) -> _Serving:
     """Everything up to a live mount; raises MountError with one line."""
     _raise_nofile_limit()
     os.umask(0o077)   # private state files stay private; the core sets union objects' modes explicitly
@@ -285,10 +182,16 @@ def _prepare(config: MountConfig) -> _Session:
     locks = [_lock_dir(path, what) for path, what in
              ((config.upper, "upper layer"), (config.workdir, "workdir")) if path]
     try:
-        from . import fs  # the core; imported late so CLI errors never need pyfuse3
-        import pyfuse3
+        from . import binding, fs  # the core; imported late so CLI errors never need pyfuse3
+        fuse = binding.load()
     except ImportError as e:
         raise MountError(f"the filesystem core is not available ({e})") from None
+    pyfuse3 = fuse.module
+    log.info("FUSE binding: %s; poll_us=%d", fuse.describe(), config.poll_us)
+    if fuse.missing():
+        log.warning("running on %s without the fast paths %s (%s): more requests and more "
+                    "time per request; `pip install .` builds the built-in binding",
+                    fuse.name, ", ".join(fuse.missing()), fuse.fallback_reason or "its own build")
     try:
         ops = fs.make_operations(config)
         options = set(fs.fuse_options(config)) | kernel_flag_options(config)
@@ -301,10 +204,10 @@ def _prepare(config: MountConfig) -> _Session:
     pidfile = None
     if entry is not None:
         with contextlib.suppress(OSError):
-            pidfile = _write_pidfile(entry.devno, config.mountpoint, config)
+            pidfile = write_pidfile(entry.devno, config.mountpoint, config.upper, config.workdir)
         utab.add(config.fsname, config.mountpoint)  # so that plain `umount` waits for us
     log.info("mounted %s (pid %d)", config.mountpoint, os.getpid())
-    return _Session(pidfile, locks, ops, deferred)
+    return _Serving(pidfile, locks, ops, deferred)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -363,18 +266,10 @@ def _lock_dir(path: str, what: str) -> int:
     A daemon whose mount is already gone may still be finishing (closing the changes
     log) when the next mount of the same upper starts, e.g. after a lazy or forced
     unmount that did not wait for it: give it a moment before calling the upper busy."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    deadline = time.monotonic() + LOCK_GRACE
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() < deadline:
-                time.sleep(0.05)
-                continue
-            os.close(fd)
-            raise MountError(f"{what} '{path}' is in use by another unionfs mount") from None
+    fd = lock_dir(path, LOCK_GRACE)
+    if fd is None:
+        raise MountError(f"{what} '{path}' is in use by another unionfs mount")
+    return fd
 
 
 def _rss_kib() -> int:
@@ -397,9 +292,8 @@ GC_THRESHOLDS = (50_000, 20, 100)
 def _tune_gc() -> None:
     """Fewer passes of Python's cyclic garbage collector while serving. With the default
     thresholds a walk collects every 700 new objects, and every node the kernel keeps
-    (one per name it looked up) is traversed again at each full collection: in a find
-    over 32,000 names that was 170 collections and 0.18 s of the daemon's time,
-    including full ones of 50 and 100 ms, during which no request is answered. The
+    (one per name it looked up) is traversed again at each full collection, which grows
+    with the tree walked; no request is answered while one runs. The
     objects made while mounting never become garbage: frozen, no collection walks them.
     Nodes form no cycles (a node points only to its parent, which keeps a count of its
     children), so reference counting frees them at forget; the collector only gathers
@@ -418,13 +312,13 @@ def _short_slice() -> None:
     """Ask the scheduler for a short time slice for the request loop's thread.
 
     Every request is a client blocked until we answer, and the end of the FUSE
-    session is a caller about to unmount the layers' filesystem (_let_go): both
-    want this thread running soon after it is woken. With the default slice a
-    woken thread often waits out a busy neighbour's slice first (milliseconds on a
-    loaded machine; the layers were still busy then in most rounds of
-    scripts/bench_umount.py). Since Linux 6.12 a shorter slice (sched_setattr's
-    sched_runtime for SCHED_OTHER) makes a woken thread preempt sooner, while its
-    share of the CPU stays what its nice value gives it; older kernels ignore it."""
+    connection is a caller about to unmount the layers' filesystem (_let_go): both
+    want this thread running soon after it is woken. With the default slice a woken
+    thread often waits out a busy neighbour's slice first (milliseconds on a loaded
+    machine). Since Linux 6.12 a slice shorter than the running task's (sched_setattr's
+    sched_runtime for SCHED_OTHER) lets a woken thread preempt it, while its share of
+    the CPU stays what its nice value gives it; older kernels ignore the field. Long
+    enough (0.5 ms) for _let_go to run in one piece."""
     number = _SYS_SCHED_SETATTR.get(os.uname().machine)
     if number is None:
         return
@@ -438,10 +332,12 @@ def _short_slice() -> None:
         log.debug("sched_setattr: %s", os.strerror(ctypes.get_errno()))
 
 
-def _serve(config: MountConfig, session: _Session) -> None:
+def _serve(config: MountConfig, serving: _Serving) -> None:
     """Run the request loop until unmounted or signalled, then clean up."""
-    import pyfuse3
     import trio
+
+    from .binding import load
+    pyfuse3 = load().module
 
     signalled = False
     _tune_gc()
@@ -449,20 +345,20 @@ def _serve(config: MountConfig, session: _Session) -> None:
 
     async def run() -> None:
         with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGUSR1) as signals:
-            if session.deferred:  # signalled while mounting: stop without serving
-                stop(session.deferred[0])
+            if serving.deferred:  # signalled while mounting: stop without serving
+                stop(serving.deferred[0])
                 return
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(terminate_on_signal, signals)
                 await pyfuse3.main(max_tasks=MAX_TASKS)
-                _let_go(config, session, signalled)
+                _let_go(config, serving, signalled)
                 nursery.cancel_scope.cancel()
 
     async def terminate_on_signal(signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             if signum == signal.SIGUSR1:  # `kill -USR1 PID`: what the daemon holds, in its log
                 log.info("stats: %s, rss_kib=%s, gc_passes=%s", ", ".join(
-                    f"{k}={v}" for k, v in session.ops.stats().items()), _rss_kib(),
+                    f"{k}={v}" for k, v in serving.ops.stats().items()), _rss_kib(),
                     sum(g["collections"] for g in gc.get_stats()))
                 continue
             stop(signum)
@@ -480,23 +376,23 @@ def _serve(config: MountConfig, session: _Session) -> None:
         log.exception("request loop failed; unmounting %s", config.mountpoint)
         raise MountError(f"request loop failed: {_describe(e)} (see the log)") from None
     finally:
-        _stop(config, session, pyfuse3, signalled)
+        _stop(config, serving, pyfuse3, signalled)
 
 
-def _let_go(config: MountConfig, session: _Session, signalled: bool) -> None:
+def _let_go(config: MountConfig, serving: _Serving, signalled: bool) -> None:
     """Right after the request loop, before anything else: free the layers.
 
     Whoever unmounted may unmount the layers' filesystem next (umount(2) returns
-    before the daemon even sees the session end; only `unionfs umount` and the
+    before the daemon even sees the connection end; only `unionfs umount` and the
     umount(8) helper wait for it), and gets EBUSY while any fd of ours is on it.
     So every fd on a layer goes first, then the stop is recorded as clean (its
     few fds are in the workdir), then the locks (a new mount of the same upper
     may start from here) and the log file; trio's teardown, libfuse's and the
     pid file come after. Runs once; a request loop that failed gets it from _stop."""
-    if session.released:
+    if serving.released:
         return
-    session.released = True
-    ops = session.ops
+    serving.released = True
+    ops = serving.ops
     if ops is not None:
         try:
             ops.release_layers()
@@ -506,29 +402,26 @@ def _let_go(config: MountConfig, session: _Session, signalled: bool) -> None:
             ops.shutdown()
         except Exception:  # noqa: BLE001 - the stop is not marked clean: the next mount reconciles
             log.exception("recording a clean stop failed")
-    for fd in session.locks:
+    for fd in serving.locks:
         os.close(fd)
-    session.locks = []
+    serving.locks = []
     if not signalled:  # say why we stop: nobody asked this process to
-        log.info("the kernel ended the FUSE session: %s was unmounted (umount, umount -l "
+        log.info("the kernel ended the FUSE connection: %s was unmounted (umount, umount -l "
                  "or fusermount -u)", config.mountpoint)
     log.info("unmounted %s", config.mountpoint)
     if not config.foreground:
         _release_log()
 
 
-def _stop(config: MountConfig, session: _Session, pyfuse3: Any, signalled: bool) -> None:
+def _stop(config: MountConfig, serving: _Serving, pyfuse3: Any, signalled: bool) -> None:
     """What is left once the layers are free (or the loop failed before _let_go)."""
-    _let_go(config, session, signalled)
+    _let_go(config, serving, signalled)
     with contextlib.suppress(Exception):
         pyfuse3.close(unmount=True)
-    devno = os.path.basename(session.pidfile or "").removesuffix(".pid")
-    if session.pidfile and not any(e.devno == devno for e in mount_entries()):
+    devno = os.path.basename(serving.pidfile or "").removesuffix(".pid")
+    if serving.pidfile and not any(e.devno == devno for e in mount_entries()):
         # the device number may already serve another mount, with its own pid file
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(session.pidfile) as f:
-                if int(f.readline().split()[0]) == os.getpid():
-                    os.unlink(session.pidfile)
+        remove_pidfile(devno, this_process())
     utab.remove(config.mountpoint, still_mounted=top_mount(config.mountpoint) is not None)
 
 
@@ -575,8 +468,9 @@ def unmount(path: str, recursive: bool = False) -> None:
         names = ", ".join(dict.fromkeys(e.mountpoint for e in reversed(below)))  # stacked: once
         raise MountError(f"'{path}' has mounts below it: {names} "
                          "(unmount them first, or use `unionfs umount -R`)")
-    owner = _read_pidfile(entry.devno)
-    dead = owner is not None and not _alive(*owner)
+    pf = read_pidfile(entry.devno)
+    owner = pf.owner if pf is not None else None
+    dead = owner is not None and not alive(*owner)
     if below and dead:
         # paths below a dead FUSE mount may not resolve (ENOTCONN); detaching
         # the union takes everything mounted below it along
@@ -590,9 +484,7 @@ def unmount(path: str, recursive: bool = False) -> None:
         _umount(mnt, lazy=False, dead=dead)
     if owner is not None:
         _wait_for_exit(*owner)
-    if _read_pidfile(entry.devno) == owner:  # not yet another mount's (device numbers get reused)
-        with contextlib.suppress(OSError):
-            os.unlink(_pidfile(entry.devno))
+    remove_pidfile(entry.devno, owner)  # not another mount's (device numbers get reused)
     utab.remove(mnt, still_mounted=top_mount(mnt) is not None)  # a daemon that died left it
 
 
@@ -619,11 +511,11 @@ def _wait_for_exit(pid: int, starttime: str | None) -> None:
     """Wait for the daemon; nudge it with SIGTERM, then SIGKILL, if it lingers."""
     timeout = float(os.environ.get(UMOUNT_TIMEOUT_ENV, "30"))
     for sig, wait in ((None, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        if sig is not None and _alive(pid, starttime):
+        if sig is not None and alive(pid, starttime):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while _alive(pid, starttime):
+        while alive(pid, starttime):
             if time.monotonic() > deadline:
                 break
             time.sleep(0.02)

@@ -8,7 +8,9 @@ directory leaves through the work directory with any whiteouts inside it; a
 renamed directory with lower contents gets a redirect to them, so renaming
 is O(1) and never EXDEV.
 
-A mixin of union.Union: it works on the Union's resolver, nodes and workdir.
+Namespace is a collaborator of union.Union, built with what it works on (the
+resolver, the node table, the workdir, copy-up, the changes log, the handle
+table) and the few things it asks of the union as a whole (View, below).
 """
 from __future__ import annotations
 
@@ -17,15 +19,16 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Awaitable, Callable, Protocol
 
 from . import format, syscalls
-from .merge import Entry
-from .nodes import NEW_OBJECT_ABSENT, ROOT_ID, Node, make_ino
-from .workdir import remove_tree_at
-
-if TYPE_CHECKING:
-    from .union import Union
+from .changes import Journal
+from .copyup import CopyUp
+from .files import Handles
+from .format import Format
+from .merge import Entry, Resolver
+from .nodes import NEW_OBJECT_ABSENT, ROOT_ID, Node, NodeTable, make_ino
+from .workdir import WorkDir, remove_tree_at
 
 log = logging.getLogger("unionfs")
 
@@ -41,15 +44,41 @@ class Caller:
     gid: int = 0
 
 
-class NamespaceOps:
-    """mkdir, mknod, symlink, create, link, unlink, rmdir, rename (mixed into Union)."""
+class View(Protocol):
+    """What namespace changes ask of the union as a whole (union.Union is one)."""
+
+    yields: int
+
+    def check_name(self, name: bytes) -> None: ...
+    def writable(self) -> None: ...
+    def stat(self, node: Node) -> os.stat_result: ...
+    def node_for(self, parent: Node, e: Entry) -> Node: ...
+    def list_dir(self, node: Node) -> list[bytes]: ...
+    def ensure_upper(self, node: Node, data: bool = True) -> Awaitable[None]: ...
+    def forget_redirects(self) -> None: ...
+
+
+class Namespace:
+    """mkdir, mknod, symlink, create, link, unlink, rmdir, rename."""
+
+    def __init__(self, view: View, resolver: Resolver, nodes: NodeTable, fmt: Format,
+                 journal: Journal, files: Handles, work: WorkDir | None,
+                 copyup: CopyUp | None) -> None:
+        self.u = view
+        self.r = resolver
+        self.nodes = nodes
+        self.fmt = fmt
+        self.journal = journal
+        self.files = files
+        self.work = work      # None (with copyup): a read-only union, where writable() refuses
+        self.copyup = copyup
 
     # -- creating names --------------------------------------------------------------------
 
-    def _prepare_create(self: "Union", parent: Node, name: bytes) -> tuple[Entry, int]:
+    def _prepare_create(self, parent: Node, name: bytes) -> tuple[Entry, int]:
         """Check a new name may be made in *parent*; copy the parent up; return (entry, upper fd)."""
-        self._check_name(name)
-        self._writable()
+        self.u.check_name(name)
+        self.u.writable()
         e = self.r.resolve(parent, name)
         if e.st is not None:
             raise err(errno.EEXIST)
@@ -57,9 +86,9 @@ class NamespaceOps:
         self.copyup.dir(parent)
         return e, self.r.upper_fd(parent)
 
-    def _owner(self: "Union", parent: Node, caller: Caller, mode: int) -> tuple[int, int, int]:
+    def _owner(self, parent: Node, caller: Caller, mode: int) -> tuple[int, int, int]:
         """Owner and mode of a new object: the caller's, with set-gid directory inheritance."""
-        pst = self.stat(parent)
+        pst = self.u.stat(parent)
         gid = caller.gid
         if pst.st_mode & stat.S_ISGID:
             gid = pst.st_gid
@@ -67,7 +96,7 @@ class NamespaceOps:
                 mode |= stat.S_ISGID
         return caller.uid, gid, mode
 
-    def _finish_new(self: "Union", parent: Node, name: bytes, dfd: int, tmp: bytes | None,
+    def _finish_new(self, parent: Node, name: bytes, dfd: int, tmp: bytes | None,
                     e: Entry, is_dir: bool) -> os.stat_result:
         """Move a new object built in work/ over a whiteout (or to a free name)."""
         assert self.work is not None
@@ -82,7 +111,7 @@ class NamespaceOps:
                 syscalls.renameat2(self.work.fd, tmp, ufd, name, syscalls.RENAME_NOREPLACE)
         return syscalls.stat_at(self.r.upper_fd(parent), name)
 
-    def _new_node(self: "Union", parent: Node, name: bytes, st: os.stat_result, opaque: bool = False) -> Node:
+    def _new_node(self, parent: Node, name: bytes, st: os.stat_result, opaque: bool = False) -> Node:
         node = Node(make_ino(0, st.st_ino), stat.S_IFMT(st.st_mode), parent, name)
         node.upper = True
         node.opaque = opaque
@@ -93,7 +122,7 @@ class NamespaceOps:
         self.journal.record(b"A", node.path())
         return node
 
-    def _make(self: "Union", parent: Node, name: bytes, caller: Caller, mode: int,
+    def _make(self, parent: Node, name: bytes, caller: Caller, mode: int,
               build: Callable[[int, bytes], None], opaque_if_hidden: bool = False) -> Node:
         """Create an object with *build(dirfd, name)*: directly in the upper when the name is
         free there, else in work/ first and then over the whiteout, atomically."""
@@ -117,27 +146,27 @@ class NamespaceOps:
             raise
         return self._new_node(parent, name, st, opaque)
 
-    def mkdir(self: "Union", parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
+    def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
         return self._make(parent, name, caller, stat.S_IFDIR | mode,
                           lambda d, n: os.mkdir(n, 0o700, dir_fd=d), opaque_if_hidden=True)
 
-    def mknod(self: "Union", parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
+    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
         if format.is_whiteout_node(mode, rdev):
             raise err(errno.EPERM, "a 0/0 character device is a whiteout")
         return self._make(parent, name, caller, mode,
                           lambda d, n: os.mknod(n, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=d))
 
-    def symlink(self: "Union", parent: Node, name: bytes, target: bytes, caller: Caller) -> Node:
+    def symlink(self, parent: Node, name: bytes, target: bytes, caller: Caller) -> Node:
         return self._make(parent, name, caller, stat.S_IFLNK | 0o777,
                           lambda d, n: os.symlink(target, n, dir_fd=d))
 
-    def create(self: "Union", parent: Node, name: bytes, mode: int, flags: int,
+    def create(self, parent: Node, name: bytes, mode: int, flags: int,
                caller: Caller) -> tuple[Node, int]:
         """Create and open a regular file; returns the node and a file handle."""
         fds: list[int] = []
 
         def build(d: int, n: bytes) -> None:
-            fds.append(os.open(n, self._open_flags(flags) | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=d))
+            fds.append(os.open(n, self.files.open_flags(flags) | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=d))
 
         try:
             node = self._make(parent, name, caller, stat.S_IFREG | mode, build)
@@ -145,20 +174,20 @@ class NamespaceOps:
             for fd in fds:
                 os.close(fd)
             raise
-        return node, self._new_handle(fds[0], node, True, flags)
+        return node, self.files.add(fds[0], node, True, flags)
 
-    async def link(self: "Union", node: Node, parent: Node, name: bytes) -> os.stat_result:
-        self._check_name(name)
-        self._writable()
+    async def link(self, node: Node, parent: Node, name: bytes) -> os.stat_result:
+        self.u.check_name(name)
+        self.u.writable()
         if node.is_dir:
             raise err(errno.EPERM)
         e = self.r.resolve(parent, name)
         if e.st is not None:
             raise err(errno.EEXIST)
-        await self.ensure_upper(node)
+        await self.u.ensure_upper(node)
         e, ufd = self._prepare_create(parent, name)
         assert self.work is not None
-        sfd, sname = self.loc(node)
+        sfd, sname = self.r.loc(node)
         src = syscalls.proc_path(sfd) if not sname else sname
         if e.whiteout:
             tmp = self.work.tmpname()
@@ -171,28 +200,28 @@ class NamespaceOps:
         if node.parent is None:
             self.nodes.set_parent(node, parent, name)
         self.journal.record(b"A", parent.path() + b"/" + name if parent.id != ROOT_ID else b"/" + name)
-        return self.stat(node)
+        return self.u.stat(node)
 
     # -- removing names ------------------------------------------------------------------
 
-    def _pin(self: "Union", node: Node | None) -> None:
+    def _pin(self, node: Node | None) -> None:
         """Keep a removed-but-still-known upper object reachable (fstat of an open file,
         a deleted cwd), and its inode number from being reused while the kernel knows it."""
         if node is None or not node.registered or node.pin is not None or not node.upper:
             return
-        dfd, name = self.loc(node)
+        dfd, name = self.r.loc(node)
         node.pin = syscalls.open_at(dfd, name, os.O_PATH)
 
-    def _detach(self: "Union", node: Node | None, parent: Node, name: bytes) -> None:
+    def _detach(self, node: Node | None, parent: Node, name: bytes) -> None:
         if node is None:
             return
         self.nodes.name_gone(node, parent, name)
         if node.parent is None:
-            self.cache.drop(("u", node.id))
+            self.r.cache.drop(("u", node.id))
 
-    async def unlink(self: "Union", parent: Node, name: bytes) -> None:
-        self._check_name(name)
-        self._writable()
+    async def unlink(self, parent: Node, name: bytes) -> None:
+        self.u.check_name(name)
+        self.u.writable()
         e = self.r.resolve(parent, name)
         if e.st is None:
             raise err(errno.ENOENT)
@@ -202,21 +231,21 @@ class NamespaceOps:
         e = await self._up_if_linked(parent, name, e)
         self._remove(parent, name, e, node)
 
-    async def _up_if_linked(self: "Union", parent: Node, name: bytes, e: Entry) -> Entry:
+    async def _up_if_linked(self, parent: Node, name: bytes, e: Entry) -> Entry:
         """Before a name of a hard-linked lower file goes away: copy the inode up first (as
         overlayfs with index=on), so the names that stay count one link fewer."""
         assert e.st is not None
         if e.upper or e.st.st_nlink < 2 or stat.S_ISDIR(e.st.st_mode):
             return e
-        await self.ensure_upper(self._node_for(parent, e))
+        await self.u.ensure_upper(self.u.node_for(parent, e))
         e = self.r.resolve(parent, name)
         if e.st is None:
             raise err(errno.ENOENT)
         return e
 
-    def rmdir(self: "Union", parent: Node, name: bytes) -> None:
-        self._check_name(name)
-        self._writable()
+    def rmdir(self, parent: Node, name: bytes) -> None:
+        self.u.check_name(name)
+        self.u.writable()
         if name == b".":
             raise err(errno.EINVAL)
         e = self.r.resolve(parent, name)
@@ -224,12 +253,12 @@ class NamespaceOps:
             raise err(errno.ENOENT)
         if not stat.S_ISDIR(e.st.st_mode):
             raise err(errno.ENOTDIR)
-        node = self._node_for(parent, e)
-        if self.list_dir(node):
+        node = self.u.node_for(parent, e)
+        if self.u.list_dir(node):
             raise err(errno.ENOTEMPTY)
         self._remove(parent, name, e, node if node.registered else None)
 
-    def _remove(self: "Union", parent: Node, name: bytes, e: Entry, node: Node | None) -> None:
+    def _remove(self, parent: Node, name: bytes, e: Entry, node: Node | None) -> None:
         """Take a name out of the view: delete the upper object, leave a whiteout if a lower
         one would show through. Directories leave via work/ so whiteouts inside go too."""
         assert self.copyup is not None and self.work is not None and e.st is not None
@@ -261,7 +290,7 @@ class NamespaceOps:
         self.journal.record(b"D", self._child_path(parent, name))
         self._names_left(node, e)
 
-    def _names_left(self: "Union", node: Node | None, e: Entry) -> None:
+    def _names_left(self, node: Node | None, e: Entry) -> None:
         """A name of a hard-linked upper file went: `unionfs diff` finds a file's other
         names by inode from a logged one, and the logged one may have been this. Log the
         name the node keeps, or (none known) an unknown path, which makes diff rescan."""
@@ -274,10 +303,10 @@ class NamespaceOps:
 
     # -- rename ------------------------------------------------------------------------------
 
-    async def rename(self: "Union", p1: Node, n1: bytes, p2: Node, n2: bytes, flags: int) -> None:
-        self._check_name(n1)
-        self._check_name(n2)
-        self._writable()
+    async def rename(self, p1: Node, n1: bytes, p2: Node, n2: bytes, flags: int) -> None:
+        self.u.check_name(n1)
+        self.u.check_name(n2)
+        self.u.writable()
         exchange = bool(flags & syscalls.RENAME_EXCHANGE)
         noreplace = bool(flags & syscalls.RENAME_NOREPLACE)
         if flags & ~(syscalls.RENAME_EXCHANGE | syscalls.RENAME_NOREPLACE):
@@ -291,8 +320,8 @@ class NamespaceOps:
             raise err(errno.EEXIST)
         if p1 is p2 and n1 == n2:
             return
-        snode = self._node_for(p1, src)
-        dnode = self._node_for(p2, dst) if dst.st is not None else None
+        snode = self.u.node_for(p1, src)
+        dnode = self.u.node_for(p2, dst) if dst.st is not None else None
         if dnode is not None and dnode.id == snode.id and not exchange:
             return  # two names of one inode: rename(2) does nothing
         sdir = stat.S_ISDIR(src.st.st_mode)
@@ -302,16 +331,16 @@ class NamespaceOps:
                 raise err(errno.ENOTDIR)
             if ddir and not sdir:
                 raise err(errno.EISDIR)
-            if ddir and dnode is not None and self.list_dir(dnode):
+            if ddir and dnode is not None and self.u.list_dir(dnode):
                 raise err(errno.ENOTEMPTY)
-        yields = self.yields
-        await self.ensure_upper(snode)
+        yields = self.u.yields
+        await self.u.ensure_upper(snode)
         if exchange and dnode is not None:
-            await self.ensure_upper(dnode)
+            await self.u.ensure_upper(dnode)
         elif dst.st is not None:
             dst = await self._up_if_linked(p2, n2, dst)
         src2, dst2 = src, dst
-        if self.yields != yields:
+        if self.u.yields != yields:
             # other requests may have run: look again, the names must still show the same
             # objects (else only our own copy-ups ran, which change neither name's object,
             # and _up_if_linked re-resolved dst if it copied it)
@@ -328,7 +357,7 @@ class NamespaceOps:
             syscalls.renameat2(fd1, n1, fd2, n2, syscalls.RENAME_EXCHANGE)
             self._moved_dir(snode, p2, n2)
             self._moved_dir(dnode, p1, n1)
-            self._redirects = None
+            self.u.forget_redirects()
             self._renamed(snode, p1, n1, p2, n2)
             self._renamed(dnode, p2, n2, p1, n1)
             self.journal.records((b"C", self._child_path(p1, n1), False),
@@ -353,7 +382,7 @@ class NamespaceOps:
             syscalls.renameat2(fd1, n1, fd2, n2, wh_flag)
         if sdir:
             self._moved_dir(snode, p2, n2)
-            self._redirects = None
+            self.u.forget_redirects()
         if dnode is not None:
             self._detach(dnode, p2, n2)
         if dst2.st is not None:
@@ -361,7 +390,7 @@ class NamespaceOps:
         self._renamed(snode, p1, n1, p2, n2)
         self.journal.records((b"D", self._child_path(p1, n1), False), (b"A", snode.path(), sdir))
 
-    def _renamed(self: "Union", node: Node, p1: Node, n1: bytes, p2: Node, n2: bytes) -> None:
+    def _renamed(self, node: Node, p1: Node, n1: bytes, p2: Node, n2: bytes) -> None:
         """The name (p1, n1) of *node* is now (p2, n2); a hard link's other names stay."""
         if node.is_dir or node.parent is None or (node.parent is p1 and node.name == n1):
             self.nodes.set_parent(node, p2, n2)
@@ -369,7 +398,7 @@ class NamespaceOps:
             self.nodes.name_gone(node, p1, n1)
             self.nodes.name_added(node, p2, n2)
 
-    def _moved_dir(self: "Union", node: Node, parent: Node, name: bytes) -> None:
+    def _moved_dir(self, node: Node, parent: Node, name: bytes) -> None:
         """A directory now at (parent, name) keeps its own lower contents: by a redirect to
         where they are, or, for a directory with none, by being opaque where lower ones exist."""
         if not node.is_dir:
@@ -382,7 +411,7 @@ class NamespaceOps:
             self.fmt.set_opaque(fd, name)
             node.opaque = True
 
-    def _clear_whiteouts(self: "Union", dirfd: int, name: bytes) -> None:
+    def _clear_whiteouts(self, dirfd: int, name: bytes) -> None:
         """Empty an upper directory that is empty in the view (it may hold whiteouts only)."""
         sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         try:

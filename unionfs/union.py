@@ -19,16 +19,18 @@ from dataclasses import dataclass
 from typing import Callable
 import trio
 
-from . import durable, syscalls
+from . import durable, syscalls, workdir
 from .changes import Journal
 from .config import MountConfig
 from .copyup import CopyUp, run_in_thread
-from .files import FileOps, Handle
+from .files import Handle, Handles, kill_setid
 from .format import NAME_MAX, OVERLAY, Format
-from .layers import FdCache, Layer, walk_tree
-from .merge import Entry, Resolver
-from .namespace import Caller, NamespaceOps, err
+from .layers import walk_tree
+from .merge import Entry
+from .namespace import Caller, Namespace, err
+from .owners import Owners
 from .nodes import ABSENT_XATTRS, ALT_INO, ROOT_ID, Node, NodeTable, low_ino, make_ino
+from .stack import LayerStack
 from .workdir import WorkDir
 
 __all__ = ["Union", "Caller", "SetAttr", "Handle", "err"]
@@ -48,25 +50,25 @@ class SetAttr:
     mtime_ns: int | None = None
 
 
-class Union(NamespaceOps, FileOps):
-    """The merged view over one upper (optional) and the lowers."""
+class Union:
+    """The merged view over one upper (optional) and the lowers.
+
+    Its collaborators, each built here with what it needs: the resolver (merge.py),
+    the node table (nodes.py), copy-up (copyup.py), the changes log (changes.py), the
+    handle table (files.py) and the namespace changes (namespace.py), which the
+    methods below hand their requests to. Attributes, xattrs and opening are here."""
 
     def __init__(self, config: MountConfig, writeback: bool = True, fmt: Format = OVERLAY) -> None:
         self.config = config
         self.fmt = fmt
         self.writeback = writeback
-        self.upper = Layer(config.upper, 0, True) if config.upper else None
-        self.lowers = [Layer(p, i + 1, False) for i, p in enumerate(config.lowers)]
+        self.stack = LayerStack(config.upper, config.lowers, fmt, writable=True)
+        self.upper, self.lowers, self.cache = self.stack.upper, self.stack.lowers, self.stack.cache
         self.readonly = self.upper is None or config.readonly
-        self.cache = FdCache()
-        self.r = Resolver(self.upper, self.lowers, self.cache, fmt)
-        root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
-        root.upper = self.upper is not None
-        if self.upper is not None:
-            root.opaque = fmt.is_opaque(self.upper.fd, b"")
-        root.lowers = [(layer, b"") for layer in self.lowers]
-        self.root = root
-        self.nodes = NodeTable(root, self._dropped, self.r.forget_found)
+        self.owners = Owners(config.squash_uid, config.squash_gid)
+        self.r = self.stack.resolver()
+        self.root = self.r.root_node()
+        self.nodes = NodeTable(self.root, self._dropped, self.r.forget_found)
         self.work: WorkDir | None = None
         self.copyup: CopyUp | None = None
         self.syncer: durable.Syncer | None = None
@@ -78,6 +80,7 @@ class Union(NamespaceOps, FileOps):
         # is alone may do a short blocking read on the loop, since nothing waits on it
         self.serving = 0
         self.journal = Journal(None)
+        self._redirects: list[tuple[bytes, bytes]] | None = None  # see view_paths
         if self.upper is not None and config.workdir:
             self.work = WorkDir(config.workdir)
             if self.work.dev != self.upper.dev:
@@ -92,27 +95,15 @@ class Union(NamespaceOps, FileOps):
             if config.fsync:
                 self.syncer = durable.Syncer(config.upper, config.workdir, fmt)
             self.copyup = CopyUp(self.r, self.upper, self.work, config.fsync, self._blocking,
-                                 self.syncer, alone=lambda: self.serving <= 1)
-            self.copyup.entry_at = self.entry_at
-            self.copyup.view_paths = self.view_paths
-            self.journal = Journal(config.workdir, config.upper, fmt)
-            self._record_lowers(config)
-        self.handles: dict[int, Handle] = {}
-        # fh -> fd of every open file, for the patched pyfuse3 to answer READs by itself
-        self.fds: dict[int, int] = {}
-        self._lower_handles: dict[Node, set[int]] = {}  # open read-only on the lower copy
-        self._next_fh = 1
-        self._redirects: list[tuple[bytes, bytes]] | None = None  # see view_paths
-
-    @staticmethod
-    def _record_lowers(config: MountConfig) -> None:
-        """Remember the stack in the workdir, so `unionfs diff UPPER` works unmounted."""
-        assert config.workdir is not None
-        path = os.path.join(config.workdir, "lowers")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("".join(p + "\n" for p in config.lowers))
-        os.replace(tmp, path)
+                                 self.syncer, alone=lambda: self.serving <= 1,
+                                 entry_at=self.entry_at, view_paths=self.view_paths)
+            self.journal = Journal(config.workdir, config.upper, fmt, durable=not config.volatile)
+            workdir.record_lowers(config.workdir, config.lowers)
+        self.files = Handles(self.r, writeback)
+        self.handles = self.files.handles
+        self.fds = self.files.fds  # fh -> fd, for the patched pyfuse3 to answer READs itself
+        self.ns = Namespace(self, self.r, self.nodes, fmt, self.journal, self.files, self.work,
+                            self.copyup)
 
     def _find_origins(self, index: int, inos: set[int]) -> dict[int, bytes]:
         """Paths of the regular files with these st_inos (low 48 bits, as make_ino keeps
@@ -150,22 +141,16 @@ class Union(NamespaceOps, FileOps):
             (os.fdatasync if datasync else os.fsync)(fd)
 
     def release_layers(self) -> None:
-        """At unmount, first: close every fd the union serves from (open files, cached
-        directories, pinned objects, work/, the layer roots). Whoever unmounted may
+        """At unmount, first: close every fd the union serves from (open files, pinned
+        objects, work/, cached directories, the layer roots). Whoever unmounted may
         unmount the layers' filesystem next; after this only finish()'s few fds in the
         workdir are left on it. Serving is over: nothing may use the union afterwards."""
-        self.fds.clear()
-        self._lower_handles.clear()
-        for h in self.handles.values():
-            os.close(h.fd)
-        self.handles.clear()
-        self.cache.clear()
+        self.files.close()
         self.nodes.close_pins()
         if self.work:
             self.work.close()
             self.work = None
-        for layer in self.lowers + ([self.upper] if self.upper else []):
-            layer.close()
+        self.stack.close()
 
     def finish(self) -> None:
         """At unmount, after release_layers: the stop recorded as clean (copy-ups made
@@ -202,7 +187,7 @@ class Union(NamespaceOps, FileOps):
             node.lock = trio.Lock()
         return node.lock  # type: ignore[return-value]
 
-    def _node_for(self, parent: Node, e: Entry) -> Node:
+    def node_for(self, parent: Node, e: Entry) -> Node:
         """The node an entry resolves to: the registered one for its id, or a new one."""
         assert e.st is not None
         node = self.nodes.get(e.ino)
@@ -227,6 +212,10 @@ class Union(NamespaceOps, FileOps):
         node.lowers = e.lowers
         node.opaque = e.opaque
         return node
+
+    def forget_redirects(self) -> None:
+        """A directory was renamed: the redirects view_paths knows may have changed."""
+        self._redirects = None
 
     def view_paths(self, lower_path: bytes) -> list[bytes]:
         """Where a lower path may show in the view: at itself, and below every renamed
@@ -257,15 +246,15 @@ class Union(NamespaceOps, FileOps):
             e = self.r.resolve(node, part)
             if e.st is None or not stat.S_ISDIR(e.st.st_mode):
                 return None
-            node = self._node_for(node, e)
+            node = self.node_for(node, e)
         e = self.r.resolve(node, parts[-1])
         return (node, e) if e.st is not None else None
 
-    def _check_name(self, name: bytes) -> None:
+    def check_name(self, name: bytes) -> None:
         if len(name) > NAME_MAX:
             raise err(errno.ENAMETOOLONG)
 
-    def _writable(self) -> None:
+    def writable(self) -> None:
         if self.readonly:
             raise err(errno.EROFS)
 
@@ -273,31 +262,22 @@ class Union(NamespaceOps, FileOps):
 
     def loc(self, node: Node) -> tuple[int, bytes]:
         """(dir fd, name) where the node's top object is, for *at calls."""
-        if node.pin is not None:
-            return node.pin, b""
-        if node.upper:
-            assert self.upper is not None
-            if node.parent is None:
-                return self.upper.fd, b""
-            return self.r.upper_fd(node.parent), node.name
-        if not node.lowers:
-            raise err(errno.ESTALE)
-        return self.r.lower_loc(*node.lowers[0])
+        return self.r.loc(node)
 
     def stat(self, node: Node) -> os.stat_result:
         return syscalls.stat_at(*self.loc(node))
 
-    @staticmethod
-    def nlink(node: Node, st: os.stat_result) -> int:
+    def nlink(self, node: Node, st: os.stat_result) -> int:
         """st_nlink as overlayfs reports it: 1 for a directory merged from several layers,
-        whose true subdirectory count no single layer knows (find(1) takes 1 as "unknown")."""
-        if node.is_dir and (len(node.lowers) > 1 or node.merged):
+        whose true subdirectory count no single layer knows (find(1) takes 1 as "unknown");
+        with static_nlink, 1 for every directory."""
+        if node.is_dir and (self.config.static_nlink or len(node.lowers) > 1 or node.merged):
             return 1
         return st.st_nlink
 
     def lookup(self, parent: Node, name: bytes) -> tuple[Node | None, os.stat_result | None]:
         """Resolve a name; the caller counts the reference (NodeTable.ref)."""
-        self._check_name(name)
+        self.check_name(name)
         if name == b".":
             return parent, self.stat(parent)
         if name == b"..":
@@ -306,7 +286,7 @@ class Union(NamespaceOps, FileOps):
         e = self.r.resolve(parent, name)
         if e.st is None:
             return None, None
-        return self._node_for(parent, e), e.st
+        return self.node_for(parent, e), e.st
 
     def list_dir(self, node: Node) -> list[bytes]:
         return self.r.list_names(node)
@@ -318,7 +298,7 @@ class Union(NamespaceOps, FileOps):
         """Copy *node* (and its parents) up if it is not in the upper yet."""
         if node.upper:
             return
-        self._writable()
+        self.writable()
         assert self.copyup is not None
         if node.is_dir:
             self.copyup.dir(node)
@@ -335,11 +315,11 @@ class Union(NamespaceOps, FileOps):
             await self.copyup.file(node, data)
         finally:
             lock.release()
-        if node.upper and node in self._lower_handles:
-            self._handles_to_upper(node)
+        if node.upper:
+            self.files.to_upper(node)
 
     async def setattr(self, node: Node, attrs: SetAttr, fh: int | None) -> os.stat_result:
-        self._writable()
+        self.writable()
         times_only = attrs.mode is None and attrs.uid is None and attrs.gid is None \
             and attrs.size is None
         if not node.upper and node.parent is None and node.id != ROOT_ID:
@@ -385,9 +365,70 @@ class Union(NamespaceOps, FileOps):
         self.journal.record(b"C", node.path())
         return os.fstat(dfd) if name is None else syscalls.stat_at(dfd, name)
 
+    # -- open files (the handle table is files.py's) ---------------------------------------
+
+    async def open(self, node: Node, flags: int, privileged: bool = True) -> int:
+        """Open for I/O; a write open copies up first. *privileged*: the caller may keep
+        set-id bits when truncating (CAP_FSETID; we go by uid 0)."""
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            self.writable()
+            await self.ensure_upper(node, data=not flags & os.O_TRUNC)
+        real = self.files.open_flags(flags)
+        if not node.upper:
+            real |= os.O_NOATIME  # reading through the union leaves the lower layers untouched
+        fd = syscalls.open_at(*self.loc(node), real)
+        if flags & os.O_TRUNC and not privileged:
+            kill_setid(fd)
+        if writing:
+            self.journal.record(b"C", node.path())
+        return self.files.add(fd, node, node.upper, self.files.open_flags(flags))
+
+    def handle(self, fh: int) -> Handle:
+        return self.files.get(fh)
+
+    def write(self, fh: int, off: int, data: bytes) -> int:
+        return self.files.write(fh, off, data)
+
+    def release(self, fh: int) -> None:
+        self.files.release(fh)
+
+    # -- namespace changes (namespace.py) -------------------------------------------------
+
+    def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
+        return self.ns.mkdir(parent, name, mode, caller)
+
+    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
+        return self.ns.mknod(parent, name, mode, rdev, caller)
+
+    def symlink(self, parent: Node, name: bytes, target: bytes, caller: Caller) -> Node:
+        return self.ns.symlink(parent, name, target, caller)
+
+    def create(self, parent: Node, name: bytes, mode: int, flags: int,
+               caller: Caller) -> tuple[Node, int]:
+        """Create and open a regular file; returns the node and a file handle."""
+        return self.ns.create(parent, name, mode, flags, caller)
+
+    async def link(self, node: Node, parent: Node, name: bytes) -> os.stat_result:
+        return await self.ns.link(node, parent, name)
+
+    async def unlink(self, parent: Node, name: bytes) -> None:
+        await self.ns.unlink(parent, name)
+
+    def rmdir(self, parent: Node, name: bytes) -> None:
+        self.ns.rmdir(parent, name)
+
+    async def rename(self, p1: Node, n1: bytes, p2: Node, n2: bytes, flags: int) -> None:
+        await self.ns.rename(p1, n1, p2, n2, flags)
+
     # -- xattrs ------------------------------------------------------------------------
 
+    def _xattrs_on(self) -> None:
+        if not self.config.xattrs:  # noxattrs=1
+            raise err(errno.EOPNOTSUPP)
+
     def getxattr(self, node: Node, attr: bytes) -> bytes:
+        self._xattrs_on()
         bit = ABSENT_XATTRS.get(attr, 0)
         if node.no_xattrs & bit:
             raise err(errno.ENODATA)
@@ -408,22 +449,25 @@ class Union(NamespaceOps, FileOps):
     def listxattr(self, node: Node, privileged: bool = True) -> list[bytes]:
         """Names of the node's xattrs; trusted.* only for a privileged caller (as the
         kernel lists them: the daemon itself reads as root)."""
+        self._xattrs_on()
         return [a for a in syscalls.listxattr(*self.loc(node))
                 if not self.fmt.is_private(a) and (privileged or not a.startswith(b"trusted."))]
 
     async def setxattr(self, node: Node, attr: bytes, value: bytes, flags: int = 0) -> None:
+        self._xattrs_on()
         if self.fmt.is_private(attr):
             raise err(errno.EOPNOTSUPP)
-        self._writable()
+        self.writable()
         await self.ensure_upper(node)
         node.no_xattrs = 0
         syscalls.setxattr(*self.loc(node), attr, value, flags)
         self.journal.record(b"C", node.path())
 
     async def removexattr(self, node: Node, attr: bytes) -> None:
+        self._xattrs_on()
         if self.fmt.is_private(attr):
             raise err(errno.EOPNOTSUPP)
-        self._writable()
+        self.writable()
         if attr not in self.listxattr(node):
             raise err(errno.ENODATA)
         await self.ensure_upper(node)

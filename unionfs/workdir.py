@@ -1,18 +1,25 @@
 """The work directory: scratch space for atomic changes, and the mount's private state.
 
-Layout (all private to unionfs, never shown in the view)::
+Layout (all private to unionfs, never shown in the view); this module names every
+path in it, and the modules that keep the files use these names::
 
-    WORKDIR/work/        temporaries: copy-ups, new opaque dirs, removed trees
-    WORKDIR/lowers       the lower list of the last mount (one path a line)
-    WORKDIR/changes.log  the changes log (see changes.py)
+    WORKDIR/work/           temporaries: copy-ups, new opaque dirs, removed trees (WorkDir)
+    WORKDIR/lowers          the lower list of the last mount (one path a line)
+    WORKDIR/changes.log     the changes log (changes.py), rewritten through changes.log.tmp
+    WORKDIR/changes.clean   the changes log's marker of a clean stop (changes.py)
+    WORKDIR/changes.lock    serialises rewrites of the log with other writers (changes.py)
     WORKDIR/copyup.synced   the newest batch of copy-ups known synced (durable.py)
     WORKDIR/copyup.pending  left by a batch of copy-ups that could not be synced (durable.py)
-    WORKDIR/unionfs.log  the daemon's log when it runs in the background
+    WORKDIR/marks/NAME.json the state saved by `unionfs mark NAME` (diff.py)
+    WORKDIR/unionfs.log     the daemon's log when it runs in the background (mount.py)
 
 It must be on the upper's filesystem so a finished temporary reaches the
 upper by rename(2), which is atomic: a crash leaves either nothing or the
 whole object in the view, and anything left in work/ is garbage, removed at
 the next mount.
+
+Only WorkDir (the daemon's scratch space) makes anything; the names and the
+lowers record can be read by any process, with nothing made.
 """
 from __future__ import annotations
 
@@ -23,13 +30,46 @@ import stat
 
 from . import syscalls
 
+SCRATCH = "work"
+LOWERS = "lowers"
+CHANGES_LOG = "changes.log"
+CHANGES_CLEAN = "changes.clean"
+CHANGES_LOCK = "changes.lock"
+COPYUP_SYNCED = "copyup.synced"
+COPYUP_PENDING = "copyup.pending"
+MARKS = "marks"
+DAEMON_LOG = "unionfs.log"
+
+
+def path_of(workdir: str, name: str) -> str:
+    """The path of *name* (one of the names above) in the work directory *workdir*."""
+    return os.path.join(workdir, name)
+
+
+def record_lowers(workdir: str, lowers: list[str]) -> None:
+    """Remember the stack in the workdir, so `unionfs diff UPPER` works unmounted."""
+    path = path_of(workdir, LOWERS)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(p + "\n" for p in lowers))
+    os.replace(tmp, path)
+
+
+def recorded_lowers(workdir: str) -> list[str] | None:
+    """The lower list the last mount recorded, or None if there is none."""
+    try:
+        with open(path_of(workdir, LOWERS)) as f:
+            return [line for line in f.read().split("\n") if line]
+    except FileNotFoundError:
+        return None
+
 
 class WorkDir:
     def __init__(self, path: str) -> None:
         self.path = path
-        os.makedirs(os.path.join(path, "work"), mode=0o700, exist_ok=True)
+        os.makedirs(path_of(path, SCRATCH), mode=0o700, exist_ok=True)
         self.root_fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.fd = syscalls.open_dir_at(self.root_fd, b"work")
+        self.fd = syscalls.open_dir_at(self.root_fd, os.fsencode(SCRATCH))
         self.dev = os.fstat(self.fd).st_dev
         self._seq = itertools.count()
         self._prefix = b"t%d." % os.getpid()
