@@ -84,6 +84,8 @@ def test_umount_runs_the_helper_and_waits_for_the_daemon(tmp_path):
         {MOUNT}                       # the upper's lock is free at once
         umount -i "$M"                # no helper: nothing recorded
         [ "$(grep -c umount "$CALLS")" = 1 ] && echo skipped-by-umount-i
+        {MOUNT}                       # the daemon before may still be exiting: not locked out
+        umount "$M"
         """, RECORDING)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["helper-ran", "skipped-by-umount-i"], proc.stdout + proc.stderr

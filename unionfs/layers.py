@@ -33,9 +33,7 @@ class Layer:
         self.dev = os.fstat(self.fd).st_dev
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        os.close(self.fd)
 
     def __repr__(self) -> str:
         return f"Layer({self.path!r}, {self.index})"
