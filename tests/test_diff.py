@@ -15,10 +15,14 @@ import time
 
 import pytest
 
+from helpers.libc import RENAME_EXCHANGE, renameat2
 from mounting import daemon_pid, force_unmount, is_mounted, unionfs_cmd, unionfs_mount, wait_daemon_gone
 from unionfs import changes
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, trusted xattrs)")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, trusted xattrs)"),
+]
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -527,10 +531,6 @@ def test_json_schema(union):
 
 
 def test_exchange(union):
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    rc = libc.renameat2(-100, union.p("d").encode(), -100, union.p("etc").encode(), 2)  # EXCHANGE
-    assert rc == 0, f"RENAME_EXCHANGE through the mount: {os.strerror(ctypes.get_errno())}"
+    renameat2(union.p("d"), union.p("etc"), RENAME_EXCHANGE)   # fails the test if refused
     final(union, ["C /d", "D /d/f", "A /d/hosts", "D /d/sub",
                   "C /etc", "A /etc/f", "D /etc/hosts", "A /etc/sub", "A /etc/sub/g"])

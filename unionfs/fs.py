@@ -20,8 +20,8 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import trio
 
-from . import binding, syscalls
-from .config import MountConfig
+from . import binding, format, syscalls
+from .config import MountConfig, privileged
 from .nodes import Node
 from .union import Caller, SetAttr, Union
 
@@ -379,6 +379,7 @@ def fuse_options(config: MountConfig) -> set[str]:
 
 def make_operations(config: MountConfig) -> Operations:
     """Open the layers and build the Operations for a mount (raises OSError/ValueError)."""
-    ops = Operations(Union(config, writeback=config.writeback), debug=config.debug)
+    fmt = format.for_mount(config.userxattr, privileged())
+    ops = Operations(Union(config, writeback=config.writeback, fmt=fmt), debug=config.debug)
     ops.poll_us = config.poll_us
     return ops

@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator
 
 from . import utab, workdir
 from .config import FSTYPE, MountConfig, escape_fuse_option, kernel_flag_options
+from .format import MixedFormat
 from .runstate import (MountEntry, alive, lock_dir, mount_entries, read_pidfile, remove_pidfile,
                        this_process, top_mount, write_pidfile)
 
@@ -196,6 +197,8 @@ def _prepare(config: MountConfig) -> _Serving:
         ops = fs.make_operations(config)
         options = set(fs.fuse_options(config)) | kernel_flag_options(config)
         options = {escape_fuse_option(o) for o in options}
+    except MixedFormat as e:
+        raise MountError(str(e)) from None
     except (OSError, ValueError) as e:
         raise MountError(f"cannot open the layers: {_describe(e)}") from None
     deferred = _defer_stop_signals()

@@ -24,7 +24,7 @@ from .changes import Journal
 from .config import MountConfig
 from .copyup import CopyUp, run_in_thread
 from .files import Handle, Handles, kill_setid
-from .format import NAME_MAX, OVERLAY, Format
+from .format import NAME_MAX, OVERLAY, Format, check_upper
 from .layers import walk_tree
 from .merge import Entry
 from .namespace import Caller, Namespace, err
@@ -65,7 +65,7 @@ class Union:
         self.stack = LayerStack(config.upper, config.lowers, fmt, writable=True)
         self.upper, self.lowers, self.cache = self.stack.upper, self.stack.lowers, self.stack.cache
         self.readonly = self.upper is None or config.readonly
-        self.owners = Owners(config.squash_uid, config.squash_gid)
+        self.owners = Owners.for_config(config)
         self.r = self.stack.resolver()
         self.root = self.r.root_node()
         self.nodes = NodeTable(self.root, self._dropped, self.r.forget_found)
@@ -85,6 +85,10 @@ class Union:
             self.work = WorkDir(config.workdir)
             if self.work.dev != self.upper.dev:
                 raise ValueError("workdir and upper must be on the same filesystem")
+            recorded = workdir.recorded_format(config.workdir)
+            check_upper(self.upper.fd, fmt, recorded, config.upper)
+            if recorded != fmt.prefix and not config.readonly:
+                workdir.record_format(config.workdir, fmt.prefix)
             leftovers = self.work.cleanup()
             if leftovers:
                 log.info("removed %d leftover work files of an earlier mount", leftovers)
@@ -103,7 +107,7 @@ class Union:
         self.handles = self.files.handles
         self.fds = self.files.fds  # fh -> fd, for the patched pyfuse3 to answer READs itself
         self.ns = Namespace(self, self.r, self.nodes, fmt, self.journal, self.files, self.work,
-                            self.copyup)
+                            self.copyup, self.owners)
 
     def _find_origins(self, index: int, inos: set[int]) -> dict[int, bytes]:
         """Paths of the regular files with these st_inos (low 48 bits, as make_ino keeps
@@ -356,8 +360,8 @@ class Union:
         if attrs.uid is not None or attrs.gid is not None:
             # chown(2) drops set-uid on disk just as the kernel's VFS did before sending
             # this request (with the cleared mode in it, applied below)
-            syscalls.chown_at(dfd, name, -1 if attrs.uid is None else attrs.uid,
-                              -1 if attrs.gid is None else attrs.gid)
+            syscalls.chown_at(dfd, name, *self.owners.stored(
+                -1 if attrs.uid is None else attrs.uid, -1 if attrs.gid is None else attrs.gid))
         if attrs.mode is not None and node.kind != stat.S_IFLNK:
             syscalls.chmod_at(dfd, name, stat.S_IMODE(attrs.mode))
         if attrs.atime_ns is not None or attrs.mtime_ns is not None:
