@@ -40,7 +40,7 @@ import pytest
 from helpers.snapshot import snapshot
 from mounting import daemon_pid, force_unmount, is_mounted, pid_gone, unionfs_cmd
 
-pytestmark = [pytest.mark.mount, pytest.mark.crash]
+pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.crash]
 
 BIG_SIZE = 64 * 1024 * 1024
 BIG_NAMES = [f"big/b{i}" for i in range(4)]

@@ -22,7 +22,7 @@ import pytest
 
 from helpers.snapshot import snapshot
 from mounting import kernel_overlay, unionfs_mount
-from test_ops import run_as
+from helpers.ops import run_as
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel]
 
