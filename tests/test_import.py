@@ -254,7 +254,12 @@ def test_digest_mismatch_refused(tmp_path):
     _refused(tmp_path, path, "--digest", "sha256:" + "0" * 64, expect="has digest sha256:")
 
 
-def test_devices_only_as_root():
+@pytest.mark.parametrize("entry,expect", [
+    (dict(name="null", type=tarfile.CHRTYPE), "only root may import device nodes"),
+    (F(".wh.gone", b""), "only root may make overlay whiteouts"),
+    (F("d/.wh..wh..opq", b""), "only root may make overlay whiteouts"),
+], ids=["device", "whiteout", "opaque"])
+def test_root_only_entries_refused_for_users(entry, expect):
     """As an unprivileged user, in a directory of its own (the test's tmp_path is root's only)."""
     import pathlib
     import tempfile
@@ -262,11 +267,11 @@ def test_devices_only_as_root():
     try:
         os.chmod(top, 0o755)
         os.makedirs(top / "outside")
-        path = str(top / "dev.tar")
+        path = str(top / "layer.tar")
         with open(path, "wb") as f:
-            f.write(_tar([F("ok"), dict(name="null", type=tarfile.CHRTYPE)]))
+            f.write(_tar([F("ok"), entry]))
         os.chmod(path, 0o644)
-        _refused(top, path, expect="only root may import device nodes", user=65534)
+        _refused(top, path, expect=expect, user=65534)
     finally:
         shutil.rmtree(top)
 
