@@ -53,8 +53,8 @@ class SetAttr:
 class Union:
     """The merged view over one upper (optional) and the lowers.
 
-    Its collaborators, each built here with what it needs: the resolver (merge.py),
-    the node table (nodes.py), copy-up (copyup.py), the changes log (changes.py), the
+    Its collaborators, each built here with what it needs: the layer stack (stack.py)
+    and its resolver (merge.py), the node table (nodes.py), copy-up (copyup.py), the changes log (changes.py), the
     handle table (files.py) and the namespace changes (namespace.py), which the
     methods below hand their requests to. Attributes, xattrs and opening are here."""
 
