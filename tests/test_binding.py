@@ -20,6 +20,8 @@ import pytest
 
 from mounting import force_unmount, is_mounted, unionfs_cmd, unionfs_mount
 
+pytestmark = [pytest.mark.mount]
+
 REPO = Path(__file__).resolve().parent.parent
 BINDING = REPO / "unionfs" / "_pyfuse3"
 PATCHES = REPO / "patches" / "pyfuse3"

@@ -17,7 +17,10 @@ from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_c
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing"),
+]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -164,7 +167,8 @@ def test_option_parsing() -> None:
     opts = parse_options([r"lowerdir=/a\:b:/c,upperdir=/u\,v,workdir=/w"])
     assert (opts.lowerdir, opts.upperdir, opts.workdir) == (["/a:b", "/c"], "/u,v", "/w")
     assert split_lowers("/x:/y") == ["/x", "/y"]
-    for bad in ("nodev=1", "noallow_other=1", "lowerdir=", "index=maybe", "volatile=1", "userxattr", "sloppy",
+    assert parse_options(["userxattr"]).userxattr and not parse_options([]).userxattr
+    for bad in ("nodev=1", "noallow_other=1", "lowerdir=", "index=maybe", "volatile=1", "userxattr=1", "sloppy",
                 "poll_us=", "poll_us=1e3", "plugins=a.so", "xattr_permissions=1", "timeout=-1", "timeout=inf",
                 "squash_to_gid=-1", "fsync=2", "writeback=on", "noacl=1"):
         with pytest.raises(ConfigError):

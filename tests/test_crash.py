@@ -35,7 +35,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from mounting import daemon_pid, force_unmount, is_mounted, pid_gone, unionfs_cmd
+
+pytestmark = [pytest.mark.mount, pytest.mark.crash]
 
 BIG_SIZE = 64 * 1024 * 1024
 BIG_NAMES = [f"big/b{i}" for i in range(4)]
@@ -280,10 +284,8 @@ def umount(mnt: str) -> None:
 
 def test_sigkill_during_write_storm(tmp_path):
     if os.geteuid() != 0:
-        import pytest
         pytest.skip("needs root")
     if not os.path.exists("/dev/fuse"):
-        import pytest
         pytest.skip("needs /dev/fuse")
     seed = int(os.environ.get("UNIONFS_CRASH_SEED", "1"))
     rounds = int(os.environ.get("UNIONFS_CRASH_ROUNDS", "8"))

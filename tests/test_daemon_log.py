@@ -14,8 +14,12 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount
 from test_cli import wait_for
+
+pytestmark = [pytest.mark.mount]
 
 
 def layers(tmp_path: Path) -> tuple[str, str, str, Path]:
@@ -56,7 +60,7 @@ def test_lazy_unmount_from_under_the_daemon_is_logged(tmp_path):
             os.close(fd)
         assert wait_for(lambda: pid_gone(pid), 30)
     text = log.read_text()
-    assert f"the kernel ended the FUSE session: {mnt} was unmounted" in text
+    assert f"the kernel ended the FUSE connection: {mnt} was unmounted" in text
     assert "got SIG" not in text and "internal error" not in text
 
 
@@ -80,7 +84,7 @@ def test_foreground_logs_to_stderr_and_says_why_it_stops(tmp_path):
             force_unmount(mnt)
         text = errfile.read_text()
         assert f"mounted {mnt}" in text and f"unmounted {mnt}" in text
-        assert ("the kernel ended the FUSE session" in text) == (how == "umount")
+        assert ("the kernel ended the FUSE connection" in text) == (how == "umount")
         assert ("got SIGINT" in text) == (how == "SIGINT")
         assert not log.exists() or "mounted" not in log.read_text()  # stderr, not the file
 
@@ -100,7 +104,6 @@ def test_a_start_that_fails_in_the_daemon_is_printed(tmp_path):
                 [f"unionfs: error: upper layer '{up}' is in use by another unionfs mount"]
             assert not is_mounted(str(other))
     assert "is in use by another unionfs mount" in log.read_text()
-
 
 
 def _in_mountinfo(path: str) -> bool:

@@ -19,7 +19,6 @@ the view at the mark and the view now.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import json
@@ -33,16 +32,20 @@ import time
 
 import pytest
 
+from helpers import libc
 from mounting import (daemon_pid, force_unmount, is_mounted, kernel_view, unionfs_cmd, unionfs_mount,
                       wait_daemon_gone)
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, trusted xattrs)")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, trusted xattrs)"),
+]
 
 SEEDS = int(os.environ.get("UNIONFS_DIFF_PROP_SEEDS", 8))
 FIRST = int(os.environ.get("UNIONFS_DIFF_PROP_FIRST", 0))
 N_OPS = int(os.environ.get("UNIONFS_DIFF_PROP_OPS", 60))
 T0 = 1_600_000_000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 # -- the lower layers ---------------------------------------------------------------------
@@ -369,7 +372,7 @@ class Ops:
 def sync_mount(mnt: str) -> None:
     fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        assert _libc.syncfs(fd) == 0, os.strerror(ctypes.get_errno())
+        libc.syncfs(fd)
     finally:
         os.close(fd)
 

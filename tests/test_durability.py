@@ -15,7 +15,6 @@ kernel starts sending it, this test says so). README Limits has it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import mmap
 import os
 import re
@@ -29,12 +28,15 @@ from typing import Iterator
 import pytest
 
 from mounting import daemon_pid, pid_gone, unionfs_mount
+from helpers import libc
 from unionfs import durable
 from unionfs.format import OVERLAY
 
-pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/setup)")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/setup)"),
+]
 
-_libc = ctypes.CDLL(None, use_errno=True)
 SYNC_CALL = re.compile(r"^(fsync|fdatasync|syncfs)\((\d+)<([^>]*)>\)\s+= 0\b")
 UNFINISHED = " <unfinished ...>"
 RESUMED = re.compile(r"^<\.\.\. (\w+) resumed>(.*)$")
@@ -212,7 +214,7 @@ def test_syncfs_flushes_the_writeback_cache_into_the_upper(union, tmp_path):
         copy_up_synced(up, work)
         with traced(pid, str(tmp_path / "strace-syncfs")) as calls:
             os.pwrite(fd, b"syncfs data", 60_000)
-            assert _libc.syncfs(fd) == 0, os.strerror(ctypes.get_errno())
+            libc.syncfs(fd)
             assert upper_bytes(up, 60_000, 11) == b"syncfs data"
     finally:
         os.close(fd)

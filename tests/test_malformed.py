@@ -16,7 +16,11 @@ import shutil
 import stat
 import subprocess
 
+import pytest
+
 from mounting import daemon_pids, kernel_overlay, unionfs_cmd, unionfs_mount
+
+pytestmark = [pytest.mark.mount, pytest.mark.kernel]
 
 OWN_INO = "trusted.overlay.unionfs.ino"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import errno
 import mmap
 import os
@@ -23,71 +22,33 @@ from typing import Callable, Sequence
 
 import pytest
 
+from helpers.libc import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, RENAME_EXCHANGE, RENAME_NOREPLACE,
+                          UTIME_NOW, UTIME_OMIT, check, fallocate, libc, renameat2,
+                          utimensat)
 from mounting import kernel_overlay, unionfs_mount
 from unit_helpers import is_whiteout, xattr
 from unionfs import binding
 
+pytestmark = [pytest.mark.mount]
+
 # -- helpers ------------------------------------------------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-AT_FDCWD = -100
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-
-
-def renameat2(old: str, new: str, flags: int) -> None:
-    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), old)
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
-UTIME_NOW = (1 << 30) - 1
-UTIME_OMIT = (1 << 30) - 2
-
-
-def utimensat(path: str, atime: tuple[int, int], mtime: tuple[int, int]) -> None:
-    times = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
-    if _libc.utimensat(AT_FDCWD, os.fsencode(path), times, 0) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), path)
-
-
-class _Dirent(ctypes.Structure):
-    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
-                ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
-                ("d_name", ctypes.c_char * 256)]
-
-
-_libc.opendir.argtypes = [ctypes.c_char_p]
-_libc.opendir.restype = ctypes.c_void_p
-_libc.readdir.argtypes = [ctypes.c_void_p]
-_libc.readdir.restype = ctypes.POINTER(_Dirent)
-_libc.closedir.argtypes = [ctypes.c_void_p]
-
 
 def raw_readdir(path: str) -> dict[str, tuple[int, int]]:
     """name -> (d_ino, d_type) for every entry, '.' and '..' included."""
-    d = _libc.opendir(os.fsencode(path))
+    d = libc.opendir(os.fsencode(path))
     if not d:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), path)
+        check(-1, "opendir", path)
     out: dict[str, tuple[int, int]] = {}
     try:
         while True:
-            ent = _libc.readdir(d)
+            ent = libc.readdir(d)
             if not ent:
                 break
             name = os.fsdecode(ent.contents.d_name)
             assert name not in out, f"{name!r} listed twice in {path}"
             out[name] = (ent.contents.d_ino, ent.contents.d_type)
     finally:
-        _libc.closedir(d)
+        libc.closedir(d)
     return out
 
 
@@ -460,6 +421,7 @@ def test_renamed_dir_survives_remount(layers):
         assert enoent(layers.m("wdir"))
 
 
+@pytest.mark.kernel
 def test_renamed_dir_readable_by_kernel_overlay(layers):
     """The upper unionfs wrote is kernel overlayfs format: a kernel mount sees the same."""
     with unionfs_mount(layers.kernel_lowers, layers.upper, layers.mnt, workdir=layers.work):
@@ -753,6 +715,7 @@ def test_absent_security_xattr_remembered_until_set(mounted, name):
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")  # vfs cap v2, permitted
 
 
+@pytest.mark.kernel
 def test_file_capability_copied_up_then_dropped_by_a_write_like_kernel(tmp_path):
     """A lower file with security.capability keeps it through a copy-up, and a write then
     drops it (the kernel's own check, as on a local disk); one without stays without.
@@ -887,7 +850,7 @@ def test_posix_fallocate_falls_back_to_writing(mounted):
     writing zeros, so that what programs call still works."""
     fd = os.open(mounted.m("dir/a.txt"), os.O_RDWR)
     try:
-        assert errno_of(lambda: _fallocate(fd, 0, 0, 1 << 20)) == errno.EOPNOTSUPP
+        assert errno_of(lambda: fallocate(fd, 0, 0, 1 << 20)) == errno.EOPNOTSUPP
         os.posix_fallocate(fd, 0, 1 << 20)
     finally:
         os.close(fd)
@@ -1597,18 +1560,15 @@ def test_xattr_on_merged_dir_keeps_it_merged(mounted):
     assert xattr(mounted.u("merged"), "trusted.overlay.opaque") is None
 
 
-_libc.rewinddir.argtypes = [ctypes.c_void_p]
-
-
 def test_rewinddir_sees_current_state(mounted):
     """POSIX: after rewinddir the stream reflects the directory as it is now."""
-    d = _libc.opendir(os.fsencode(mounted.m("merged")))
+    d = libc.opendir(os.fsencode(mounted.m("merged")))
     assert d
     try:
         def names():
             out = []
             while True:
-                ent = _libc.readdir(d)
+                ent = libc.readdir(d)
                 if not ent:
                     return out
                 out.append(os.fsdecode(ent.contents.d_name))
@@ -1617,10 +1577,10 @@ def test_rewinddir_sees_current_state(mounted):
         assert "late.txt" not in first
         write(mounted.m("merged/late.txt"), b"late")
         os.unlink(mounted.m("merged/t1.txt"))
-        _libc.rewinddir(d)
+        libc.rewinddir(d)
         second = names()
     finally:
-        _libc.closedir(d)
+        libc.closedir(d)
     assert "late.txt" in second
     assert "t1.txt" not in second
 
@@ -1665,6 +1625,7 @@ def test_unlink_in_renamed_dir_survives_remount(layers):
         assert enoent(layers.m("w2"))
 
 
+@pytest.mark.kernel
 def test_hard_link_copy_up_readable_by_kernel_overlay(layers):
     with unionfs_mount(layers.kernel_lowers, layers.upper, layers.mnt, workdir=layers.work):
         with open(layers.m("other/two"), "ab") as f:
@@ -1678,6 +1639,7 @@ def test_hard_link_copy_up_readable_by_kernel_overlay(layers):
         assert all(read(layers.m(p)) == layers.hl_data + b"+\n" for p in HL)
 
 
+@pytest.mark.kernel
 def test_redirect_in_lower_layer_like_kernel(tmp_path):
     from conftest import make_layers
     views = []
@@ -1917,26 +1879,15 @@ def test_open_file_replaced_by_rename(mounted):
     assert read(mounted.m("shadow.txt")) == b"top\n"
 
 
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-FALLOC_FL_KEEP_SIZE = 1
-FALLOC_FL_PUNCH_HOLE = 2
-
-
-def _fallocate(fd: int, mode: int, off: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, off, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
 @pytest.mark.xfail(strict=True, reason="no fallocate handler (pyfuse3 has none): preallocation, punch-hole and KEEP_SIZE give EOPNOTSUPP")
 def test_fallocate_modes_like_kernel(pair):
     res = []
     for L in (pair.uf, pair.k):
         fd = os.open(L.m("big.bin"), os.O_RDWR)
         try:
-            r0 = errno_of(lambda: _fallocate(fd, 0, len(L.big), 4096))
-            r1 = errno_of(lambda: _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192))
-            r2 = errno_of(lambda: _fallocate(fd, FALLOC_FL_KEEP_SIZE, len(L.big), 1 << 20))
+            r0 = errno_of(lambda: fallocate(fd, 0, len(L.big), 4096))
+            r1 = errno_of(lambda: fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192))
+            r2 = errno_of(lambda: fallocate(fd, FALLOC_FL_KEEP_SIZE, len(L.big), 1 << 20))
         finally:
             os.close(fd)
         data = read(L.m("big.bin"))
@@ -1983,6 +1934,7 @@ def _tree(mnt: str) -> dict:
     return out
 
 
+@pytest.mark.kernel
 def test_upper_format_read_by_kernel_after_many_ops(layers):
     """Whatever unionfs leaves in the upper, a kernel overlay over it shows the same view."""
     m = layers.m
@@ -2086,6 +2038,7 @@ def test_exec_from_mount(layers):
 
 
 @pytest.mark.xfail(strict=True, reason="no lseek handler (pyfuse3 has none): SEEK_HOLE/SEEK_DATA do not see holes")
+@pytest.mark.kernel
 def test_seek_data_hole_like_kernel(tmp_path):
     from conftest import make_layers
     res = []
@@ -2167,6 +2120,7 @@ def test_same_for_lower_hard_link_after_first_name_removed(mounted):
     assert enoent(m("hl/one"))
 
 
+@pytest.mark.kernel
 def test_hard_link_aliases_below_renamed_dirs(layers):
     m = layers.m
     with unionfs_mount(layers.kernel_lowers, layers.upper, layers.mnt, workdir=layers.work):
@@ -2187,6 +2141,7 @@ def test_hard_link_aliases_below_renamed_dirs(layers):
         assert read(m("hl/one")) == b"via three\n"
 
 
+@pytest.mark.kernel
 def test_reads_upper_written_by_kernel_overlay(layers):
     """The other direction: unionfs shows what a kernel overlay left in an upper."""
     m = layers.m

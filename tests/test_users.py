@@ -18,8 +18,12 @@ import os
 import stat
 from typing import Callable
 
+import pytest
+
 from mounting import kernel_overlay, unionfs_mount
 from test_ops import run_as
+
+pytestmark = [pytest.mark.mount, pytest.mark.kernel]
 
 U1, U2, U3 = 1000, 1001, 1002     # U1 is in group G, U2 and U3 are not
 G, G_OTHER = 2000, 3000

@@ -49,9 +49,10 @@ from typing import Callable, Iterable, Iterator
 from . import format, syscalls
 from .changes import UNKNOWN_PATH, escape, scan_upper, unescape
 from .format import Format
-from .layers import FdCache, Layer, walk_tree
+from .layers import FdCache, walk_tree
 from .merge import Entry, Resolver
 from .nodes import ROOT_ID, Node
+from .stack import LayerStack
 from .workdir import MARKS, path_of
 
 TYPE_NAMES = {
@@ -257,21 +258,15 @@ def compare(old: Obj, new: Obj) -> list[str]:
 # --------------------------------------------------------------------------
 
 class View:
-    """The merged view of (upper, lowers), or the lowers alone (upper None), resolved
-    offline with the union's own rules."""
+    """The view a resolver's layers make (see stack.LayerStack.resolver: the merged view,
+    or the lowers alone), looked up by absolute path offline with the union's own rules."""
 
     _ids = itertools.count(ROOT_ID + 1)
 
-    def __init__(self, upper: Layer | None, lowers: list[Layer], cache: FdCache,
-                 fmt: Format) -> None:
-        self.r = Resolver(upper, lowers, cache, fmt)
-        self.upper = upper
-        root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
-        root.upper = upper is not None
-        if upper is not None:
-            root.opaque = fmt.is_opaque(upper.fd, b"")
-        root.lowers = [(layer, b"") for layer in lowers]
-        self.root = root
+    def __init__(self, resolver: Resolver) -> None:
+        self.r = resolver
+        self.upper = resolver.upper
+        self.root = root = resolver.root_node()
         self._dirs: dict[bytes, Node | None] = {b"/": root}
         self._objs: dict[bytes, Live | None] = {}
 
@@ -279,13 +274,35 @@ class View:
         if path in self._dirs:
             return self._dirs[path]
         obj = self.lookup(path)
-        node = None
-        if obj is not None and obj.is_dir:
-            e = obj.entry
-            node = Node(next(self._ids), stat.S_IFDIR, obj.parent, e.name)
-            node.upper, node.lowers, node.opaque = e.upper, e.lowers, e.opaque
+        node = self._node(obj) if obj is not None and obj.is_dir else None
         self._dirs[path] = node
         return node
+
+    def _node(self, obj: "Live") -> Node:
+        """The directory node of a directory object, for resolving names in it."""
+        e = obj.entry
+        node = Node(next(self._ids), stat.S_IFDIR, obj.parent, e.name)
+        node.upper, node.lowers, node.opaque = e.upper, e.lowers, e.opaque
+        return node
+
+    def walk(self, top: bytes = b"/") -> Iterator[tuple[bytes, "Live"]]:
+        """(path, object) for everything below directory *top*, depth first. Nothing is
+        remembered, so a walk of a large view holds only the directories still to visit."""
+        node = self.dir_node(top)
+        if node is None:
+            return
+        stack = [(top, node)]
+        while stack:
+            path, node = stack.pop()
+            for name in self.r.list_names(node):
+                e = self.r.resolve(node, name)
+                if e.st is None:
+                    continue
+                obj = Live(self, node, e)
+                child = child_of(path, name)
+                yield child, obj
+                if obj.is_dir:
+                    stack.append((child, self._node(obj)))
 
     def lookup(self, path: bytes) -> Live | None:
         """The object at an absolute view path (not the root), or None."""
@@ -460,16 +477,14 @@ class Layers:
             with contextlib.suppress(ValueError, OSError):
                 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
                 soft = hard
-        self.cache = FdCache(capacity=max(64, min(16384, soft // 2)))
-        self.upper = Layer(self.upper_path, 0, False)
-        self.lowers = [Layer(p, i + 1, False) for i, p in enumerate(self.lower_paths)]
-        self.new = View(self.upper, self.lowers, self.cache, self.fmt)
-        self.base = View(None, self.lowers, self.cache, self.fmt)
+        self.stack = LayerStack(self.upper_path, self.lower_paths, self.fmt,
+                                cache=FdCache(capacity=max(64, min(16384, soft // 2))))
+        self.upper, self.lowers = self.stack.upper, self.stack.lowers
+        self.new = View(self.stack.resolver())
+        self.base = View(self.stack.resolver(upper=False))
 
     def close(self) -> None:
-        self.cache.clear()
-        for layer in [self.upper, *self.lowers]:
-            layer.close()
+        self.stack.close()
 
 
 def compute(layers: Layers, candidates: Iterable[bytes], relevant: Relevant = lambda p: True,

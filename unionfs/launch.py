@@ -1,11 +1,11 @@
 """The `unionfs` command's first step: restart a mount on the C allocator, cheaply.
 
 CPython's own allocator keeps an arena while one object in it lives, so after the
-kernel forgets a million nodes the daemon would keep ~500 MiB; on the C allocator
-(PYTHONMALLOC=malloc, plus malloc_trim after a large forget, nodes.py) it goes back
-near where it started. The variable only works at interpreter start, so a mount
+kernel forgets a million nodes the daemon would keep most of their memory; on the
+C allocator (PYTHONMALLOC=malloc, plus malloc_trim after a large forget, nodes.py)
+it goes back near where it started. The variable only works at interpreter start, so a mount
 starts once more with it, here, before anything but os and sys is imported (the
-restart costs a bare interpreter start, ~20 ms) and before anything has changed.
+restart costs only a bare interpreter start) and before anything has changed.
 """
 from __future__ import annotations
 

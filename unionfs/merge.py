@@ -77,12 +77,24 @@ class Resolver:
         self.lowers = lowers
         self.cache = cache
         self.fmt = fmt
+        # upper st_ino -> identity of the copies this mount made that cannot carry the
+        # identity xattr (Format.keeps_identity): they keep their node until unmounted
+        self.unmarked: dict[int, int] = {}
         # (lower dirs searched, name) found in none of them: lower layers never change
         # under a mount, so a name a LOOKUP missed is not probed again by the CREATE,
         # MKDIR or RENAME that follows (two syscalls per layer each time)
         self._absent: set[tuple[tuple[tuple[Layer, bytes], ...], bytes]] = set()
         # and what was found where something was (see _scan_lowers), the most recent ones
         self._found: OrderedDict[tuple[object, ...], _Found] = OrderedDict()
+
+    def root_node(self) -> Node:
+        """A root node of the view these layers make (its upper root opaque by the xattr)."""
+        root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
+        root.upper = self.upper is not None
+        if self.upper is not None:
+            root.opaque = self.fmt.is_opaque(self.upper.fd, b"")
+        root.lowers = [(layer, b"") for layer in self.lowers]
+        return root
 
     # -- fds -------------------------------------------------------------------------
 
@@ -140,6 +152,8 @@ class Resolver:
                     return e
                 e.st, e.upper = st, True
                 own = parse_ino(self.fmt.identity(ufd, name))
+                if own is None and self.unmarked:
+                    own = self.unmarked.get(st.st_ino)
                 e.ino = own if own is not None else make_ino(0, st.st_ino)
                 if not stat.S_ISDIR(st.st_mode):
                     return e
@@ -298,11 +312,8 @@ class Resolver:
             ufd = self.upper_fd(node)
             for name, dtype in _scan(ufd):
                 seen.add(name)
-                if dtype == stat.S_IFCHR or dtype is None:
-                    st = syscalls.lstat_at(ufd, name)
-                    if st is None or format.is_whiteout(st):
-                        continue
-                out.append(name)
+                if not format.listed_whiteout(ufd, name, dtype):
+                    out.append(name)
             if node.opaque:
                 return out
         for layer, path in node.lowers:
@@ -320,24 +331,16 @@ class Resolver:
                 if name in seen:
                     continue
                 seen.add(name)
-                if dtype == stat.S_IFCHR or dtype is None:
-                    st = syscalls.lstat_at(fd, name)
-                    if st is None or format.is_whiteout(st):
-                        continue
-                out.append(name)
+                if not format.listed_whiteout(fd, name, dtype):
+                    out.append(name)
             seen.update(hidden)
         return out
 
 
-_DT_TO_IFMT = {
-    1: stat.S_IFIFO, 2: stat.S_IFCHR, 4: stat.S_IFDIR, 6: stat.S_IFBLK,
-    8: stat.S_IFREG, 10: stat.S_IFLNK, 12: stat.S_IFSOCK,
-}
-
-
 def _scan(dirfd: int) -> list[tuple[bytes, int | None]]:
     """(name, S_IFMT or None) for each entry of a directory, from one getdents pass."""
-    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOATIME, dir_fd=dirfd)
+    fd = syscalls.open_noatime(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOATIME,
+                               dir_fd=dirfd)
     out: list[tuple[bytes, int | None]] = []
     with os.scandir(fd) as it:
         for de in it:

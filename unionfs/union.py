@@ -24,12 +24,13 @@ from .changes import Journal
 from .config import MountConfig
 from .copyup import CopyUp, run_in_thread
 from .files import Handle, Handles, kill_setid
-from .format import NAME_MAX, OVERLAY, Format
-from .layers import FdCache, Layer, walk_tree
-from .merge import Entry, Resolver
+from .format import NAME_MAX, OVERLAY, Format, check_upper
+from .layers import walk_tree
+from .merge import Entry
 from .namespace import Caller, Namespace, err
 from .owners import Owners
 from .nodes import ABSENT_XATTRS, ALT_INO, ROOT_ID, Node, NodeTable, low_ino, make_ino
+from .stack import LayerStack
 from .workdir import WorkDir
 
 __all__ = ["Union", "Caller", "SetAttr", "Handle", "err"]
@@ -61,19 +62,13 @@ class Union:
         self.config = config
         self.fmt = fmt
         self.writeback = writeback
-        self.upper = Layer(config.upper, 0, True) if config.upper else None
-        self.lowers = [Layer(p, i + 1, False) for i, p in enumerate(config.lowers)]
+        self.stack = LayerStack(config.upper, config.lowers, fmt, writable=True)
+        self.upper, self.lowers, self.cache = self.stack.upper, self.stack.lowers, self.stack.cache
         self.readonly = self.upper is None or config.readonly
-        self.owners = Owners(config.squash_uid, config.squash_gid)
-        self.cache = FdCache()
-        self.r = Resolver(self.upper, self.lowers, self.cache, fmt)
-        root = Node(ROOT_ID, stat.S_IFDIR, None, b"")
-        root.upper = self.upper is not None
-        if self.upper is not None:
-            root.opaque = fmt.is_opaque(self.upper.fd, b"")
-        root.lowers = [(layer, b"") for layer in self.lowers]
-        self.root = root
-        self.nodes = NodeTable(root, self._dropped, self.r.forget_found)
+        self.owners = Owners.for_config(config)
+        self.r = self.stack.resolver()
+        self.root = self.r.root_node()
+        self.nodes = NodeTable(self.root, self._dropped, self.r.forget_found)
         self.work: WorkDir | None = None
         self.copyup: CopyUp | None = None
         self.syncer: durable.Syncer | None = None
@@ -90,6 +85,10 @@ class Union:
             self.work = WorkDir(config.workdir)
             if self.work.dev != self.upper.dev:
                 raise ValueError("workdir and upper must be on the same filesystem")
+            recorded = workdir.recorded_format(config.workdir)
+            check_upper(self.upper.fd, fmt, recorded, config.upper)
+            if recorded != fmt.prefix and not config.readonly:
+                workdir.record_format(config.workdir, fmt.prefix)
             leftovers = self.work.cleanup()
             if leftovers:
                 log.info("removed %d leftover work files of an earlier mount", leftovers)
@@ -108,7 +107,7 @@ class Union:
         self.handles = self.files.handles
         self.fds = self.files.fds  # fh -> fd, for the patched pyfuse3 to answer READs itself
         self.ns = Namespace(self, self.r, self.nodes, fmt, self.journal, self.files, self.work,
-                            self.copyup)
+                            self.copyup, self.owners)
 
     def _find_origins(self, index: int, inos: set[int]) -> dict[int, bytes]:
         """Paths of the regular files with these st_inos (low 48 bits, as make_ino keeps
@@ -134,10 +133,9 @@ class Union:
         return await run_in_thread(fn, *args)
 
     def flush(self) -> None:
-        """At unmount, before the changes log is closed: pending copy-ups made durable."""
+        """Pending copy-ups made durable (at unmount, before the changes log is closed)."""
         if self.syncer is not None:
             self.syncer.close()
-            self.syncer = None
 
     def fsync(self, fd: int, datasync: bool) -> None:
         """The user's fsync (blocking: run it in a worker thread)."""
@@ -146,15 +144,31 @@ class Union:
         else:
             (os.fdatasync if datasync else os.fsync)(fd)
 
-    def close(self) -> None:
-        self.flush()
+    def release_layers(self) -> None:
+        """At unmount, first: close every fd the union serves from (open files, pinned
+        objects, work/, cached directories, the layer roots). Whoever unmounted may
+        unmount the layers' filesystem next; after this only finish()'s few fds in the
+        workdir are left on it. Serving is over: nothing may use the union afterwards."""
         self.files.close()
-        self.journal.close()
-        self.cache.clear()
+        self.nodes.close_pins()
         if self.work:
             self.work.close()
-        for layer in self.lowers + ([self.upper] if self.upper else []):
-            layer.close()
+            self.work = None
+        self.stack.close()
+
+    def finish(self) -> None:
+        """At unmount, after release_layers: the stop recorded as clean (copy-ups made
+        durable, then the changes log closed and marked; see durable.py, changes.py)."""
+        try:
+            self.flush()   # a batch that failed leaves its hint (durable.py): the log is still closed
+        finally:
+            self.journal.close()
+
+    def close(self) -> None:
+        self.release_layers()
+        self.finish()
+        if self.syncer is not None:
+            self.syncer.end_thread()
 
     # -- nodes -------------------------------------------------------------------------
 
@@ -346,8 +360,8 @@ class Union:
         if attrs.uid is not None or attrs.gid is not None:
             # chown(2) drops set-uid on disk just as the kernel's VFS did before sending
             # this request (with the cleared mode in it, applied below)
-            syscalls.chown_at(dfd, name, -1 if attrs.uid is None else attrs.uid,
-                              -1 if attrs.gid is None else attrs.gid)
+            syscalls.chown_at(dfd, name, *self.owners.stored(
+                -1 if attrs.uid is None else attrs.uid, -1 if attrs.gid is None else attrs.gid))
         if attrs.mode is not None and node.kind != stat.S_IFLNK:
             syscalls.chmod_at(dfd, name, stat.S_IMODE(attrs.mode))
         if attrs.atime_ns is not None or attrs.mtime_ns is not None:

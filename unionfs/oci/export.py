@@ -33,10 +33,10 @@ import sys
 import tarfile
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from .. import syscalls
-from ..diff import Layers, Live, View, ancestors, child_of, compute, hardlink_index
+from ..diff import Layers, Live, ancestors, child_of, compute, hardlink_index
 from ..format import OCI_OPAQUE, OCI_WHITEOUT
 
 EXPORTED_XATTRS = (b"user.", b"security.capability", b"system.posix_acl_access",
@@ -104,7 +104,7 @@ def plan(layers: Layers, candidates: Iterable[bytes]) -> list[Item]:
               and c.old.stack() != cur.stack()):
             if base.children(c.path):
                 add(OPAQUE, c.path)
-            for path, obj in _subtree(new, c.path):
+            for path, obj in new.walk(c.path):
                 add(OBJECT, path, obj)
             whole.append(c.path)
         add(OBJECT, c.path, cur)
@@ -121,21 +121,6 @@ def plan(layers: Layers, candidates: Iterable[bytes]) -> list[Item]:
             raise ExportError(f"'{os.fsdecode(item.path)}': an OCI layer cannot hold a name "
                               "starting with '.wh.' (it would read as a whiteout)")
     return sorted(items.values(), key=Item.key)
-
-
-def _subtree(view: View, top: bytes) -> Iterator[tuple[bytes, Live]]:
-    """Every object below directory *top* in *view*, depth first."""
-    stack = [top]
-    while stack:
-        d = stack.pop()
-        for name in view.children(d):
-            path = child_of(d, name)
-            obj = view.lookup(path)
-            if obj is None:
-                continue
-            yield path, obj
-            if obj.is_dir:
-                stack.append(path)
 
 
 def _add_link_names(layers: Layers, items: dict[tuple[int, bytes], Item]) -> None:
@@ -189,7 +174,8 @@ def tar_name(path: bytes) -> str:
 
 def write_tar(items: list[Item], out, clamp: int | None = None,
               progress: Progress | None = None) -> None:
-    """Write *items* as a PAX tar to *out* (a file-like object with write())."""
+    """Write *items* as a PAX tar to *out* (a tarstream.LayerWriter, or any writer with
+    write() and a size: the bytes written so far)."""
     progress = progress or Progress(False)
     first_name: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
@@ -246,7 +232,7 @@ def write_tar(items: list[Item], out, clamp: int | None = None,
             else:
                 with os.fdopen(data, "rb") as f:
                     _addfile_exact(tar, ti, f, item.path)
-            progress.update(n, len(items), getattr(out, "size", 0))
+            progress.update(n, len(items), out.size)
     progress.done()
 
 

@@ -31,6 +31,7 @@ from .. import format as fmtmod, syscalls
 from ..diff import View, child_of
 from ..format import OCI_OPAQUE, OCI_WHITEOUT, Format
 from ..layers import FdCache, Layer, walk_tree
+from ..stack import LayerStack
 
 REGULAR, DIRECTORY, OTHER, WHITEOUT, OPAQUE = "file", "dir", "other", "whiteout", "opaque"
 
@@ -76,28 +77,22 @@ class Report:
 
 
 class Stack:
-    """The layers (top-most first), opened for reading, and the views over them."""
+    """The layers (top-most first, all read as lowers), opened by stack.LayerStack, and
+    the views over them."""
 
     def __init__(self, paths: list[str], fmt: Format = fmtmod.OVERLAY) -> None:
         self.paths = paths
         self.fmt = fmt
-        self.cache = FdCache(capacity=1024)
-        self.layers: list[Layer] = []
-        try:
-            for i, p in enumerate(paths):
-                self.layers.append(Layer(p, i + 1, False))
-        except BaseException:
-            self.close()
-            raise
-        self.full = View(None, self.layers, self.cache, fmt)
+        self.stack = LayerStack(None, paths, fmt, cache=FdCache(capacity=1024))
+        self.layers: list[Layer] = self.stack.lowers
+        self.full = View(self.stack.resolver())
 
     def below(self, k: int) -> View:
-        return View(None, self.layers[k + 1:], self.cache, self.fmt)
+        """The view of the layers below the k-th (0: the top-most)."""
+        return View(self.stack.resolver(lowers=slice(k + 1, None)))
 
     def close(self) -> None:
-        self.cache.clear()
-        for layer in self.layers:
-            layer.close()
+        self.stack.close()
 
 
 def read_layer(layer: Layer, fmt: Format) -> LayerReport:
@@ -142,21 +137,8 @@ def read_layer(layer: Layer, fmt: Format) -> LayerReport:
 
 def shown_objects(view: View) -> set[tuple[int, int]]:
     """(layer index, inode) of every regular file the merged view shows."""
-    shown: set[tuple[int, int]] = set()
-    stack = [b"/"]
-    while stack:
-        d = stack.pop()
-        for name in view.children(d):
-            path = child_of(d, name)
-            obj = view.lookup(path)
-            if obj is None:
-                continue
-            if obj.is_dir:
-                stack.append(path)
-            elif obj.fmt == stat.S_IFREG:
-                layer = obj.entry.lowers[0][0]
-                shown.add((layer.index, obj.st.st_ino))
-    return shown
+    return {(obj.entry.lowers[0][0].index, obj.st.st_ino) for _, obj in view.walk()
+            if obj.fmt == stat.S_IFREG}
 
 
 def _whiteout_size(view: View, top: bytes) -> int:
@@ -166,20 +148,8 @@ def _whiteout_size(view: View, top: bytes) -> int:
     obj = view.lookup(top)
     if obj is None or not obj.is_dir:
         return 0
-    total, seen = 0, set()
-    stack = [top]
-    while stack:
-        d = stack.pop()
-        for name in view.children(d):
-            o = view.lookup(child_of(d, name))
-            if o is None:
-                continue
-            if o.is_dir:
-                stack.append(child_of(d, name))
-            elif o.fmt == stat.S_IFREG and o.identity() not in seen:
-                seen.add(o.identity())
-                total += o.size
-    return total
+    files = {o.identity(): o.size for _, o in view.walk(top) if o.fmt == stat.S_IFREG}
+    return sum(files.values())
 
 
 def analyse(stack: Stack) -> Report:

@@ -121,6 +121,11 @@ class LayerWriter:
         self.blob.flush()
 
     @property
+    def size(self) -> int:
+        """Bytes of tar written so far."""
+        return self.tar.size
+
+    @property
     def digest(self) -> str:
         return self.blob.digest()
 
