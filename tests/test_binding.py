@@ -291,6 +291,7 @@ def source_copy(tmp_path: Path) -> Path:
     return src
 
 
+@pytest.mark.slow  # pip builds the binding: half a minute or more
 def test_pip_install_gives_the_fast_daemon(tmp_path: Path) -> None:
     """`python3 -m venv v && v/bin/pip install .`, as a Python user installs things: the
     package pip builds carries every module and the built-in binding, and mounts."""
@@ -327,6 +328,7 @@ def test_pip_install_gives_the_fast_daemon(tmp_path: Path) -> None:
         force_unmount(str(mnt))
 
 
+@pytest.mark.slow  # pip builds the binding: half a minute or more
 def test_a_build_without_libfuse_headers_says_so_in_one_line(tmp_path: Path) -> None:
     """pkg-config finding no fuse3 (as on a machine without libfuse3-dev): pip fails, with
     our one line among its output, and installs nothing."""
