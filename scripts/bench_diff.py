@@ -53,27 +53,33 @@ def build_lower(path: str, files: int) -> None:
     print(f"built {files} files in {time.monotonic() - t0:.0f}s", file=sys.stderr)
 
 
+KINDS = ("append", "new", "delete", "chmod", "mkdir")
+
+
+def one_change(kind: str, f: str, d: str, i: int) -> None:
+    """One change through the mount: to file *f*, or new entry number *i* in directory *d*."""
+    try:
+        if kind == "append":
+            with open(f, "a") as fh:
+                fh.write("changed\n")
+        elif kind == "new":
+            with open(os.path.join(d, f"new{i}"), "w") as fh:
+                fh.write("new\n")
+        elif kind == "delete":
+            os.unlink(f)
+        elif kind == "chmod":
+            os.chmod(f, 0o600)
+        else:
+            os.mkdir(os.path.join(d, f"dir{i}"))
+    except FileNotFoundError:
+        pass  # picked one twice
+
+
 def make_changes(mnt: str, dirs: int, n: int, rng: random.Random) -> None:
-    kinds = ["append", "new", "delete", "chmod", "mkdir"]
     for i in range(n):
-        kind = kinds[i % len(kinds)]
         d = os.path.join(mnt, f"d{rng.randrange(dirs):04d}")
         f = os.path.join(d, f"f{rng.randrange(PER_DIR):04d}")
-        try:
-            if kind == "append":
-                with open(f, "a") as fh:
-                    fh.write("changed\n")
-            elif kind == "new":
-                with open(os.path.join(d, f"new{i}"), "w") as fh:
-                    fh.write("new\n")
-            elif kind == "delete":
-                os.unlink(f)
-            elif kind == "chmod":
-                os.chmod(f, 0o600)
-            else:
-                os.mkdir(os.path.join(d, f"dir{i}"))
-        except FileNotFoundError:
-            pass  # picked one twice
+        one_change(KINDS[i % len(KINDS)], f, d, i)
 
 
 def timed(cmd: list[str], runs: int) -> tuple[list[float], str]:

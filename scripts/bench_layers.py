@@ -31,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_data  # noqa: E402
+from bench_diff import KINDS, one_change  # noqa: E402
 
 
 def unionfs(*args: str) -> list[str]:
@@ -73,24 +74,9 @@ def make_changes(mnt: str, manifest: dict, n: int, rng: random.Random) -> None:
     os.rename(os.path.join(mnt, leaf), os.path.join(mnt, leaf + ".renamed"))
     dirs.remove(leaf)
     for i in range(n - 1):
-        kind = ("append", "new", "delete", "chmod", "mkdir")[i % 5]
-        f = os.path.join(mnt, rng.choice(files))
-        d = os.path.join(mnt, rng.choice(dirs))
-        try:
-            if kind == "append":
-                with open(f, "ab") as fh:
-                    fh.write(b"changed\n")
-            elif kind == "new":
-                with open(os.path.join(d, f"new{i}.dat"), "wb") as fh:
-                    fh.write(rng.randbytes(4096))
-            elif kind == "delete":
-                os.unlink(f)
-            elif kind == "chmod":
-                os.chmod(f, 0o600)
-            else:
-                os.mkdir(os.path.join(d, f"dir{i}"))
-        except FileNotFoundError:
-            pass  # picked twice, or under the renamed directory
+        # under the renamed directory a file is gone: one_change lets that pass
+        one_change(KINDS[i % len(KINDS)], os.path.join(mnt, rng.choice(files)),
+                   os.path.join(mnt, rng.choice(dirs)), i)
 
 
 def main() -> int:

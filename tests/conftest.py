@@ -282,6 +282,14 @@ def union(make_union):
     return make_union()
 
 
+def pytest_collection_modifyitems(items):
+    """A test that runs unionfs beside kernel overlayfs (the `pair` fixture) is in the kernel
+    tier, wherever it is; modules mark their own tiers (tests/README.md)."""
+    for item in items:
+        if "pair" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kernel)
+
+
 @pytest.fixture(autouse=True)
 def _no_mount_left_behind(tmp_path):
     """Whatever a test did, nothing stays mounted below its tmp_path."""

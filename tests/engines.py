@@ -138,6 +138,31 @@ class Podman:
             shutil.rmtree(top, ignore_errors=True)
 
 
+class RootlessPodman(Podman):
+    """`podman` run by an unprivileged *user* (tests/rootless.py, with subordinate ids) on a
+    storage below *top* that the user owns. Podman makes the user's namespace from those
+    ids and runs the mount program inside it, as the namespace's root."""
+
+    def __init__(self, user, top: Path, mount_program: str | None, registry: str | None = None) -> None:
+        self.user = user
+        super().__init__(top, mount_program, registry)
+        for path in (top, Path(self.runroot)):
+            subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(path)], check=True)
+
+    def command(self, *args: str) -> list[str]:
+        env = {**self.user.environ(), **self.env, "PATH": self.user.environ()["PATH"]}
+        return self.user.argv(super().command(*args), env=env)
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 600,
+                 cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return super().__call__(*args, check=check, timeout=timeout, cwd=cwd or Path(self.user.home))
+
+    def close(self) -> None:
+        super().close()
+        # the user's namespace outlives the commands (podman's pause process): what is
+        # mounted in it goes with it, when tests/rootless.py ends the user's processes
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,6 @@ the real canary or secret is the daemon's.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pickle
 import select
@@ -28,13 +27,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+from helpers.libc import CLONE_NEWNS, MS_BIND, MS_PRIVATE, MS_REC, check, libc
+from helpers.snapshot import listdir, read_bytes, snapshot
 
-CLONE_NEWNS = 0x20000
-MS_BIND = 4096
-MS_REC = 16384
-MS_PRIVATE = 1 << 18
 
 IN_ACCESS, IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x1, 0x2, 0x4, 0x8
 IN_OPEN, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE = 0x20, 0x40, 0x80, 0x100
@@ -50,21 +45,14 @@ SECRET = b"SECRET-7f3a-daemon-side-only\n"
 DECOY = b"decoy seen by callers\n"
 
 
-def _check(ret: int, what: str) -> int:
-    if ret < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
-    return ret
-
-
 class Inotify:
     """Every inotify event on the watched paths, as (path, mask, name)."""
 
     def __init__(self, paths: list[str]) -> None:
-        self.fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
+        self.fd = check(libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
         self.wd: dict[int, str] = {}
         for p in paths:
-            wd = _check(_libc.inotify_add_watch(self.fd, os.fsencode(p), WATCH), "inotify_add_watch")
+            wd = check(libc.inotify_add_watch(self.fd, os.fsencode(p), WATCH), "inotify_add_watch")
             self.wd[wd] = p
 
     def events(self) -> list[tuple[str, int, str]]:
@@ -117,32 +105,21 @@ class Guard:
 
     def snapshot(self) -> dict[str, tuple]:
         """Everything about the canary and the secret, read without changing atimes."""
-        out: dict[str, tuple] = {}
-
-        def one(path: str) -> None:
-            st = os.lstat(path)
+        def describe(path: str, st: os.stat_result) -> tuple:
             xattrs = tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False))
                                   for n in os.listxattr(path, follow_symlinks=False)))
             data: Any = None
             if stat.S_ISREG(st.st_mode):
-                fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
-                try:
-                    data = os.read(fd, 1 << 20)
-                finally:
-                    os.close(fd)
+                data = read_bytes(path, noatime=True)
             elif stat.S_ISDIR(st.st_mode):
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME)
-                try:
-                    data = tuple(sorted(os.listdir(fd)))
-                finally:
-                    os.close(fd)
-                for name in data:
-                    one(os.path.join(path, name))
-            out[path] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_ino, st.st_atime_ns,
-                         st.st_mtime_ns, st.st_ctime_ns, xattrs, data)
+                data = tuple(sorted(listdir(path, noatime=True)))
+            return (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_ino, st.st_atime_ns,
+                    st.st_mtime_ns, st.st_ctime_ns, xattrs, data)
 
-        one(self.canary)
-        one(self.secret)
+        out: dict[str, tuple] = {}
+        for top in (self.canary, self.secret):
+            for rel, entry in snapshot(top, describe, include_root=True, noatime=True).items():
+                out[os.path.normpath(os.path.join(top, rel))] = entry
         return out
 
     def reset_decoys(self) -> None:
@@ -163,10 +140,10 @@ def in_decoy(guard: Guard, fn: Callable[[], Any]) -> Any:
     if pid == 0:
         try:
             os.close(r)
-            _check(_libc.unshare(CLONE_NEWNS), "unshare")
-            _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate")
+            check(libc.unshare(CLONE_NEWNS), "unshare")
+            check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate")
             for src, dst in ((guard.decoy_canary, guard.canary), (guard.decoy_secret, guard.secret)):
-                _check(_libc.mount(os.fsencode(src), os.fsencode(dst), None, MS_BIND, None), "bind")
+                check(libc.mount(os.fsencode(src), os.fsencode(dst), None, MS_BIND, None), "bind")
             result: Any = ("ok", fn())
         except BaseException:  # noqa: BLE001 - reported to the parent
             result = ("error", traceback.format_exc())

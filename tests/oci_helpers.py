@@ -102,7 +102,7 @@ def capture(root: str, times: bool = True) -> dict[str, dict]:
             if not stat.S_ISLNK(st.st_mode):
                 d["xattrs"] = {n: os.getxattr(full, n, follow_symlinks=False)
                                for n in sorted(os.listxattr(full, follow_symlinks=False))
-                               if n.startswith("user.")}
+                               if n.startswith("user.") or n == "security.capability"}
             out[p] = d
             if stat.S_ISDIR(st.st_mode):
                 stack.append(p)

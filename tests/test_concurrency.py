@@ -8,7 +8,6 @@ WORKDIR/work must hold exactly what they should.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import multiprocessing
 import os
@@ -20,8 +19,11 @@ from typing import Callable
 
 import pytest
 
+from helpers import libc
 from mounting import daemon_pid, pid_gone, unionfs_mount, wait_daemon_gone
 from unit_helpers import seeded
+
+pytestmark = [pytest.mark.mount]
 
 DEADLINE = 180.0   # seconds for one batch of workers; only a hang gets near it
 CTX = multiprocessing.get_context("fork")
@@ -281,10 +283,7 @@ def test_readdir_while_creating_and_deleting(env):
 
 def getdents(fd: int, size: int = 1024) -> list[bytes]:
     """One getdents64(2) call with a small buffer: the names it returned."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(size)
-    n = libc.syscall(217, fd, buf, size)   # SYS_getdents64 on x86-64
-    assert n >= 0, os.strerror(ctypes.get_errno())
+    n, buf = libc.getdents(fd, size)
     names, pos = [], 0
     while pos < n:
         _ino, _off, reclen, _type = struct.unpack_from("QqHB", buf.raw, pos)

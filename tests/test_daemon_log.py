@@ -14,8 +14,12 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount
 from test_cli import wait_for
+
+pytestmark = [pytest.mark.mount]
 
 
 def layers(tmp_path: Path) -> tuple[str, str, str, Path]:
@@ -100,7 +104,6 @@ def test_a_start_that_fails_in_the_daemon_is_printed(tmp_path):
                 [f"unionfs: error: upper layer '{up}' is in use by another unionfs mount"]
             assert not is_mounted(str(other))
     assert "is in use by another unionfs mount" in log.read_text()
-
 
 
 def _in_mountinfo(path: str) -> bool:

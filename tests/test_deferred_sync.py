@@ -23,6 +23,8 @@ import pytest
 from mounting import daemon_pid, force_unmount, kernel_overlay, unionfs_mount, wait_daemon_gone
 from unit_helpers import xattr
 
+pytestmark = [pytest.mark.mount, pytest.mark.kernel, pytest.mark.crash]
+
 IDENTITY = "trusted.overlay.unionfs.ino"
 SYNCED = "copyup.synced"  # the newest batch known synced
 HINT = "copyup.pending"   # left only by a batch that failed to sync

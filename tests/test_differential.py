@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -31,6 +32,9 @@ from difftest import SIDES, ddmin, report, run_case, shrink
 from difftest.ops import Op
 from difftest.layers import build_layers, copy_layers
 from difftest.view import capture, diff_views
+from rootless import unprivileged_user
+
+pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.kernel]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,6 +159,40 @@ def test_differential(difftest_root, seed):
 def test_harness_kernel_vs_kernel(difftest_root, seed):
     """The harness itself: kernel overlayfs against itself must never diverge."""
     _run_seed(difftest_root, seed, "kernel")
+
+
+ROOTLESS_SEEDS = _env_int("UNIONFS_DIFF_ROOTLESS_SEEDS", 6)
+
+
+@pytest.fixture(scope="module")
+def rootless_user():
+    """An unprivileged user with subordinate ids, made for these cases and removed after."""
+    reason = _skip_reason(need_fuse=True)
+    if reason:
+        pytest.skip(reason)
+    with unprivileged_user("d", subids=True) as user:
+        user.env["PYTHONPATH"] = os.pathsep.join((REPO, os.path.join(REPO, "tests")))
+        os.mkdir(user.path("cases"))
+        os.chown(user.path("cases"), user.uid, user.gid)
+        yield user
+
+
+@pytest.mark.parametrize("seed", [2000 + i for i in range(ROOTLESS_SEEDS)], ids=lambda s: f"seed-{s}")
+def test_differential_rootless(rootless_user, seed):
+    """The same generator and stages as a user without root: kernel overlayfs -o userxattr
+    against unionfs, both mounted by the root of the user's namespace, each then reading
+    the other's upper (difftest/rootless.py)."""
+    budget = min(SHRINK_SECONDS, _SHRINK_LEFT[0])
+    t = time.monotonic()
+    proc = rootless_user.run([sys.executable, "-m", "difftest.rootless", str(seed), str(N_OPS),
+                              str(budget), rootless_user.path("cases")], userns=True,
+                             timeout=600 + budget)
+    _SHRINK_LEFT[0] -= time.monotonic() - t if proc.returncode else 0
+    for line in proc.stdout.splitlines():
+        if line.startswith("note: "):
+            warnings.warn(line[len("note: "):])
+    if proc.returncode != 0:
+        pytest.fail(f"{proc.stdout}\n{proc.stderr}", pytrace=False)
 
 
 def test_layer_copy_is_faithful(difftest_root):

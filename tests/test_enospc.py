@@ -25,6 +25,8 @@ import pytest
 from mounting import daemon_pid, force_unmount, pid_gone, unionfs_mount
 from unit_helpers import seeded
 
+pytestmark = [pytest.mark.mount]
+
 MiB = 1 << 20
 
 

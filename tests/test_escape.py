@@ -21,11 +21,14 @@ import stat
 import time
 from collections import Counter
 
+import pytest
+
 from guard import SECRET, Guard, in_decoy
+from helpers.libc import RENAME_EXCHANGE, libc
 from mounting import daemon_pids, unionfs_mount
 from unit_helpers import xattr
 
-RENAME_EXCHANGE = 2
+pytestmark = [pytest.mark.mount]
 
 
 def _layout(root: str) -> dict[str, str]:
@@ -218,8 +221,6 @@ def _swapper(upper: str, pairs: list[tuple[str, str, str]], stop_fd: int, count_
     """Exchange each directory with its symlink twin (both in the same directory, reached by
     an fd held from the start, so the swapper itself never walks through a symlink), again
     and again, until told to stop."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
     fds = {d: os.open(os.path.join(upper, d), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
            for d, _a, _b in pairs}
     swaps = 0

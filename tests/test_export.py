@@ -20,7 +20,11 @@ from oci_helpers import (capture, differences, members, oci_layout, tar_diffid, 
                          umoci_unpack)
 from test_diff_property import Ops, build_lowers
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, devices)")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, chown, devices)"),
+]
 
 SEEDS = int(os.environ.get("UNIONFS_EXPORT_SEEDS", 4))
 N_OPS = 60
@@ -45,7 +49,7 @@ def specials(mnt: str, rng: random.Random) -> None:
     os.mknod(f"{mnt}/dev{rng.randrange(100)}", stat.S_IFCHR | 0o600, os.makedev(1, 3))
     with open(f"{mnt}/cap", "wb") as f:
         f.write(b"#!/bin/true\n")
-    subprocess.run(["setcap", "cap_net_raw+ep", f"{mnt}/cap"], check=False, capture_output=True)
+    subprocess.run(["setcap", "cap_net_raw+ep", f"{mnt}/cap"], check=True, capture_output=True)
     os.link(f"{mnt}/cap", f"{mnt}/cap-link")
 
 
@@ -143,3 +147,21 @@ def test_export_format_details(tmp_path):
     assert all(m.mtime <= 1000 for m in by.values())
     with tarfile.open(out) as t:
         assert t.extractfile("y").read() == b"y" * 100 + b"!"
+
+
+def test_export_refuses_a_name_a_layer_cannot_hold(tmp_path):
+    """A '.wh.' name would read as a whiteout: one line, exit 1, no file left."""
+    lowers = build_lowers(str(tmp_path / "layers"))
+    upper, mnt = str(tmp_path / "upper"), str(tmp_path / "mnt")
+    os.makedirs(upper)
+    os.makedirs(mnt)
+    out = tmp_path / "out"
+    out.mkdir()
+    with unionfs_mount(lowers, upper, mnt):
+        with open(f"{mnt}/.wh.trick", "w") as f:
+            f.write("not a whiteout\n")
+        proc = subprocess.run(unionfs_cmd("export", "-o", str(out / "l.tar"), mnt),
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("unionfs: error: '/.wh.trick'") and proc.stderr.count("\n") == 1
+    assert os.listdir(out) == []

@@ -21,7 +21,11 @@ import os
 import resource
 import time
 
+import pytest
+
 from mounting import daemon_pid, pid_gone, unionfs_mount
+
+pytestmark = [pytest.mark.mount]
 
 NDIRS, NFILES = 8, 25
 MANY = 5000

@@ -19,7 +19,11 @@ from mounting import kernel_view, unionfs_cmd, unionfs_mount
 from oci_helpers import capture, differences, oci_layout, run, tar_diffid, tar_tree, umoci_unpack
 from test_diff_property import Ops, build_lowers
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, whiteouts, devices)")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, whiteouts, devices)"),
+]
 
 
 def uf(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -250,7 +254,12 @@ def test_digest_mismatch_refused(tmp_path):
     _refused(tmp_path, path, "--digest", "sha256:" + "0" * 64, expect="has digest sha256:")
 
 
-def test_devices_only_as_root():
+@pytest.mark.parametrize("entry,expect", [
+    (dict(name="null", type=tarfile.CHRTYPE), "only root may import device nodes"),
+    (F(".wh.gone", b""), "only root may make overlay whiteouts"),
+    (F("d/.wh..wh..opq", b""), "only root may make overlay whiteouts"),
+], ids=["device", "whiteout", "opaque"])
+def test_root_only_entries_refused_for_users(entry, expect):
     """As an unprivileged user, in a directory of its own (the test's tmp_path is root's only)."""
     import pathlib
     import tempfile
@@ -258,11 +267,11 @@ def test_devices_only_as_root():
     try:
         os.chmod(top, 0o755)
         os.makedirs(top / "outside")
-        path = str(top / "dev.tar")
+        path = str(top / "layer.tar")
         with open(path, "wb") as f:
-            f.write(_tar([F("ok"), dict(name="null", type=tarfile.CHRTYPE)]))
+            f.write(_tar([F("ok"), entry]))
         os.chmod(path, 0o644)
-        _refused(top, path, expect="only root may import device nodes", user=65534)
+        _refused(top, path, expect=expect, user=65534)
     finally:
         shutil.rmtree(top)
 
@@ -280,3 +289,15 @@ def test_image_with_a_bad_blob_refused(image, tmp_path):
         f.seek(600)
         f.write(bytes([b[0] ^ 1]))
     _refused(tmp_path, layout, expect="layer")
+
+
+def test_padding_after_the_end_is_accepted(tmp_path):
+    """Writers pad archives to their block size; a megabyte of zeros after the two end
+    blocks is still a whole archive (the end is checked where tarfile stopped)."""
+    path = str(tmp_path / "padded.tar")
+    with open(path, "wb") as f:
+        f.write(GOOD + b"\0" * (1 << 20))
+    proc = uf("import", path, str(tmp_path / "layer"))
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "layer" / "d" / "f", "rb") as f:
+        assert f.read() == b"a" * 5000

@@ -15,7 +15,11 @@ import pytest
 
 from mounting import kernel_view, unionfs_cmd, unionfs_mount
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, whiteouts)")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, whiteouts)"),
+]
 
 
 def _file(path: str, size: int, fill: bytes = b"x") -> None:

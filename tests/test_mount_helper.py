@@ -18,7 +18,10 @@ from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_c
 # What /bin/sh (dash) searches when mount(8) gives it no PATH.
 HELPER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing"),
+]
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,6 +19,8 @@ import pytest
 
 from mounting import daemon_pid, force_unmount, is_mounted, unionfs_cmd, wait_daemon_gone
 
+pytestmark = [pytest.mark.mount, pytest.mark.rootfs]
+
 NOBODY = 65534
 
 

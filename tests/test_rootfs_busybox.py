@@ -40,7 +40,7 @@ from mounting import is_mounted, kernel_overlay, unionfs_mount
 from rootfs_helpers import ROOTFS_MARKS, assert_same_views, view
 
 
-pytestmark = ROOTFS_MARKS
+pytestmark = [pytest.mark.mount, pytest.mark.kernel, pytest.mark.rootfs, *ROOTFS_MARKS]
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "unionfs-rootfs")
 ALICE, BOB = 1000, 1001

@@ -11,7 +11,10 @@ import pytest
 
 from mounting import unionfs_mount
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts)")
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts)"),
+]
 
 # runs `unionfs diff` in this process (cli.dispatch: main() itself loads mount.py for its
 # MountError), then names the daemon's modules it loaded

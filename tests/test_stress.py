@@ -35,6 +35,8 @@ import pytest
 
 from mounting import daemon_pid, pid_gone, unionfs_mount
 
+pytestmark = [pytest.mark.mount, pytest.mark.slow]
+
 STRESS_SECONDS = int(os.environ.get("UNIONFS_STRESS_SECONDS", "10"))
 
 # (stressor, extra options): sizes cut down from stress-ng's defaults (1 GiB files)

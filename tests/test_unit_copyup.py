@@ -20,6 +20,8 @@ from unionfs import syscalls
 from unit_helpers import do, read, walk
 from unionfs.union import Caller, SetAttr
 
+pytestmark = [pytest.mark.unit]
+
 
 # -- helpers ------------------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ import pytest
 from unit_helpers import do, is_whiteout, read, walk, xattr
 from unionfs.union import Caller
 
+pytestmark = [pytest.mark.unit]
+
 
 # -- helpers ------------------------------------------------------------------------------
 

@@ -37,6 +37,13 @@ class MountConfig:
     foreground: bool = False
     debug: bool = False
     fsname: str = "unionfs"
+    # the upper's xattrs under user.overlay. (kernel overlayfs's userxattr format) instead
+    # of trusted.overlay.: asked for with -o userxattr, and the only one a mount without
+    # CAP_SYS_ADMIN in the initial user namespace can write
+    userxattr: bool = False
+    # uidmapping=/gidmapping=: (id on disk, id shown, count) ranges (see owners.IdMap)
+    uid_map: tuple[tuple[int, int, int], ...] | None = None
+    gid_map: tuple[tuple[int, int, int], ...] | None = None
     extra: dict[str, str] = field(default_factory=dict)  # unrecognised-but-harmless mount options
 
     @property
@@ -84,7 +91,6 @@ IGNORED_VALUED = {
 }
 UNSUPPORTED = {
     "metacopy": "metacopy=on is not supported",
-    "userxattr": "userxattr is not supported",
     "plugins": "plugins= is not supported (fuse-overlayfs's lower-layer plugins have no "
                "counterpart in unionfs)",
 }
@@ -114,6 +120,9 @@ class MountOptions:
     poll_us: int = MountConfig.poll_us
     debug: bool = False
     fsname: str | None = None
+    userxattr: bool = False
+    uid_map: tuple[tuple[int, int, int], ...] | None = None
+    gid_map: tuple[tuple[int, int, int], ...] | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def squashed(self) -> tuple[int | None, int | None]:
@@ -121,6 +130,21 @@ class MountOptions:
         root = 0 if self.squash_root else None
         return (root if self.squash_uid is None else self.squash_uid,
                 root if self.squash_gid is None else self.squash_gid)
+
+
+def parse_id_map(name: str, value: str) -> tuple[tuple[int, int, int], ...]:
+    """fuse-overlayfs's `ID:MAPPED:COUNT[:ID:MAPPED:COUNT...]`, all colon-separated (a comma
+    would end the option): ids ID.. on disk are shown as MAPPED.., COUNT of them."""
+    parts = value.split(":")
+    if len(parts) % 3 or not all(p.isdigit() for p in parts):
+        raise ConfigError(f"{name} must be ID:MAPPED-ID:COUNT[:ID:MAPPED-ID:COUNT...], not '{value}'")
+    nums = [int(p) for p in parts]
+    ranges = tuple((nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3))
+    for first, mapped, count in ranges:
+        if count == 0 or first + count > 2**32 - 1 or mapped + count > 2**32 - 1:
+            raise ConfigError(f"{name}: the range {first}:{mapped}:{count} is empty or past "
+                              "the last id")
+    return ranges
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -191,7 +215,7 @@ _FLAG_FIELDS: dict[str, tuple[str | None, bool]] = {
     "dev": ("dev", True), "nodev": ("dev", False),
     "suid": ("suid", True), "nosuid": ("suid", False),
     "allow_other": ("allow_other", True), "noallow_other": ("allow_other", False),
-    "debug": ("debug", True),
+    "debug": ("debug", True), "userxattr": ("userxattr", True),
     "default_permissions": (None, True),  # always on
     # fuse-overlayfs's options, which containers/storage passes to its mount program
     "volatile": ("volatile", True),
@@ -209,7 +233,7 @@ _STRING_FIELDS = {"upperdir", "workdir", "fsname"}
 _BOOLS: dict[str, tuple[str, bool]] = {
     "fsync": ("fsync", True), "noxattrs": ("xattrs", False), "writeback": ("writeback", True),
 }
-_VALUED = {"lowerdir", "poll_us", "squash_to_uid", "squash_to_gid", "timeout",
+_VALUED = {"lowerdir", "poll_us", "squash_to_uid", "squash_to_gid", "timeout", "uidmapping", "gidmapping",
            "xattr_permissions", "context", *_BOOLS}
 
 
@@ -264,6 +288,8 @@ def _apply_option(opts: MountOptions, item: str) -> None:
         if not value.isdigit() or int(value) >= 2**32 - 1:
             raise ConfigError(f"{name} must be a numeric id, not '{value}'")
         setattr(opts, "squash_" + name[-3:], int(value))
+    elif name in ("uidmapping", "gidmapping"):
+        setattr(opts, name[0] + "id_map", parse_id_map(name, value))
     elif name == "timeout":
         try:
             seconds = float(value)
@@ -389,7 +415,9 @@ def build_config(lowers: list[str], upper: str | None, mountpoint: str,
         squash_uid=squash_uid, squash_gid=squash_gid, static_nlink=opts.static_nlink,
         xattrs=opts.xattrs, acl=opts.acl, writeback=opts.writeback,
         poll_us=opts.poll_us, foreground=foreground, debug=debug or opts.debug,
-        fsname=opts.fsname or MountConfig.fsname, extra=dict(opts.extra))
+        fsname=opts.fsname or MountConfig.fsname,
+        userxattr=opts.userxattr or not privileged(), uid_map=opts.uid_map,
+        gid_map=opts.gid_map, extra=dict(opts.extra))
     return config, create
 
 
@@ -427,6 +455,40 @@ def _check_workdir(layers: list[tuple[str, str, os.stat_result]], upper: str | N
         hint = "" if given else " (use --workdir)"
         raise ConfigError(f"workdir '{work}' is not on the same filesystem as the upper layer{hint}")
     return work, create
+
+
+CAP_SYS_ADMIN = 21
+
+
+def privileged() -> bool:
+    """CAP_SYS_ADMIN in the initial user namespace: what trusted.* xattrs and /run need.
+    The root of a user namespace (`unshare -r`, `podman unshare`) has the capability only
+    over its own namespace: the kernel refuses it trusted.* names like any user, and the
+    host's /run is not its own."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+        with open("/proc/self/uid_map") as f:
+            ranges = [line.split() for line in f if line.strip()]
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.geteuid() == 0
+    initial = ranges == [["0", "0", "4294967295"]]
+    return initial and bool(caps >> CAP_SYS_ADMIN & 1)
+
+
+def outer_uid() -> int:
+    """Our uid as the initial user namespace sees it (in a user namespace, the uid that
+    made it): per-user state of several users' namespaces must not meet under one uid 0."""
+    uid = os.getuid()
+    try:
+        with open("/proc/self/uid_map") as f:
+            for line in f:
+                inner, outer, count = (int(x) for x in line.split())
+                if inner <= uid < inner + count:
+                    return outer + uid - inner
+    except (OSError, ValueError):
+        pass
+    return uid
 
 
 def check_dev_fuse() -> None:

@@ -74,7 +74,8 @@ def copy_meta(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: i
     if not stat.S_ISLNK(st.st_mode):
         syscalls.chmod_at(dst_fd, dst_name, stat.S_IMODE(st.st_mode))
     names = copy_xattrs(src_fd, src_name, dst_fd, dst_name, fmt)
-    fmt.set_identity(dst_fd, dst_name, identity or str(ino).encode())
+    if fmt.keeps_identity(st.st_mode):
+        fmt.set_identity(dst_fd, dst_name, identity or str(ino).encode())
     syscalls.utimens_at(dst_fd, dst_name, st.st_atime_ns, st.st_mtime_ns)
     return names
 
@@ -296,6 +297,8 @@ class CopyUp:
                 os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=self.work.fd)
             copy_meta(st, sfd, sname, self.work.fd, tmp, node.id, owner=self.work.owner,
                       fmt=self.fmt)
+            if not self.fmt.keeps_identity(st.st_mode):
+                self.r.unmarked[os.lstat(tmp, dir_fd=self.work.fd).st_ino] = node.id
             parent = self._still_wanted(node)
             if parent is None:
                 self.work.remove_tree(tmp)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from . import format, runstate
-from .config import FSTYPE, ConfigError, default_workdir, split_lowers
+from .config import FSTYPE, ConfigError, default_workdir, privileged, split_lowers
 from .format import Format
-from .workdir import CHANGES_CLEAN, path_of, recorded_lowers
+from .workdir import CHANGES_CLEAN, path_of, recorded_format, recorded_lowers
 
 MARK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -63,8 +63,8 @@ class Target:
     mounted: bool               # a live daemon holds the workdir
     lock_fd: int | None = None  # our lock on the workdir while it is not mounted
     mountpoint: str | None = None
-    # the upper's format (format.py); kernel overlayfs's default until a union can be
-    # told to use another
+    # the upper's format (format.py): as its mounts noted it in the workdir, else the one a
+    # mount by this user would choose
     fmt: Format = format.OVERLAY
 
     def close(self) -> None:
@@ -118,7 +118,9 @@ def locate(target: str, workdir: str | None, lower: str | None) -> Target:
     if work is not None:
         lock_fd = runstate.lock_dir(work)
         mounted = lock_fd is None
-    t = Target(upper, work, lowers, mounted, lock_fd)
+    recorded = recorded_format(work) if work is not None else None
+    userxattr = recorded == format.USER if recorded is not None else not privileged()
+    t = Target(upper, work, lowers, mounted, lock_fd, fmt=format.for_mount(userxattr, privileged()))
     if mounted:
         t.mountpoint = path if state is not None else _mountpoint_of(work)
         _flush(t.mountpoint)

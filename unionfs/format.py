@@ -34,6 +34,7 @@ import os
 import stat
 
 from . import syscalls
+from .layers import walk_tree
 
 NAME_MAX = 255
 
@@ -145,9 +146,12 @@ class Format:
     layers are read, and which xattrs are private to the union (never shown or accepted
     through the mount)."""
 
-    def __init__(self, prefix: bytes = TRUSTED, lower_prefixes: tuple[bytes, ...] | None = None
-                 ) -> None:
+    def __init__(self, prefix: bytes = TRUSTED, lower_prefixes: tuple[bytes, ...] | None = None,
+                 redirects: bool = True) -> None:
         self.prefix = prefix
+        # renamed directories keep their lower contents by a redirect; without, such a
+        # rename is EXDEV (overlayfs's userxattr mode: it refuses redirect_dir=on there)
+        self.redirects = redirects
         self.opaque_key = prefix + b"opaque"
         self.redirect_key = prefix + b"redirect"
         self.own_prefix = prefix + b"unionfs."
@@ -155,7 +159,10 @@ class Format:
         self.lower_prefixes = lower_prefixes or (prefix,)
         self._lower_opaque = tuple(p + b"opaque" for p in self.lower_prefixes)
         self._lower_redirect = tuple(p + b"redirect" for p in self.lower_prefixes)
-        self._private = (prefix, b"trusted.unionfs.")
+        # both prefixes, whichever the upper uses: a lower layer may be in either format,
+        # and a name of the other one set through the mount would be a marker to whatever
+        # stacks this upper as a lower layer later
+        self._private = (TRUSTED, USER, b"trusted.unionfs.")
 
     def __repr__(self) -> str:
         return f"Format({self.prefix!r})"
@@ -180,7 +187,10 @@ class Format:
         return syscalls.getxattr(fd, name, self.redirect_key)
 
     def redirect(self, fd: int, name: bytes | None) -> bytes | None:
-        """The redirect of the upper directory (fd, name), None if it has no valid one."""
+        """The redirect of the upper directory (fd, name), None if it has no valid one (or
+        the format follows none, as overlayfs's userxattr mode)."""
+        if not self.redirects:
+            return None
         rd = syscalls.getxattr(fd, name, self.redirect_key)
         return rd if rd is not None and valid_redirect(rd) else None
 
@@ -190,6 +200,12 @@ class Format:
     def identity(self, fd: int, name: bytes | None) -> bytes | None:
         """The identity xattr's value (see nodes.parse_ino, durable.parse_tag), or None."""
         return syscalls.getxattr(fd, name, self.ino_key)
+
+    def keeps_identity(self, mode: int) -> bool:
+        """Can an object of this type carry the identity xattr? user.* xattrs exist only on
+        regular files and directories, so in the userxattr format a copied-up symlink,
+        fifo, socket or device shows its upper inode number, as on overlayfs there."""
+        return self.prefix != USER or stat.S_ISREG(mode) or stat.S_ISDIR(mode)
 
     def set_identity(self, fd: int, name: bytes | None, value: bytes) -> None:
         syscalls.setxattr(fd, name, self.ino_key, value)
@@ -213,4 +229,53 @@ class Format:
 
 
 #: the format kernel overlayfs writes by default (trusted.overlay.*)
-OVERLAY = Format(TRUSTED)
+OVERLAY = Format(TRUSTED, (TRUSTED, USER))
+
+
+def for_mount(userxattr: bool, privileged: bool) -> Format:
+    """The upper's format: trusted.overlay.* by default, user.overlay.* with userxattr
+    (kernel overlayfs's option: no redirects followed or made there). Lower layers are read
+    in both, except that trusted.* names are invisible to an unprivileged reader anyway."""
+    if not userxattr:
+        return OVERLAY
+    return Format(USER, (USER, TRUSTED) if privileged else (USER,), redirects=False)
+
+
+# -- which format an upper is in ---------------------------------------------------------
+
+FORMAT_NAMES = {TRUSTED: "trusted.overlay.*", USER: "userxattr (user.overlay.*)"}
+
+
+class MixedFormat(ValueError):
+    """An upper written in one format, asked to be mounted in the other."""
+
+
+def check_upper(upper_fd: int, fmt: Format, recorded: bytes | None, upper: str) -> None:
+    """Refuse to write *fmt* into an upper that holds the other format's xattrs.
+
+    *recorded* is the prefix a previous mount noted in the workdir; without one (a first
+    mount, or an upper that kernel overlayfs wrote) the upper is walked once for the
+    other prefix. Names of a format the caller may not read (trusted.* to a user) cannot
+    be seen, so only a recorded format tells of those."""
+    other = USER if fmt.prefix == TRUSTED else TRUSTED
+    found = recorded if recorded in FORMAT_NAMES else None
+    if found is None and _holds_prefix(upper_fd, other):
+        found = other
+    if found is not None and found != fmt.prefix:
+        hint = ("mount it with -o userxattr" if found == USER else
+                "only root, without -o userxattr, can mount it")
+        raise MixedFormat(f"upper layer '{upper}' is in the {FORMAT_NAMES[found]} format, "
+                          f"not {FORMAT_NAMES[fmt.prefix]}: {hint}")
+
+
+def _holds_prefix(upper_fd: int, prefix: bytes) -> bool:
+    if any(a.startswith(prefix) for a in syscalls.listxattr(upper_fd, b"")):
+        return True
+    for fd, _path, name, _de in walk_tree(upper_fd):
+        try:
+            names = syscalls.listxattr(fd, name)
+        except OSError:
+            continue
+        if any(a.startswith(prefix) for a in names):
+            return True
+    return False

@@ -20,8 +20,8 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import trio
 
-from . import binding, syscalls
-from .config import MountConfig
+from . import binding, format, syscalls
+from .config import MountConfig, privileged
 from .nodes import Node
 from .union import Caller, SetAttr, Union
 
@@ -102,9 +102,14 @@ class Operations(pyfuse3.Operations):
         self._listings: dict[int, dict[int, list[bytes]]] = {}
         self._listing_gen = 0
 
+    def release_layers(self) -> None:
+        """At unmount, first: every fd on the layers closed (Union.release_layers; not
+        `release`, which is the FUSE handler of that name)."""
+        self.u.release_layers()
+
     def shutdown(self) -> None:
-        """At unmount: copy-ups still pending made durable (see durable.py)."""
-        self.u.flush()
+        """At unmount, then: the stop recorded as clean (Union.finish)."""
+        self.u.finish()
 
     def stats(self) -> dict[str, int]:
         return {**self.u.stats(), "listings": len(self._listings), "dir_handles": len(self._dir_handles)}
@@ -374,6 +379,7 @@ def fuse_options(config: MountConfig) -> set[str]:
 
 def make_operations(config: MountConfig) -> Operations:
     """Open the layers and build the Operations for a mount (raises OSError/ValueError)."""
-    ops = Operations(Union(config, writeback=config.writeback), debug=config.debug)
+    fmt = format.for_mount(config.userxattr, privileged())
+    ops = Operations(Union(config, writeback=config.writeback, fmt=fmt), debug=config.debug)
     ops.poll_us = config.poll_us
     return ops

@@ -126,11 +126,11 @@ def walk_tree(root_fd: int) -> Iterator[tuple[int, bytes, bytes, os.DirEntry]]:
                 yield fd, path, name, de
                 if de.is_dir(follow_symlinks=False):
                     try:
-                        sub = os.open(name, flags | os.O_NOFOLLOW, dir_fd=fd)
+                        sub = syscalls.open_noatime(name, flags | os.O_NOFOLLOW, dir_fd=fd)
                     except OSError:
                         continue
                     yield from walk(sub, path)
         finally:
             os.close(fd)
 
-    yield from walk(os.open(b"/proc/self/fd/%d" % root_fd, flags), b"")
+    yield from walk(syscalls.open_noatime(b"/proc/self/fd/%d" % root_fd, flags), b"")

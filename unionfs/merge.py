@@ -77,6 +77,9 @@ class Resolver:
         self.lowers = lowers
         self.cache = cache
         self.fmt = fmt
+        # upper st_ino -> identity of the copies this mount made that cannot carry the
+        # identity xattr (Format.keeps_identity): they keep their node until unmounted
+        self.unmarked: dict[int, int] = {}
         # (lower dirs searched, name) found in none of them: lower layers never change
         # under a mount, so a name a LOOKUP missed is not probed again by the CREATE,
         # MKDIR or RENAME that follows (two syscalls per layer each time)
@@ -149,6 +152,8 @@ class Resolver:
                     return e
                 e.st, e.upper = st, True
                 own = parse_ino(self.fmt.identity(ufd, name))
+                if own is None and self.unmarked:
+                    own = self.unmarked.get(st.st_ino)
                 e.ino = own if own is not None else make_ino(0, st.st_ino)
                 if not stat.S_ISDIR(st.st_mode):
                     return e
@@ -334,7 +339,8 @@ class Resolver:
 
 def _scan(dirfd: int) -> list[tuple[bytes, int | None]]:
     """(name, S_IFMT or None) for each entry of a directory, from one getdents pass."""
-    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOATIME, dir_fd=dirfd)
+    fd = syscalls.open_noatime(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOATIME,
+                               dir_fd=dirfd)
     out: list[tuple[bytes, int | None]] = []
     with os.scandir(fd) as it:
         for de in it:

@@ -28,6 +28,7 @@ from .files import Handles
 from .format import Format
 from .merge import Entry, Resolver
 from .nodes import NEW_OBJECT_ABSENT, ROOT_ID, Node, NodeTable, make_ino
+from .owners import Owners
 from .workdir import WorkDir, remove_tree_at
 
 log = logging.getLogger("unionfs")
@@ -63,8 +64,9 @@ class Namespace:
 
     def __init__(self, view: View, resolver: Resolver, nodes: NodeTable, fmt: Format,
                  journal: Journal, files: Handles, work: WorkDir | None,
-                 copyup: CopyUp | None) -> None:
+                 copyup: CopyUp | None, owners: Owners) -> None:
         self.u = view
+        self.owners = owners  # who a caller's new object belongs to on disk (uidmapping=)
         self.r = resolver
         self.nodes = nodes
         self.fmt = fmt
@@ -87,14 +89,15 @@ class Namespace:
         return e, self.r.upper_fd(parent)
 
     def _owner(self, parent: Node, caller: Caller, mode: int) -> tuple[int, int, int]:
-        """Owner and mode of a new object: the caller's, with set-gid directory inheritance."""
+        """Owner and mode of a new object: the caller's (as stored: uidmapping=), with set-gid
+        directory inheritance."""
         pst = self.u.stat(parent)
-        gid = caller.gid
+        uid, gid = self.owners.stored(caller.uid, caller.gid)
         if pst.st_mode & stat.S_ISGID:
             gid = pst.st_gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        return caller.uid, gid, mode
+        return uid, gid, mode
 
     def _finish_new(self, parent: Node, name: bytes, dfd: int, tmp: bytes | None,
                     e: Entry, is_dir: bool) -> os.stat_result:
@@ -331,6 +334,10 @@ class Namespace:
                 raise err(errno.ENOTDIR)
             if ddir and not sdir:
                 raise err(errno.EISDIR)
+        if not self.fmt.redirects and (self._needs_redirect(snode) or (
+                exchange and dnode is not None and self._needs_redirect(dnode))):
+            raise err(errno.EXDEV)  # as overlayfs without redirects: mv copies instead
+        if dst.st is not None and not exchange:
             if ddir and dnode is not None and self.u.list_dir(dnode):
                 raise err(errno.ENOTEMPTY)
         yields = self.u.yields
@@ -398,13 +405,18 @@ class Namespace:
             self.nodes.name_gone(node, p1, n1)
             self.nodes.name_added(node, p2, n2)
 
+    @staticmethod
+    def _needs_redirect(node: Node) -> bool:
+        """A directory whose lower contents only a redirect could take along if it moved."""
+        return node.is_dir and bool(node.lowers) and not node.opaque
+
     def _moved_dir(self, node: Node, parent: Node, name: bytes) -> None:
         """A directory now at (parent, name) keeps its own lower contents: by a redirect to
         where they are, or, for a directory with none, by being opaque where lower ones exist."""
         if not node.is_dir:
             return
         fd = self.r.upper_fd(parent)
-        if node.lowers and not node.opaque:
+        if self._needs_redirect(node):
             target = b"/" + node.lowers[0][1]
             self.fmt.set_redirect(fd, name, target)
         elif not node.opaque and (parent.lowers or self.r.lower_positive(parent, name)):

@@ -23,6 +23,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from .config import outer_uid, privileged
+
 RUNDIR_ENV = "UNIONFS_RUNDIR"
 
 
@@ -110,9 +112,9 @@ def this_process() -> Owner:
 def rundir() -> str:
     if RUNDIR_ENV in os.environ:
         return os.environ[RUNDIR_ENV]
-    if os.geteuid() == 0:
+    if privileged():
         return "/run/unionfs"
-    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/unionfs-{os.getuid()}", "unionfs")
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/unionfs-{outer_uid()}", "unionfs")
 
 
 def pidfile_path(devno: str) -> str:

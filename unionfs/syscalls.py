@@ -188,8 +188,19 @@ def utimens_at(dirfd: int, name: bytes | None, atime_ns: int | None, mtime_ns: i
 def open_at(dirfd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
     """open(2) of one name below *dirfd* (or of the object *dirfd* holds), never through a symlink."""
     if not name:  # the magic link must be followed: it leads to the object itself
-        return os.open(proc_path(dirfd), (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC, mode)
-    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+        return open_noatime(proc_path(dirfd), (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC, mode)
+    return open_noatime(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+
+
+def open_noatime(path: bytes | str, flags: int, mode: int = 0o600, dir_fd: int | None = None) -> int:
+    """os.open, where O_NOATIME is a wish: only the owner (or CAP_FOWNER) may ask for it,
+    so a daemon without root reading someone else's readable file opens it without."""
+    try:
+        return os.open(path, flags, mode, dir_fd=dir_fd)
+    except PermissionError as e:
+        if not flags & os.O_NOATIME or e.errno != errno.EPERM:
+            raise
+        return os.open(path, flags & ~os.O_NOATIME, mode, dir_fd=dir_fd)
 
 
 def readlink_at(dirfd: int, name: bytes) -> bytes:

@@ -24,7 +24,7 @@ from .changes import Journal
 from .config import MountConfig
 from .copyup import CopyUp, run_in_thread
 from .files import Handle, Handles, kill_setid
-from .format import NAME_MAX, OVERLAY, Format
+from .format import NAME_MAX, OVERLAY, Format, check_upper
 from .layers import walk_tree
 from .merge import Entry
 from .namespace import Caller, Namespace, err
@@ -65,7 +65,7 @@ class Union:
         self.stack = LayerStack(config.upper, config.lowers, fmt, writable=True)
         self.upper, self.lowers, self.cache = self.stack.upper, self.stack.lowers, self.stack.cache
         self.readonly = self.upper is None or config.readonly
-        self.owners = Owners(config.squash_uid, config.squash_gid)
+        self.owners = Owners.for_config(config)
         self.r = self.stack.resolver()
         self.root = self.r.root_node()
         self.nodes = NodeTable(self.root, self._dropped, self.r.forget_found)
@@ -85,6 +85,10 @@ class Union:
             self.work = WorkDir(config.workdir)
             if self.work.dev != self.upper.dev:
                 raise ValueError("workdir and upper must be on the same filesystem")
+            recorded = workdir.recorded_format(config.workdir)
+            check_upper(self.upper.fd, fmt, recorded, config.upper)
+            if recorded != fmt.prefix and not config.readonly:
+                workdir.record_format(config.workdir, fmt.prefix)
             leftovers = self.work.cleanup()
             if leftovers:
                 log.info("removed %d leftover work files of an earlier mount", leftovers)
@@ -103,7 +107,7 @@ class Union:
         self.handles = self.files.handles
         self.fds = self.files.fds  # fh -> fd, for the patched pyfuse3 to answer READs itself
         self.ns = Namespace(self, self.r, self.nodes, fmt, self.journal, self.files, self.work,
-                            self.copyup)
+                            self.copyup, self.owners)
 
     def _find_origins(self, index: int, inos: set[int]) -> dict[int, bytes]:
         """Paths of the regular files with these st_inos (low 48 bits, as make_ino keeps
@@ -129,10 +133,9 @@ class Union:
         return await run_in_thread(fn, *args)
 
     def flush(self) -> None:
-        """At unmount, before the changes log is closed: pending copy-ups made durable."""
+        """Pending copy-ups made durable (at unmount, before the changes log is closed)."""
         if self.syncer is not None:
             self.syncer.close()
-            self.syncer = None
 
     def fsync(self, fd: int, datasync: bool) -> None:
         """The user's fsync (blocking: run it in a worker thread)."""
@@ -141,13 +144,31 @@ class Union:
         else:
             (os.fdatasync if datasync else os.fsync)(fd)
 
-    def close(self) -> None:
-        self.flush()
+    def release_layers(self) -> None:
+        """At unmount, first: close every fd the union serves from (open files, pinned
+        objects, work/, cached directories, the layer roots). Whoever unmounted may
+        unmount the layers' filesystem next; after this only finish()'s few fds in the
+        workdir are left on it. Serving is over: nothing may use the union afterwards."""
         self.files.close()
-        self.journal.close()
+        self.nodes.close_pins()
         if self.work:
             self.work.close()
+            self.work = None
         self.stack.close()
+
+    def finish(self) -> None:
+        """At unmount, after release_layers: the stop recorded as clean (copy-ups made
+        durable, then the changes log closed and marked; see durable.py, changes.py)."""
+        try:
+            self.flush()   # a batch that failed leaves its hint (durable.py): the log is still closed
+        finally:
+            self.journal.close()
+
+    def close(self) -> None:
+        self.release_layers()
+        self.finish()
+        if self.syncer is not None:
+            self.syncer.end_thread()
 
     # -- nodes -------------------------------------------------------------------------
 
@@ -339,8 +360,8 @@ class Union:
         if attrs.uid is not None or attrs.gid is not None:
             # chown(2) drops set-uid on disk just as the kernel's VFS did before sending
             # this request (with the cleared mode in it, applied below)
-            syscalls.chown_at(dfd, name, -1 if attrs.uid is None else attrs.uid,
-                              -1 if attrs.gid is None else attrs.gid)
+            syscalls.chown_at(dfd, name, *self.owners.stored(
+                -1 if attrs.uid is None else attrs.uid, -1 if attrs.gid is None else attrs.gid))
         if attrs.mode is not None and node.kind != stat.S_IFLNK:
             syscalls.chmod_at(dfd, name, stat.S_IMODE(attrs.mode))
         if attrs.atime_ns is not None or attrs.mtime_ns is not None:

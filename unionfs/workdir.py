@@ -12,6 +12,7 @@ path in it, and the modules that keep the files use these names::
     WORKDIR/copyup.pending  left by a batch of copy-ups that could not be synced (durable.py)
     WORKDIR/marks/NAME.json the state saved by `unionfs mark NAME` (diff.py)
     WORKDIR/unionfs.log     the daemon's log when it runs in the background (mount.py)
+    WORKDIR/format          the upper's xattr prefix (format.py), noted by its first mount
 
 It must be on the upper's filesystem so a finished temporary reaches the
 upper by rename(2), which is atomic: a crash leaves either nothing or the
@@ -39,6 +40,7 @@ COPYUP_SYNCED = "copyup.synced"
 COPYUP_PENDING = "copyup.pending"
 MARKS = "marks"
 DAEMON_LOG = "unionfs.log"
+FORMAT = "format"
 
 
 def path_of(workdir: str, name: str) -> str:
@@ -62,6 +64,22 @@ def recorded_lowers(workdir: str) -> list[str] | None:
             return [line for line in f.read().split("\n") if line]
     except FileNotFoundError:
         return None
+
+
+def recorded_format(workdir: str) -> bytes | None:
+    """The xattr prefix the upper was written with, as a mount noted it (None: never)."""
+    try:
+        with open(path_of(workdir, FORMAT), "rb") as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def record_format(workdir: str, prefix: bytes) -> None:
+    path = path_of(workdir, FORMAT)
+    with open(path + ".tmp", "wb") as f:
+        f.write(prefix + b"\n")
+    os.replace(path + ".tmp", path)
 
 
 class WorkDir:

@@ -44,8 +44,66 @@ from .layers import copy_layers
 from .ops import Generator, Op, run_op
 from .view import capture, diff_views
 
-STAGES = ("op", "view", "remount", "kernel-on-upper")
+STAGES = ("op", "view", "remount", "kernel-on-upper", "side-b-on-kernel-upper")
 OVL_OPTS = "redirect_dir=on,index=on"
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """Which overlayfs format a case runs in: the kernel's options for side A and for the
+    kernel-on-upper mount, and whether side B also mounts side A's upper at the end."""
+
+    name: str
+    kernel_opts: str
+    fallback_opts: str | None    # kernel-on-upper's retry (see the module docstring)
+    cross_read: bool
+    # whether st_ino identity and set-id bits are compared everywhere. Without index=on
+    # (refused with userxattr) overlayfs reports different st_inos for the names of one
+    # hard-linked upper file, and cannot mark a copied-up symlink or special file with its
+    # origin (user.* xattrs exist only on files and directories); unionfs keeps one st_ino
+    # per inode for the mount's life. Then st_inos are compared only where neither
+    # happens, and set-id bits not at all (see _without_setid).
+    all_identity: bool = True
+
+    def same(self, op: Op, a: Any, b: Any) -> bool:
+        """Do two outcomes of one op agree (see ops.run_op for their shape)?"""
+        if a == b:
+            return True
+        if self.all_identity or not (isinstance(a, tuple) and isinstance(b, tuple)
+                                     and len(a) == len(b) == 4):
+            return False
+        a = (a[0], _without_setid(a[1]), _without_setid(a[2]), a[3])
+        b = (b[0], _without_setid(b[1]), _without_setid(b[2]), b[3])
+        if a == b:
+            return True
+        loose = any(isinstance(st, dict) and (st.get("type") not in ("file", "dir")
+                                              or st.get("nlink", 1) > 1 and st["type"] == "file")
+                    for st in (*a[1:3], *b[1:3]))
+        return loose and a[:3] == b[:3]
+
+    def diff(self, va: dict, vb: dict) -> list[str]:
+        """diff_views, without the st_ino partition where st_inos are not comparable (the
+        link counts in every path's state still are)."""
+        if not self.all_identity:
+            va = {k: _without_setid(v) for k, v in va.items() if k != "<hardlink-groups>"}
+            vb = {k: _without_setid(v) for k, v in vb.items() if k != "<hardlink-groups>"}
+        return diff_views(va, vb)
+
+
+# A write or truncate by the root of a user namespace (no CAP_FSETID over the initial one):
+# the VFS drops a file's set-id bits before the request reaches FUSE, as on any other
+# filesystem there, where overlayfs keeps them: not the daemon's choice. In that flavor the
+# set-id bits of files are left out of comparisons (a user's FUSE mount is nosuid anyway).
+def _without_setid(st: Any) -> Any:
+    if isinstance(st, dict) and st.get("type") == "file" and "mode" in st:
+        return dict(st, mode=oct(int(st["mode"], 8) & ~0o6000))
+    return st
+
+
+TRUSTED = Flavor("trusted", OVL_OPTS, "redirect_dir=on,index=off", False)
+# the root of a user namespace: overlayfs refuses redirect_dir=on and index=on with
+# userxattr (it then neither makes nor follows redirects)
+USERXATTR = Flavor("userxattr", "userxattr", None, True, all_identity=False)
 
 
 class Side:
@@ -58,8 +116,11 @@ class Side:
 class KernelSide(Side):
     name = "kernel"
 
+    def __init__(self, opts: str = OVL_OPTS) -> None:
+        self.opts = opts
+
     def mount(self, lowers, upper, work, mnt):
-        return kernel_overlay(lowers, upper, work, mnt, OVL_OPTS)
+        return kernel_overlay(lowers, upper, work, mnt, self.opts)
 
 
 class UnionfsSide(Side):
@@ -128,7 +189,7 @@ def _prepare(pristine: str, base: str) -> dict[str, Any]:
     return d
 
 
-def _kernel_on_upper(b: dict[str, Any], notes: list[str]) -> ContextManager:
+def _kernel_on_upper(b: dict[str, Any], notes: list[str], flavor: Flavor = TRUSTED) -> ContextManager:
     idx = os.path.join(b["work"], "index")
     if os.path.isdir(idx):
         os.rename(idx, os.path.join(b["work3"], "index"))
@@ -136,13 +197,15 @@ def _kernel_on_upper(b: dict[str, Any], notes: list[str]) -> ContextManager:
     @contextlib.contextmanager
     def cm() -> Iterator[str]:
         try:
-            ctx = kernel_overlay(b["lowers"], b["upper"], b["work3"], b["mnt3"], OVL_OPTS)
+            ctx = kernel_overlay(b["lowers"], b["upper"], b["work3"], b["mnt3"], flavor.kernel_opts)
             mnt = ctx.__enter__()
         except subprocess.CalledProcessError:
+            if flavor.fallback_opts is None:
+                raise
             notes.append("kernel refused side B's upper with index=on; mounted with index=off"
                          + _dmesg_overlay())
             ctx = kernel_overlay(b["lowers"], b["upper"], b["work3"], b["mnt3"],
-                                 "redirect_dir=on,index=off")
+                                 flavor.fallback_opts)
             mnt = ctx.__enter__()
         try:
             yield mnt
@@ -163,7 +226,8 @@ def _dmesg_overlay() -> str:
 
 
 def run_case(pristine: str, base: str, side_b: Side, *, ops: Sequence[Op] | None = None,
-             seed: int | None = None, n_ops: int = 0, upto: str = STAGES[-1]) -> CaseResult:
+             seed: int | None = None, n_ops: int = 0, upto: str = STAGES[-1],
+             flavor: Flavor = TRUSTED) -> CaseResult:
     """Run one case in the fresh directory *base* (removed afterwards).
 
     With *ops*, replay them; otherwise generate *n_ops* from *seed*, choosing
@@ -182,7 +246,7 @@ def run_case(pristine: str, base: str, side_b: Side, *, ops: Sequence[Op] | None
         a = _prepare(pristine, os.path.join(base, "A"))
         b = _prepare(pristine, os.path.join(base, "B"))
         timings["copy"] = time.monotonic() - t0
-        with kernel_overlay(a["lowers"], a["upper"], a["work"], a["mnt"], OVL_OPTS) as ma:
+        with kernel_overlay(a["lowers"], a["upper"], a["work"], a["mnt"], flavor.kernel_opts) as ma:
             with side_b.mount(b["lowers"], b["upper"], b["work"], b["mnt"]) as mb:
                 t = time.monotonic()
                 if gen is not None:
@@ -194,7 +258,7 @@ def run_case(pristine: str, base: str, side_b: Side, *, ops: Sequence[Op] | None
                     oa = run_op(ma, op)
                     outs.append(oa)
                     ob = run_op(mb, op)
-                    if oa != ob:
+                    if not flavor.same(op, oa, ob):
                         return CaseResult(done, Divergence(
                             "op", f"  op #{i}: {op!r}\n{_op_diff(oa, ob)}", i, op),
                             notes, outs, timings)
@@ -207,7 +271,7 @@ def run_case(pristine: str, base: str, side_b: Side, *, ops: Sequence[Op] | None
                 va = capture(ma)
                 vb = capture(mb)
                 timings["view"] = time.monotonic() - t
-            d = diff_views(va, vb)
+            d = flavor.diff(va, vb)
             if d:
                 return CaseResult(done, Divergence("view", "\n".join(d)), notes, outs, timings)
             if last < 2:
@@ -216,21 +280,31 @@ def run_case(pristine: str, base: str, side_b: Side, *, ops: Sequence[Op] | None
             with side_b.mount(b["lowers"], b["upper"], b["work"], b["mnt"]) as mb:
                 vb = capture(mb)
             timings["remount"] = time.monotonic() - t
-            d = diff_views(va, vb)
+            d = flavor.diff(va, vb)
             if d:
                 return CaseResult(done, Divergence("remount", "\n".join(d)), notes, outs, timings)
             if last < 3:
                 return CaseResult(done, None, notes, outs, timings)
             t = time.monotonic()
-            with _kernel_on_upper(b, notes) as m3:
+            with _kernel_on_upper(b, notes, flavor) as m3:
                 vb = capture(m3)
             timings["kernel-on-upper"] = time.monotonic() - t
-            d = diff_views(va, vb)
+            d = flavor.diff(va, vb)
             if d and notes:
                 d = [f"  note: {n}" for n in notes] + d
             if d:
                 return CaseResult(done, Divergence("kernel-on-upper", "\n".join(d)), notes, outs,
                                   timings)
+            if last < 4 or not flavor.cross_read:
+                return CaseResult(done, None, notes, outs, timings)
+            t = time.monotonic()
+            with side_b.mount(a["lowers"], a["upper"], a["work3"], a["mnt3"]) as m4:
+                vb = capture(m4)
+            timings["side-b-on-kernel-upper"] = time.monotonic() - t
+            d = flavor.diff(va, vb)
+            if d:
+                return CaseResult(done, Divergence("side-b-on-kernel-upper", "\n".join(d)),
+                                  notes, outs, timings)
             return CaseResult(done, None, notes, outs, timings)
     finally:
         leftovers = _mounts_under(base)
@@ -301,7 +375,8 @@ def _failed(outcome: Any) -> bool:
 
 
 def shrink(pristine: str, base: str, side_b: Side, ops: list[Op], div: Divergence,
-           budget: float, outcomes: Sequence[Any] = ()) -> tuple[list[Op], Divergence, int, float]:
+           budget: float, outcomes: Sequence[Any] = (), flavor: Flavor = TRUSTED
+           ) -> tuple[list[Op], Divergence, int, float]:
     """Shortest op list found within *budget* seconds that still diverges at div.stage."""
     t0 = time.monotonic()
     deadline = t0 + budget
@@ -316,7 +391,7 @@ def shrink(pristine: str, base: str, side_b: Side, ops: list[Op], div: Divergenc
         trials += 1
         try:
             r = run_case(pristine, os.path.join(base, f"shrink-{trials}"), side_b, ops=cand,
-                         upto=div.stage)
+                         upto=div.stage, flavor=flavor)
         except LeftoverMounts:
             raise
         except Exception as e:  # noqa: BLE001 - a crash is not "the same" divergence

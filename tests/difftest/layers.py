@@ -41,8 +41,12 @@ def blob(tag: str, size: int) -> bytes:
 
 
 class _Builder:
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, userxattr: bool = False) -> None:
         self.root = root
+        # the userxattr format (built by the root of a user namespace): user.overlay.*
+        # markers, no device nodes but whiteouts (mknod needs the host's CAP_MKNOD), and
+        # no hard links (see link)
+        self.userxattr = userxattr
         os.makedirs(root, exist_ok=True)
         # Directory metadata (mode, owner) is applied last: a 0555 or foreign
         # directory must still be writable while we fill it.
@@ -74,6 +78,12 @@ class _Builder:
 
     def link(self, existing: str, rel: str) -> None:
         os.makedirs(os.path.dirname(self.p(rel)), exist_ok=True)
+        if self.userxattr:
+            # overlayfs refuses index=on with userxattr, and without an index it breaks a
+            # lower hard link at copy-up, where unionfs keeps it (README, Limits): separate
+            # copies then, with the same data, owner, mode and xattrs
+            subprocess.run(["cp", "-a", "--", self.p(existing), self.p(rel)], check=True)
+            return
         os.link(self.p(existing), self.p(rel))
 
     def symlink(self, target: str, rel: str, uid: int = 0, gid: int = 0) -> None:
@@ -88,6 +98,8 @@ class _Builder:
         os.chmod(self.p(rel), mode)
 
     def chardev(self, rel: str, major: int, minor: int, mode: int = 0o666) -> None:
+        if self.userxattr:
+            return
         os.makedirs(os.path.dirname(self.p(rel)), exist_ok=True)
         os.mknod(self.p(rel), 0o020000 | mode, os.makedev(major, minor))
         os.chmod(self.p(rel), mode)
@@ -98,7 +110,7 @@ class _Builder:
         os.mknod(self.p(rel), 0o020000, os.makedev(0, 0))
 
     def opaque(self, rel: str) -> None:
-        os.setxattr(self.p(rel), "trusted.overlay.opaque", b"y")
+        os.setxattr(self.p(rel), ("user" if self.userxattr else "trusted") + ".overlay.opaque", b"y")
 
     def finish(self) -> None:
         for path, mode, uid, gid in reversed(self._dir_meta):
@@ -254,11 +266,11 @@ def _top(b: _Builder) -> None:
 BUILDERS: dict[str, Callable[[_Builder], None]] = {"top": _top, "mid": _mid, "bottom": _bottom}
 
 
-def build_layers(root: str) -> list[str]:
+def build_layers(root: str, userxattr: bool = False) -> list[str]:
     """Build the fixture layers under *root*; return the lower dirs top-most first."""
     paths = []
     for name in LAYER_NAMES:
-        b = _Builder(os.path.join(root, name))
+        b = _Builder(os.path.join(root, name), userxattr)
         BUILDERS[name](b)
         b.finish()
         paths.append(b.root)

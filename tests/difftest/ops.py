@@ -13,7 +13,6 @@ its parent components is not run at all.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import pickle
@@ -22,15 +21,11 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from helpers.libc import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+
 from .layers import blob
 from .view import describe, errname
 
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                            ctypes.c_uint]
-AT_FDCWD = -100
 
 # Users for the unprivileged ops: (uid, gid); uid 1000 and 1001 own fixture files.
 USERS = [(1000, 1000), (1001, 1001), (1000, 100), (65534, 65534)]
@@ -53,12 +48,6 @@ class Op:
         if self.user:
             s += f" as {self.user[0]}:{self.user[1]}"
         return s
-
-
-def renameat2(old: str, new: str, flags: int) -> None:
-    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), old)
 
 
 def _data(tag: str, n: int) -> bytes:

@@ -34,14 +34,25 @@ def add_export(p: argparse.ArgumentParser) -> None:
                    help="lower layers, top-most first (default: those the last mount recorded)")
 
 
-def _epoch(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a negative time: '{text}'")
-    return value
+def _number(convert, low: float, high: float | None, what: str):
+    """An argparse type: *convert* (int or float) of the text, within [low, high]."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: '{text}'") from None
+        if value < low or (high is not None and value > high):
+            span = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"'{text}' is not {span}")
+        return value
+    return parse
+
+
+_epoch = _number(int, 0, None, "a number of seconds")
+#: efficiency is a score in [0, 1]
+_ratio = _number(float, 0, 1, "a number")
+#: wasted bytes over the user layers' bytes can pass 1 (most waste may lie in the bottom layer)
+_fraction = _number(float, 0, None, "a number")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -137,28 +148,6 @@ def add_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--highest-user-wasted-percent", metavar="F", type=_fraction,
                    help="fail (exit 1) if the wasted bytes are more than F (a fraction: 0.1 is "
                         "10%%) of the bytes of the layers above the bottom one")
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not between 0 and 1")
-    return value
-
-
-def _fraction(text: str) -> float:
-    """A non-negative fraction: wasted bytes over the user layers' bytes can pass 1 (most of
-    the waste may lie in the bottom layer)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"'{text}' is negative")
-    return value
 
 
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,

@@ -348,9 +348,13 @@ def unpack_layer(src: BinaryIO, dest_fd: int, fmt: Format, label: str) -> tuple[
                 for m in tar:
                     u.add(m, lambda m=m: tar.extractfile(m))
                 end = tar.offset
-            while tail.read(1 << 16):
+            # tarfile has read at most a record past *end*: read up to the two end blocks
+            # and check them before draining the rest (which may be longer than the tail)
+            while tail.pos < end + 1024 and tail.read(end + 1024 - tail.pos):
                 pass
             marker = tail.at(end, 1024)
+            while tail.read(1 << 16):
+                pass
             if marker is None or len(marker) < 1024 or marker.count(0) != 1024:
                 raise Refused(f"{label} is truncated or corrupt (no end-of-archive marker after "
                               f"byte {end})")

@@ -77,16 +77,18 @@ class Report:
 
 
 class Stack:
-    """The layers (top-most first), opened for reading, and the views over them."""
+    """The layers (top-most first, all read as lowers), opened by stack.LayerStack, and
+    the views over them."""
 
     def __init__(self, paths: list[str], fmt: Format = fmtmod.OVERLAY) -> None:
         self.paths = paths
         self.fmt = fmt
         self.stack = LayerStack(None, paths, fmt, cache=FdCache(capacity=1024))
-        self.layers = self.stack.lowers
+        self.layers: list[Layer] = self.stack.lowers
         self.full = View(self.stack.resolver())
 
     def below(self, k: int) -> View:
+        """The view of the layers below the k-th (0: the top-most)."""
         return View(self.stack.resolver(lowers=slice(k + 1, None)))
 
     def close(self) -> None:
