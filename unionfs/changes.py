@@ -24,18 +24,20 @@ that repeats the daemon's previous one (same kind and path: a write open's C,
 then the C of the writeback cache's time flush at close) is not written again;
 a path's history is a set, so the repeat would say nothing new.
 
-Compaction: the log is a *set of touched paths*. At mount, at unmount and
-whenever it has grown fourfold (plus SLACK lines) since the last compaction, it
-is rewritten (to a temporary, then rename(2)) with one record per path, sorted by path, whose
-kind sums up its history: ``A``/``T`` if the first record was A/T (the path
+Compaction: the log is a *set of touched paths*. At mount and whenever it
+has grown fourfold (plus SLACK lines) since the last compaction, it is
+rewritten (to a temporary, then rename(2)) with one record per path, sorted by
+path, whose kind sums up its history: ``A``/``T`` if the first record was A/T (the path
 is new), else ``D`` if the last was D, else ``C``; its time is the last
 record's. A path that was made and then removed again (first A/T, last D)
 and has nothing at it in the upper is dropped, so a file rewritten a million
 times is one record, and so is (none at all) a directory made and removed a
 million times.
 
-Crash safety: at unmount the log is compacted, fsynced, and the marker
-``WORKDIR/changes.clean`` is created; at mount it is removed (durably)
+Crash safety: at unmount the log is fsynced and the marker
+``WORKDIR/changes.clean`` is created (not compacted: the layers' filesystem
+stays busy until the daemon lets go, so that waits for the next mount, which
+also names what ``?`` records stood for); at mount it is removed (durably)
 before anything can change. A mount that finds no marker, no log, or a log
 that does not parse, knows the last stop was unclean (a change may have
 reached the upper without its record) and reconciles: it adds a record for
@@ -334,18 +336,6 @@ def append_records(workdir: str, pairs: Iterable[tuple[bytes, bytes]]) -> None:
 # The daemon's side
 # --------------------------------------------------------------------------
 
-_OPEN: list["Journal"] = []
-
-
-def close_all() -> None:
-    """Close every open journal of this process cleanly (called by the daemon at unmount)."""
-    for j in list(_OPEN):
-        try:
-            j.close()
-        except Exception:  # noqa: BLE001 - unmount must go on; the next mount reconciles
-            log.exception("closing the changes log failed")
-
-
 class Journal:
     """Appends change records; a no-op without a workdir (read-only mounts).
 
@@ -390,7 +380,6 @@ class Journal:
                 fsync_dir(workdir)
             self._open()
         self.lines = self.base
-        _OPEN.append(self)
 
     def _open(self) -> None:
         assert self.workdir is not None
@@ -418,7 +407,7 @@ class Journal:
         if self.lines > GROWTH * self.base + SLACK:
             self.compact()
 
-    def compact(self, sync: bool = False) -> None:
+    def compact(self) -> None:
         """Rewrite the log compacted (re-reading it: other processes may have appended)."""
         assert self.workdir is not None and self.fd is not None
         with log_lock(self.workdir):
@@ -429,35 +418,34 @@ class Journal:
             if records is None and self.upper:
                 log.warning("the changes log went missing or was damaged: rebuilding it")
                 compacted = rebuild(self.workdir, self.upper, self.fmt)
-            elif sync and self.upper and any(r.path == UNKNOWN_PATH for r in records or ()):
-                # at unmount: name what the unknown-path records stood for, from the upper
-                compacted = rebuild(self.workdir, self.upper, self.fmt, records or ())
             else:
                 compacted = compact(records or (), self.upper_fd)
             os.close(self.fd)
             self.fd = None
-            self.base = self.lines = write_log(self.workdir, compacted, sync=sync and self.durable)
+            self.base = self.lines = write_log(self.workdir, compacted, sync=False)
             self._open()
 
     def close(self) -> None:
+        """At unmount: every record on disk, then the clean marker (see the module doc)."""
         if self.fd is not None and not self.durable:
-            # volatile: the stop is not recorded (no compaction, no clean marker), so no
-            # name is made in the workdir after the unmount, when an engine is already
-            # removing it; a later mount of this upper rebuilds the log from the upper
+            # volatile: the stop is not recorded (no clean marker), so no name is made in
+            # the workdir after the unmount, when an engine is already removing it; a later
+            # mount of this upper rebuilds the log from the upper
             os.close(self.fd)
             self.fd = None
         if self.fd is not None:
             assert self.workdir is not None
-            self.compact(sync=True)
+            os.fsync(self.fd)
             os.close(self.fd)
             self.fd = None
-            with open(path_of(self.workdir, CHANGES_CLEAN), "w") as f:
-                f.write(f"clean unmount at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(self.workdir)
+            fd = os.open(path_of(self.workdir, CHANGES_CLEAN),
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, b"clean unmount at %s\n"
+                         % time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode())
+            finally:
+                os.close(fd)
+            fsync_dir(self.workdir)   # the marker's name: only it says "clean"
         if self.upper_fd is not None:
             os.close(self.upper_fd)
             self.upper_fd = None
-        if self in _OPEN:
-            _OPEN.remove(self)

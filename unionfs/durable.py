@@ -139,6 +139,7 @@ class Syncer:
         self._dirty = False                   # copy-ups linked since the last batch began
         self._failed = False                  # a batch could not be synced: hint at close
         self._stopping = False
+        self._flushing = False                # the thread is syncing a batch
         self._thread: threading.Thread | None = None
 
     def tag(self, ino: int, size: int) -> bytes:
@@ -172,17 +173,22 @@ class Syncer:
             with self._cond:
                 while not self._dirty and not self._stopping:
                     self._cond.wait()
-                if not self._dirty:
-                    return
                 if not self._stopping:
                     self._cond.wait(BATCH_DELAY)  # only close() notifies meanwhile
+                if self._stopping:
+                    return  # close() syncs what is pending itself, and closes the fds
                 batch, self.batch = self.batch, self.batch + 1
                 self._dirty = False
+                self._flushing = True
             try:
                 self._flush(batch)
             except Exception:  # noqa: BLE001 - the thread must go on; close() leaves the hint
                 log.exception("syncing copied-up files failed; their tags stay unsettled")
                 self._failed = True
+            finally:
+                with self._cond:
+                    self._flushing = False
+                    self._cond.notify_all()
 
     def _flush(self, batch: int) -> None:
         """Every copy-up tagged *batch* or earlier has its data written by now: sync them
@@ -198,12 +204,25 @@ class Syncer:
 
     def close(self) -> None:
         """At unmount: the last batch synced and recorded, durably. If a batch failed, the
-        hint makes the next mount settle its tags, though this stop is clean."""
+        hint makes the next mount settle its tags, though this stop is clean.
+
+        The pending batch is synced here, in the caller's thread, rather than by waking
+        the syncer's: the layers' filesystem stays busy until this is done, and a thread
+        wake-up on a loaded machine can take milliseconds. Once it sees the stop, the
+        syncer's thread touches no fd; it only returns (end_thread)."""
+        if self._record_fd < 0:
+            return
         with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()  # it syncs what is pending before it returns
+            self._stopping = True  # no notify: see end_thread
+            while self._flushing:  # a batch already being synced: let it finish
+                self._cond.wait()
+            pending, self._dirty = self._dirty, False
+        if pending:
+            try:
+                self._flush(self.batch)
+            except Exception:  # noqa: BLE001 - the hint below makes the next mount settle it
+                log.exception("syncing copied-up files failed; their tags stay unsettled")
+                self._failed = True
         try:
             os.fsync(self._record_fd)
             self.durable = self._written
@@ -215,6 +234,17 @@ class Syncer:
         os.close(self._record_fd)
         os.close(self.upper_fd)
         os.close(self.work_root_fd)
+        self._record_fd = self.upper_fd = self.work_root_fd = -1
+
+    def end_thread(self) -> None:
+        """After close(): let the syncer's thread see the stop and return. Not done by
+        close() itself: a thread woken then competes with the rest of the unmount for the
+        interpreter lock, and loses milliseconds of it on a loaded machine. A daemon that
+        exits next need not call this (the thread holds nothing)."""
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
 
     def _hint(self) -> None:
         """After a failed batch: have the next mount walk the upper even if this stop

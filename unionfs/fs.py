@@ -102,9 +102,14 @@ class Operations(pyfuse3.Operations):
         self._listings: dict[int, dict[int, list[bytes]]] = {}
         self._listing_gen = 0
 
+    def release_layers(self) -> None:
+        """At unmount, first: every fd on the layers closed (Union.release_layers; not
+        `release`, which is the FUSE handler of that name)."""
+        self.u.release_layers()
+
     def shutdown(self) -> None:
-        """At unmount: copy-ups still pending made durable (see durable.py)."""
-        self.u.flush()
+        """At unmount, then: the stop recorded as clean (Union.finish)."""
+        self.u.finish()
 
     def stats(self) -> dict[str, int]:
         return {**self.u.stats(), "listings": len(self._listings), "dir_handles": len(self._dir_handles)}

@@ -221,6 +221,13 @@ class NodeTable:
                 old.child_refs -= 1
                 self._maybe_drop(old)
 
+    def close_pins(self) -> None:
+        """Close every node's pinned fd (at unmount: the nodes are not used again)."""
+        for node in self._nodes.values():
+            if node.pin is not None:
+                os.close(node.pin)
+                node.pin = None
+
     def _maybe_drop(self, node: Node) -> None:
         while (node.registered and node.lookups == 0 and node.child_refs == 0
                and node.id != ROOT_ID):

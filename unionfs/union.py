@@ -139,10 +139,9 @@ class Union:
         return await run_in_thread(fn, *args)
 
     def flush(self) -> None:
-        """At unmount, before the changes log is closed: pending copy-ups made durable."""
+        """Pending copy-ups made durable (at unmount, before the changes log is closed)."""
         if self.syncer is not None:
             self.syncer.close()
-            self.syncer = None
 
     def fsync(self, fd: int, datasync: bool) -> None:
         """The user's fsync (blocking: run it in a worker thread)."""
@@ -151,13 +150,31 @@ class Union:
         else:
             (os.fdatasync if datasync else os.fsync)(fd)
 
-    def close(self) -> None:
-        self.flush()
+    def release_layers(self) -> None:
+        """At unmount, first: close every fd the union serves from (open files, pinned
+        objects, work/, cached directories, the layer roots). Whoever unmounted may
+        unmount the layers' filesystem next; after this only finish()'s few fds in the
+        workdir are left on it. Serving is over: nothing may use the union afterwards."""
         self.files.close()
-        self.journal.close()
+        self.nodes.close_pins()
         if self.work:
             self.work.close()
+            self.work = None
         self.stack.close()
+
+    def finish(self) -> None:
+        """At unmount, after release_layers: the stop recorded as clean (copy-ups made
+        durable, then the changes log closed and marked; see durable.py, changes.py)."""
+        try:
+            self.flush()   # a batch that failed leaves its hint (durable.py): the log is still closed
+        finally:
+            self.journal.close()
+
+    def close(self) -> None:
+        self.release_layers()
+        self.finish()
+        if self.syncer is not None:
+            self.syncer.end_thread()
 
     # -- nodes -------------------------------------------------------------------------
 
