@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from helpers.libc import CLONE_NEWNS, MS_BIND, MS_PRIVATE, MS_REC, check, libc
+from helpers.snapshot import listdir, read_bytes, snapshot
 
 
 IN_ACCESS, IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x1, 0x2, 0x4, 0x8
@@ -104,32 +105,21 @@ class Guard:
 
     def snapshot(self) -> dict[str, tuple]:
         """Everything about the canary and the secret, read without changing atimes."""
-        out: dict[str, tuple] = {}
-
-        def one(path: str) -> None:
-            st = os.lstat(path)
+        def describe(path: str, st: os.stat_result) -> tuple:
             xattrs = tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False))
                                   for n in os.listxattr(path, follow_symlinks=False)))
             data: Any = None
             if stat.S_ISREG(st.st_mode):
-                fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
-                try:
-                    data = os.read(fd, 1 << 20)
-                finally:
-                    os.close(fd)
+                data = read_bytes(path, noatime=True)
             elif stat.S_ISDIR(st.st_mode):
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME)
-                try:
-                    data = tuple(sorted(os.listdir(fd)))
-                finally:
-                    os.close(fd)
-                for name in data:
-                    one(os.path.join(path, name))
-            out[path] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_ino, st.st_atime_ns,
-                         st.st_mtime_ns, st.st_ctime_ns, xattrs, data)
+                data = tuple(sorted(listdir(path, noatime=True)))
+            return (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_ino, st.st_atime_ns,
+                    st.st_mtime_ns, st.st_ctime_ns, xattrs, data)
 
-        one(self.canary)
-        one(self.secret)
+        out: dict[str, tuple] = {}
+        for top in (self.canary, self.secret):
+            for rel, entry in snapshot(top, describe, include_root=True, noatime=True).items():
+                out[os.path.normpath(os.path.join(top, rel))] = entry
         return out
 
     def reset_decoys(self) -> None:

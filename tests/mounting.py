@@ -39,11 +39,7 @@ def unionfs_cmd(*args: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def kernel_overlay(lowers: Sequence[str], upper: str, work: str, mnt: str,
-                   extra: str = "redirect_dir=on,index=on") -> Iterator[str]:
-    opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
-    if extra:
-        opts += "," + extra
+def _overlay(opts: str, mnt: str) -> Iterator[str]:
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt], check=True)
     try:
         yield mnt
@@ -51,17 +47,17 @@ def kernel_overlay(lowers: Sequence[str], upper: str, work: str, mnt: str,
         force_unmount(mnt)
 
 
-@contextlib.contextmanager
-def kernel_view(layers: Sequence[str], mnt: str) -> Iterator[str]:
+def kernel_overlay(lowers: Sequence[str], upper: str, work: str, mnt: str,
+                   extra: str = "redirect_dir=on,index=on") -> contextlib.AbstractContextManager[str]:
+    opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+    return _overlay(opts + "," + extra if extra else opts, mnt)
+
+
+def kernel_view(layers: Sequence[str], mnt: str) -> contextlib.AbstractContextManager[str]:
     """Kernel overlayfs's read-only view of *layers* (top-most first), e.g. a unionfs upper
     above its lowers: what the format means, read by the kernel rather than by unionfs.
     Mounted fresh on each use, so nothing the kernel cached predates the layers' state."""
-    opts = f"ro,lowerdir={':'.join(layers)},redirect_dir=follow"
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt], check=True)
-    try:
-        yield mnt
-    finally:
-        force_unmount(mnt)
+    return _overlay(f"ro,lowerdir={':'.join(layers)},redirect_dir=follow", mnt)
 
 
 @contextlib.contextmanager

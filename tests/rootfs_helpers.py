@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Mapping
 
 import pytest
 
+from helpers.snapshot import snapshot
+
 
 def overlay_available() -> bool:
     """Kernel overlayfs is there (loading the module if need be)."""
@@ -56,37 +58,35 @@ def view(root: str, *, link_groups: bool = False, xattrs: bool = False,
     """
     ignore_content = tuple(ignore_content)
     normalise = normalise or {}
-    out: dict[str, tuple] = {}
     inodes: dict[tuple[int, int], list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in [".", *dirnames, *filenames]:
-            p = os.path.normpath(os.path.join(dirpath, name))
-            rel = os.path.relpath(p, root)
-            st = os.lstat(p)
-            is_dir = stat.S_ISDIR(st.st_mode)
-            size: int | None = None if is_dir else st.st_size
-            what: object = None
-            if stat.S_ISREG(st.st_mode):
-                with open(p, "rb") as f:
-                    data = f.read()
-                if rel in normalise:
-                    data = normalise[rel](data)
-                    size = len(data)
-                what = hashlib.sha256(data).hexdigest()
-            elif stat.S_ISLNK(st.st_mode):
-                what = os.readlink(p)
-            if _matches(rel, ignore_content):
-                size = what = None
-            entry: tuple = (stat.filemode(st.st_mode), st.st_mode, st.st_uid, st.st_gid,
-                            None if is_dir else st.st_nlink, size, what,
-                            st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None)
-            if xattrs:
-                names = sorted(os.listxattr(p, follow_symlinks=False))
-                entry += (tuple((n, os.getxattr(p, n, follow_symlinks=False)) for n in names),)
-            out[rel] = entry
-            if link_groups and not is_dir and st.st_nlink > 1:
-                inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+
+    def describe(p: str, st: os.stat_result) -> tuple:
+        rel = os.path.relpath(p, root)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        size: int | None = None if is_dir else st.st_size
+        what: object = None
+        if stat.S_ISREG(st.st_mode):
+            with open(p, "rb") as f:
+                data = f.read()
+            if rel in normalise:
+                data = normalise[rel](data)
+                size = len(data)
+            what = hashlib.sha256(data).hexdigest()
+        elif stat.S_ISLNK(st.st_mode):
+            what = os.readlink(p)
+        if _matches(rel, ignore_content):
+            size = what = None
+        entry: tuple = (stat.filemode(st.st_mode), st.st_mode, st.st_uid, st.st_gid,
+                        None if is_dir else st.st_nlink, size, what,
+                        st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None)
+        if xattrs:
+            names = sorted(os.listxattr(p, follow_symlinks=False))
+            entry += (tuple((n, os.getxattr(p, n, follow_symlinks=False)) for n in names),)
+        if link_groups and not is_dir and st.st_nlink > 1:
+            inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+        return entry
+
+    out = snapshot(root, describe, include_root=True)
     if link_groups:
         group = {rel: min(names) for names in inodes.values() for rel in names}
         out = {rel: entry + (group.get(rel),) for rel, entry in out.items()}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from unionfs.config import ConfigError, parse_options, split_lowers
+from helpers.snapshot import snapshot
 from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,15 +29,11 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                           cwd=REPO, env={**os.environ, **(env or {})})
 
 
-def snapshot(root: Path) -> list[tuple[str, int, int, int]]:
-    """Every path under root with type/mode, size and mtime: "nothing changed" means equal."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [".", *dirnames, *filenames]:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            out.append((os.path.relpath(p, root), st.st_mode, st.st_size, st.st_mtime_ns))
-    return sorted(out)
+def tree_state(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every path under root (and root) with type/mode, size and mtime: "nothing changed"
+    means equal."""
+    return snapshot(str(root), lambda p, st: (st.st_mode, st.st_size, st.st_mtime_ns),
+                    include_root=True)
 
 
 def mounts_under(root: Path) -> list[str]:
@@ -107,7 +104,7 @@ def bad_cases(t: Path) -> dict[str, tuple[list[str], int, str, dict[str, str]]]:
 @pytest.mark.parametrize("case", sorted(bad_cases(Path("/x"))))
 def test_bad_input_is_one_line_and_changes_nothing(tree: Path, case: str) -> None:
     args, code, message, env = bad_cases(tree)[case]
-    before = snapshot(tree)
+    before = tree_state(tree)
     proc = run(*args, env=env)
     assert proc.returncode == code, proc.stderr
     lines = proc.stderr.splitlines()
@@ -115,7 +112,7 @@ def test_bad_input_is_one_line_and_changes_nothing(tree: Path, case: str) -> Non
     assert lines[0].startswith("unionfs: error: ")
     assert message in lines[0]
     assert proc.stdout == ""
-    assert snapshot(tree) == before
+    assert tree_state(tree) == before
     assert mounts_under(tree) == []
 
 
@@ -124,11 +121,11 @@ def test_workdir_on_another_filesystem(tree: Path) -> None:
     other.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(other)], check=True)
     try:
-        before = snapshot(tree)
+        before = tree_state(tree)
         proc = run("mount", "--workdir", str(other), str(tree / "l1"), str(tree / "up"), str(tree / "mnt"))
         assert proc.returncode == 1
         assert proc.stderr.count("\n") == 1 and "same filesystem" in proc.stderr
-        assert snapshot(tree) == before
+        assert tree_state(tree) == before
     finally:
         force_unmount(str(other))
 
@@ -142,12 +139,12 @@ def test_upper_on_a_read_only_filesystem(tree: Path) -> None:
         (ro / "up").mkdir()
         (ro / "work").mkdir()
         subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
-        before = snapshot(tree)
+        before = tree_state(tree)
         for extra in ([], ["--workdir", str(ro / "work")]):
             proc = run("mount", *extra, str(tree / "l1"), str(ro / "up"), str(tree / "mnt"))
             assert proc.returncode == 1
             assert proc.stderr.count("\n") == 1 and "Read-only file system" in proc.stderr, proc.stderr
-            assert snapshot(tree) == before and mounts_under(tree / "mnt") == []
+            assert tree_state(tree) == before and mounts_under(tree / "mnt") == []
     finally:
         force_unmount(str(ro))
 
@@ -393,13 +390,13 @@ def test_umount_recursive_of_a_dead_mount_with_mounts_below(tree: Path) -> None:
 
 def test_read_only_union_without_upper(tree: Path) -> None:
     mnt = tree / "mnt"
-    before = snapshot(tree)
+    before = tree_state(tree)
     with unionfs_mount([f"{tree}/l1", f"{tree}/l2"], None, str(mnt)):
         assert sorted(os.listdir(mnt)) == ["bottom.txt", "sub", "top.txt"]
         with pytest.raises(OSError) as exc:
             (mnt / "x").write_text("x")
         assert exc.value.errno == errno.EROFS
-    assert snapshot(tree) == before  # no workdir, no log, nothing
+    assert tree_state(tree) == before  # no workdir, no log, nothing
 
 
 def test_ro_option_with_upper(tree: Path) -> None:

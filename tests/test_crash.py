@@ -37,9 +37,10 @@ import time
 
 import pytest
 
+from helpers.snapshot import snapshot
 from mounting import daemon_pid, force_unmount, is_mounted, pid_gone, unionfs_cmd
 
-pytestmark = [pytest.mark.mount, pytest.mark.crash]
+pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.crash]
 
 BIG_SIZE = 64 * 1024 * 1024
 BIG_NAMES = [f"big/b{i}" for i in range(4)]
@@ -174,17 +175,10 @@ def build_lower(lower: str) -> dict[str, str]:
 
 
 def tree_digest(root: str) -> dict[str, tuple]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            rel = os.path.relpath(path, root)
-            entry: tuple = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns)
-            if stat.S_ISREG(st.st_mode):
-                entry += (file_sha(path),)
-            out[rel] = entry
-    return out
+    def describe(path: str, st: os.stat_result) -> tuple:
+        entry: tuple = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns)
+        return entry + (file_sha(path),) if stat.S_ISREG(st.st_mode) else entry
+    return snapshot(root, describe)
 
 
 def file_sha(path: str, limit: int | None = None) -> str:

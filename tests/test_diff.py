@@ -329,6 +329,7 @@ def _records(workdir: str) -> list[str]:
     return data.splitlines()[1:]
 
 
+@pytest.mark.slow
 def test_log_stays_compact(tmp_path, lower):
     u = Union(tmp_path, [lower])
     with unionfs_mount(u.lowers, u.upper, u.mnt):

@@ -33,6 +33,7 @@ import time
 import pytest
 
 from helpers import libc
+from helpers.snapshot import snapshot
 from mounting import (daemon_pid, force_unmount, is_mounted, kernel_view, unionfs_cmd, unionfs_mount,
                       wait_daemon_gone)
 
@@ -94,34 +95,23 @@ def capture(layers: list[str], mnt: str) -> dict[str, dict]:
     """path → what diff compares, for everything kernel overlayfs shows of *layers*
     (top-most first) mounted read-only at *mnt*."""
     with kernel_view(layers, mnt):
-        return _walk(mnt)
+        return {"/" + rel: d for rel, d in snapshot(mnt, _describe).items()}
 
 
-def _walk(mnt: str) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        for name in os.listdir(mnt + rel):
-            p = f"{rel}/{name}"
-            full = mnt + p
-            st = os.lstat(full)
-            d: dict = {"fmt": stat.S_IFMT(st.st_mode), "mode": stat.S_IMODE(st.st_mode),
-                       "owner": (st.st_uid, st.st_gid), "size": st.st_size, "mtime": st.st_mtime_ns,
-                       "nlink": st.st_nlink}
-            if stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
-                    d["content"] = hashlib.sha256(f.read()).hexdigest()
-            elif stat.S_ISLNK(st.st_mode):
-                d["content"] = os.readlink(full)
-            else:
-                d["content"] = None
-            d["xattrs"] = {n: os.getxattr(full, n, follow_symlinks=False)
-                           for n in sorted(os.listxattr(full, follow_symlinks=False))}
-            out[p] = d
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(p)
-    return out
+def _describe(full: str, st: os.stat_result) -> dict:
+    d: dict = {"fmt": stat.S_IFMT(st.st_mode), "mode": stat.S_IMODE(st.st_mode),
+               "owner": (st.st_uid, st.st_gid), "size": st.st_size, "mtime": st.st_mtime_ns,
+               "nlink": st.st_nlink}
+    if stat.S_ISREG(st.st_mode):
+        with open(full, "rb") as f:
+            d["content"] = hashlib.sha256(f.read()).hexdigest()
+    elif stat.S_ISLNK(st.st_mode):
+        d["content"] = os.readlink(full)
+    else:
+        d["content"] = None
+    d["xattrs"] = {n: os.getxattr(full, n, follow_symlinks=False)
+                   for n in sorted(os.listxattr(full, follow_symlinks=False))}
+    return d
 
 
 TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo"}

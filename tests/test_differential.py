@@ -34,7 +34,7 @@ from difftest.layers import build_layers, copy_layers
 from difftest.view import capture, diff_views
 from rootless import unprivileged_user
 
-pytestmark = [pytest.mark.mount, pytest.mark.kernel]
+pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.kernel]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

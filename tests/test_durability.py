@@ -112,9 +112,21 @@ def traced(pid: int, out: str) -> Iterator[Trace]:
     trace.calls = sync_calls(trace.raw)
 
 
+@contextlib.contextmanager
+def copied_up(view: str, upper_file: str, work: str, flags: int = 0) -> Iterator[int]:
+    """An fd opened read-write on *view* (which copies it up to *upper_file*), once the
+    deferred syncer has synced that copy-up's batch: its syncfs cannot land in a trace begun
+    inside. Closed at the end."""
+    fd = os.open(view, os.O_RDWR | flags)
+    try:
+        copy_up_synced(upper_file, work)
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def copy_up_synced(upper_file: str, work: str) -> None:
-    """Wait until the deferred syncer has synced the batch of *upper_file*'s copy-up, so that
-    its syncfs cannot land in a trace begun after this."""
+    """Wait until the deferred syncer has synced the batch of *upper_file*'s copy-up."""
     tag = durable.parse_tag(os.getxattr(upper_file, os.fsdecode(OVERLAY.ino_key)))
     assert tag is not None, f"{upper_file} carries no copy-up tag"
     end = time.monotonic() + 60
@@ -161,17 +173,12 @@ def test_sync_calls_reach_the_upper(union, tmp_path):
         view, up = os.path.join(mnt, "d", name), os.path.join(upper, "d", name)
         data = f"<{name} reached the upper>".encode()
         off = 4096 * 7 + 11
-        # copy-up first, and its batch synced (by the deferred syncer), outside the trace
-        fd = os.open(view, os.O_RDWR | flags)
-        try:
-            copy_up_synced(up, work)
-            with traced(pid, str(tmp_path / f"strace{n}")) as calls:
-                os.pwrite(fd, data, off)
-                if sync is not None:
-                    sync(fd)
-                assert upper_bytes(up, off, len(data)) == data, f"{name}: bytes not in the upper"
-        finally:
-            os.close(fd)
+        with (copied_up(view, up, work, flags) as fd,
+              traced(pid, str(tmp_path / f"strace{n}")) as calls):
+            os.pwrite(fd, data, off)
+            if sync is not None:
+                sync(fd)
+            assert upper_bytes(up, off, len(data)) == data, f"{name}: bytes not in the upper"
         assert (want, up) in calls, f"{name}: daemon did not {want} {up}; it did {calls}"
         assert not pid_gone(pid)
 
@@ -179,9 +186,7 @@ def test_sync_calls_reach_the_upper(union, tmp_path):
 def test_msync_and_directory_fsync_reach_the_upper(union, tmp_path):
     lower, upper, work, mnt, pid = union
     view, up = os.path.join(mnt, "d", "msync"), os.path.join(upper, "d", "msync")
-    fd = os.open(view, os.O_RDWR)
-    try:
-        copy_up_synced(up, work)
+    with copied_up(view, up, work) as fd:
         m = mmap.mmap(fd, 100_000)
         try:
             with traced(pid, str(tmp_path / "strace-msync")) as calls:
@@ -190,8 +195,6 @@ def test_msync_and_directory_fsync_reach_the_upper(union, tmp_path):
                 assert upper_bytes(up, 50_000, 10) == b"mmapped!!!"
         finally:
             m.close()
-    finally:
-        os.close(fd)
     assert ("fdatasync", up) in calls or ("fsync", up) in calls, calls
 
     # a new name made durable by fsync of its directory: the upper directory is synced
@@ -209,15 +212,10 @@ def test_msync_and_directory_fsync_reach_the_upper(union, tmp_path):
 def test_syncfs_flushes_the_writeback_cache_into_the_upper(union, tmp_path):
     lower, upper, work, mnt, pid = union
     view, up = os.path.join(mnt, "d", "syncfs"), os.path.join(upper, "d", "syncfs")
-    fd = os.open(view, os.O_RDWR)
-    try:
-        copy_up_synced(up, work)
-        with traced(pid, str(tmp_path / "strace-syncfs")) as calls:
-            os.pwrite(fd, b"syncfs data", 60_000)
-            libc.syncfs(fd)
-            assert upper_bytes(up, 60_000, 11) == b"syncfs data"
-    finally:
-        os.close(fd)
+    with copied_up(view, up, work) as fd, traced(pid, str(tmp_path / "strace-syncfs")) as calls:
+        os.pwrite(fd, b"syncfs data", 60_000)
+        libc.syncfs(fd)
+        assert upper_bytes(up, 60_000, 11) == b"syncfs data"
     # the kernel sent nothing the daemon could sync on (if this fails, FUSE_SYNCFS reaches
     # FUSE daemons now: handle it and sync the upper's filesystem)
     assert [c for c in calls.calls if c[1] == up] == [], calls

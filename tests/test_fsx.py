@@ -25,7 +25,7 @@ import pytest
 from mounting import daemon_pid, unionfs_mount, wait_daemon_gone
 from unit_helpers import seeded
 
-pytestmark = [pytest.mark.mount]
+pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 SEEDS = [int(s) for s in os.environ.get("UNIONFS_FSX_SEEDS", "1,2,3,4").split(",")]
 OPS = int(os.environ.get("UNIONFS_FSX_OPS", "3000"))

@@ -18,6 +18,7 @@ import subprocess
 
 import pytest
 
+from helpers.snapshot import snapshot
 from mounting import daemon_pids, kernel_overlay, unionfs_cmd, unionfs_mount
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel]
@@ -34,39 +35,24 @@ def _w(path: str, data: bytes = b"x\n") -> None:
 def view(top: str) -> dict[str, object]:
     """Path → what the mount shows there: (type, size, content digest, rdev) or an errno,
     for every name reachable by listing (symlinks not followed)."""
-    out: dict[str, object] = {}
+    def errname(e: OSError) -> object:
+        return errno.errorcode.get(e.errno or 0, e.errno)
 
-    def walk(rel: str) -> None:
-        path = os.path.join(top, rel) if rel else top
-        try:
-            names = sorted(os.listdir(path))
-        except OSError as e:
-            out[rel + "/"] = errno.errorcode.get(e.errno or 0, e.errno)
-            return
-        for name in names:
-            r = f"{rel}/{name}" if rel else name
-            p = os.path.join(top, r)
+    def describe(p: str, st: os.stat_result) -> tuple:
+        digest = None
+        if stat.S_ISREG(st.st_mode):
             try:
-                st = os.lstat(p)
+                with open(p, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()[:12]
             except OSError as e:
-                out[r] = errno.errorcode.get(e.errno or 0, e.errno)
-                continue
-            kind = stat.S_IFMT(st.st_mode)
-            digest = None
-            if stat.S_ISREG(st.st_mode):
-                try:
-                    with open(p, "rb") as f:
-                        digest = hashlib.sha256(f.read()).hexdigest()[:12]
-                except OSError as e:
-                    digest = errno.errorcode.get(e.errno or 0, e.errno)
-            elif stat.S_ISLNK(st.st_mode):
-                digest = os.readlink(p)
-            out[r] = (kind, st.st_size if not stat.S_ISDIR(st.st_mode) else 0, digest, st.st_rdev)
-            if stat.S_ISDIR(st.st_mode):
-                walk(r)
+                digest = errname(e)
+        elif stat.S_ISLNK(st.st_mode):
+            digest = os.readlink(p)
+        return (stat.S_IFMT(st.st_mode), st.st_size if not stat.S_ISDIR(st.st_mode) else 0, digest,
+                st.st_rdev)
 
-    walk("")
-    return out
+    return snapshot(top, describe,
+                    on_error=lambda rel, op, e: (rel + "/" if op == "list" else rel, errname(e)))
 
 
 def alive(work: str, mnt: str, pid: int) -> None:

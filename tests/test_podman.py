@@ -21,7 +21,7 @@ import pytest
 from engines import (RUN_FLAGS, Podman, Registry, missing_tools, mounts_under, podman, registry,
                      unionfs_daemons_under)
 
-pytestmark = [pytest.mark.mount, pytest.mark.rootfs]
+pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.rootfs]
 
 BASE = "localhost/base:1"
 CHANGES = r"""

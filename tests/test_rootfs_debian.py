@@ -41,7 +41,7 @@ import debian_root
 from mounting import is_mounted, kernel_overlay, unionfs_cmd, unionfs_mount
 from rootfs_helpers import ROOTFS_MARKS, assert_same_views, hard_link_groups, view
 
-pytestmark = [pytest.mark.mount, pytest.mark.kernel, pytest.mark.rootfs, *ROOTFS_MARKS]
+pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.kernel, pytest.mark.rootfs, *ROOTFS_MARKS]
 
 ENV = debian_root.ENV
 

@@ -14,7 +14,7 @@ import pytest
 
 from mounting import daemon_pid, unionfs_mount
 
-pytestmark = [pytest.mark.mount]
+pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 
 def _stats(pid: int, log: str, seen: int) -> tuple[dict[str, int], int]:

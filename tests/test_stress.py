@@ -35,7 +35,7 @@ import pytest
 
 from mounting import daemon_pid, pid_gone, unionfs_mount
 
-pytestmark = [pytest.mark.mount]
+pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 STRESS_SECONDS = int(os.environ.get("UNIONFS_STRESS_SECONDS", "10"))
 

@@ -20,8 +20,9 @@ from typing import Callable
 
 import pytest
 
+from helpers.snapshot import snapshot
 from mounting import kernel_overlay, unionfs_mount
-from test_ops import run_as
+from helpers.ops import run_as
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel]
 
@@ -156,13 +157,7 @@ CASES: list[tuple[str, int, int, list[int], Callable[[], object]]] = [
 
 
 def _state(mnt: str) -> dict[str, tuple]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(mnt):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            out[os.path.relpath(p, mnt)] = (oct(st.st_mode), st.st_uid, st.st_gid)
-    return out
+    return snapshot(mnt, lambda p, st: (oct(st.st_mode), st.st_uid, st.st_gid))
 
 
 def test_users_through_a_default_mount_like_kernel(tmp_path):

@@ -14,6 +14,8 @@ import os
 import stat
 from typing import Any
 
+from helpers.snapshot import snapshot
+
 View = dict[str, Any]
 
 
@@ -85,32 +87,20 @@ def describe(path: str, st: os.stat_result, content: bool = True) -> dict[str, A
 
 def capture(root: str) -> View:
     """Walk *root*; return {relpath: description} plus the hard-link partition."""
-    view: View = {}
     inos: dict[int, list[str]] = {}
 
-    def walk(rel: str) -> None:
-        full = os.path.join(root, rel) if rel else root
-        try:
-            names = sorted(e.name for e in os.scandir(full))
-        except OSError as e:
-            view[(rel or ".") + "/<readdir>"] = errname(e)
-            return
-        for name in names:
-            r = f"{rel}/{name}" if rel else name
-            p = os.path.join(root, r)
-            try:
-                st = os.lstat(p)
-            except OSError as e:
-                view[r] = {"lstat": errname(e)}
-                continue
-            view[r] = describe(p, st)
-            if stat.S_ISDIR(st.st_mode):
-                walk(r)
-            else:
-                inos.setdefault(st.st_ino, []).append(r)
+    def one(path: str, st: os.stat_result) -> dict[str, Any]:
+        if not stat.S_ISDIR(st.st_mode):
+            inos.setdefault(st.st_ino, []).append(os.path.relpath(path, root))
+        return describe(path, st)
 
-    walk("")
-    view["<root>"] = {k: v for k, v in describe(root, os.lstat(root), False).items()}
+    def on_error(rel: str, op: str, e: OSError) -> tuple[str, Any]:
+        if op == "list":
+            return (rel or ".") + "/<readdir>", errname(e)
+        return rel, {"lstat": errname(e)}
+
+    view: View = snapshot(root, one, on_error=on_error)
+    view["<root>"] = describe(root, os.lstat(root), False)
     groups = sorted(sorted(g) for g in inos.values() if len(g) > 1)
     view["<hardlink-groups>"] = [tuple(g) for g in groups]
     return view
