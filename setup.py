@@ -32,9 +32,9 @@ class BuildBinding(build_ext):
     metadata and an sdist need neither libfuse's headers nor a compiler."""
 
     def finalize_options(self):
+        pkg_config()  # fails with MISSING before Cython or the compiler complain less clearly
         from Cython.Build import cythonize
 
-        pkg_config()  # fails with MISSING before Cython or the compiler complain less clearly
         for ext in self.distribution.ext_modules:
             ext.extra_compile_args += pkg_config("--cflags")
             ext.extra_link_args += pkg_config("--libs")

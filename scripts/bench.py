@@ -17,6 +17,12 @@ Examples:
     sudo .venv/bin/python scripts/bench.py --repeat 3 --json /tmp/bench.json
     sudo .venv/bin/python scripts/bench.py --only find,tar --impl unionfs --profile /tmp/prof
 
+Two unionfs installs side by side (each --unionfs-as adds an implementation
+unionfs@NAME run by COMMAND, compared in the table with the first of them):
+
+    sudo .venv/bin/python scripts/bench.py --impl fuse-overlayfs \
+        --unionfs-as setup=".venv/bin/python -m unionfs" --unionfs-as pip="/tmp/v/bin/unionfs"
+
 Everything it mounted is unmounted on exit, Ctrl-C and errors included.
 """
 from __future__ import annotations
@@ -42,6 +48,11 @@ import bench_data  # noqa: E402
 
 IMPLS = ("kernel", "fuse-overlayfs", "unionfs")
 SHORT = {"kernel": "kernel", "fuse-overlayfs": "fuse-ovl", "unionfs": "unionfs"}
+
+
+def is_unionfs(impl: str) -> bool:
+    """unionfs itself or a named install of it (unionfs@NAME, --unionfs-as)."""
+    return impl == "unionfs" or impl.startswith("unionfs@")
 
 
 def sh(*cmd: str, quiet: bool = True) -> None:
@@ -115,7 +126,7 @@ class Impl:
 
     def daemon_pid(self, mnt: str) -> int | None:
         """The unionfs daemon serving *mnt* (from its pid file), for CPU accounting and profiling."""
-        if self.name != "unionfs":
+        if not is_unionfs(self.name):
             return None
         st = os.stat(mnt)
         try:
@@ -442,16 +453,24 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def table(res: dict, impls: list[str], cpu: dict, ref: dict) -> str:
-    cols = ["workload", "mode"] + [f"{SHORT[i]} s" for i in impls]
+    cols = ["workload", "mode"] + [f"{SHORT.get(i, i)} s" for i in impls]
     have_k, have_f, have_u = "kernel" in impls, "fuse-overlayfs" in impls, "unionfs" in impls
+    installs = [i for i in impls if i.startswith("unionfs@")]
+    if not have_u and installs:  # the first named install stands for unionfs in the ratios
+        have_u = True
+    first = "unionfs" if "unionfs" in impls else installs[0] if installs else None
+    others = [i for i in impls if is_unionfs(i) and i != first]
     if have_k and have_f:
         cols.append("fuse-ovl/kernel")
     if have_u and have_k:
-        cols.append("unionfs/kernel")
+        cols.append(f"{first}/kernel")
     if have_u and have_f:
-        cols.append("unionfs/fuse-ovl")
-    if have_u:
-        cols.append("unionfs daemon CPU")
+        cols.append(f"{first}/fuse-ovl")
+    for i in others:
+        cols.append(f"{i}/{first}")
+    for i in impls:
+        if is_unionfs(i):
+            cols.append(f"{i} daemon CPU")
     rows = []
     for wl in res:
         for mode in res[wl]:
@@ -462,12 +481,15 @@ def table(res: dict, impls: list[str], cpu: dict, ref: dict) -> str:
             if have_k and have_f:
                 row.append(ratio(med["fuse-overlayfs"], med["kernel"]))
             if have_u and have_k:
-                row.append(ratio(med["unionfs"], med["kernel"]))
+                row.append(ratio(med[first], med["kernel"]))
             if have_u and have_f:
-                row.append(ratio(med["unionfs"], med["fuse-overlayfs"]))
-            if have_u:
-                c = cpu.get(wl, {}).get(mode)
-                row.append(f"{100 * statistics.median(c):.0f}%" if c else "-")
+                row.append(ratio(med[first], med["fuse-overlayfs"]))
+            for i in others:
+                row.append(ratio(med[i], med[first]))
+            for i in impls:
+                if is_unionfs(i):
+                    c = cpu.get(wl, {}).get(mode, {}).get(i)
+                    row.append(f"{100 * statistics.median(c):.0f}%" if c else "-")
             rows.append(row)
     for mode, ts in ref.items():
         rows.append(["ref: cp --reflink=auto big file", mode] + [fmt(statistics.median(ts))] +
@@ -514,6 +536,9 @@ def main() -> int:
                     help="record py-spy (raw/collapsed) profiles of the unionfs daemon's timed runs")
     ap.add_argument("--profile-args", default="", help="extra py-spy record arguments, e.g. --native")
     ap.add_argument("--unionfs", default=None, help="command for unionfs (default: this python -m unionfs)")
+    ap.add_argument("--unionfs-as", action="append", default=[], metavar="NAME=COMMAND",
+                    help="also run the unionfs install COMMAND as implementation unionfs@NAME "
+                         "(repeatable: installs side by side, interleaved like the others)")
     ap.add_argument("--upper-fs", choices=("fresh", "host"), default="fresh",
                     help="fresh: uppers on a new ext4 made for the run (default); host: on --cache-dir's filesystem")
     args = ap.parse_args()
@@ -524,6 +549,13 @@ def main() -> int:
     for i in impls:
         if i not in IMPLS:
             ap.error(f"unknown implementation {i!r}")
+    installs: dict[str, list[str]] = {}
+    for spec in args.unionfs_as:
+        name, sep, command = spec.partition("=")
+        if not sep or not name or not command.split():
+            ap.error(f"--unionfs-as wants NAME=COMMAND, not {spec!r}")
+        installs[f"unionfs@{name}"] = command.split()
+    impls += list(installs)
     wls = WORKLOADS
     if args.only:
         names = args.only.split(",")
@@ -544,11 +576,12 @@ def main() -> int:
         if args.upper_fs == "fresh":
             # sized for bigappend's copies (deleted at once) and the small uppers kept to the end
             stack.enter_context(fresh_fs(run_root, 64))
-        return run(args, wls, impls, modes, unionfs_cmd, data, manifest, run_root)
+        return run(args, wls, impls, modes, unionfs_cmd, installs, data, manifest, run_root)
 
 
 def run(args: argparse.Namespace, wls: list[Workload], impls: list[str], modes: list[str],
-        unionfs_cmd: list[str], data: str, manifest: dict, run_root: str) -> int:
+        unionfs_cmd: list[str], installs: dict[str, list[str]], data: str, manifest: dict,
+        run_root: str) -> int:
     """Every repetition, workload, mode and implementation, then the table (and JSON)."""
     ctx = Ctx(data, manifest, args.scale)
     if args.profile:
@@ -561,14 +594,19 @@ def run(args: argparse.Namespace, wls: list[Workload], impls: list[str], modes: 
     signal.signal(signal.SIGHUP, interrupt)
     interrupted = False
     os.makedirs(f"{run_root}/rundir")
-    objs = {i: Impl(i, unionfs_cmd, f"{run_root}/rundir") for i in impls}
+    objs = {i: Impl(i, installs.get(i, unionfs_cmd), f"{run_root}/rundir") for i in impls}
     res: dict = {w.name: {m: {i: [] for i in impls} for m in modes} for w in wls}
-    cpu: dict = {w.name: {m: [] for m in modes} for w in wls}
+    cpu: dict = {w.name: {m: {i: [] for i in impls} for m in modes} for w in wls}
     ref: dict = {}
     mach = machine()
     started = datetime.datetime.now(datetime.timezone.utc)
     print(f"# {started:%Y-%m-%d %H:%M} UTC, nproc {mach['nproc']}, {mach['memory']}, "
           f"kernel {mach['kernel']}, {mach['fuse-overlayfs']}")
+    for i in impls:
+        if is_unionfs(i):
+            version = subprocess.run([*objs[i].unionfs_cmd, "--version"], capture_output=True,
+                                     text=True, env=objs[i].env).stdout.strip().replace("\n", "; ")
+            print(f"# {i}: {' '.join(objs[i].unionfs_cmd)}: {version}")
     print(f"# data {data}: {manifest['bottom_files']} files in {manifest['dirs']} dirs + "
           f"{manifest['big_size'] >> 20} MiB; union shows {manifest['visible_files']} small files")
     try:
@@ -590,7 +628,7 @@ def run(args: argparse.Namespace, wls: list[Workload], impls: list[str], modes: 
                         dt, c = runner.once(objs[i], wl, mode, f"r{rep}")
                         res[wl.name][mode][i].append(dt)
                         if c is not None:
-                            cpu[wl.name][mode].append(c / dt)
+                            cpu[wl.name][mode][i].append(c / dt)
                         print(f"rep {rep + 1}/{args.repeat} {wl.name:10} {mode:4} {i:15} {dt:8.3f}s"
                               + (f"  (daemon CPU {c:.2f}s)" if c is not None else ""), flush=True)
                 if wl.name == "bigappend" and not args.no_reference:

@@ -279,3 +279,71 @@ def test_stock_pyfuse3_serves_with_one_warning(layers) -> None:
     warnings = [line for line in Path(layers.work, "unionfs.log").read_text().splitlines()
                 if " WARNING: " in line]
     assert len(warnings) == 1 and "without the fast paths" in warnings[0], warnings
+
+
+# -- pip install . ------------------------------------------------------------------------------
+
+def source_copy(tmp_path: Path) -> Path:
+    """The tree as a fresh clone has it: no venv, no build products."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "*.egg-info", "*.so", "__pycache__", ".pytest_cache"))
+    return src
+
+
+@pytest.mark.slow  # pip builds the binding: half a minute or more
+def test_pip_install_gives_the_fast_daemon(tmp_path: Path) -> None:
+    """`python3 -m venv v && v/bin/pip install .`, as a Python user installs things: the
+    package pip builds carries every module and the built-in binding, and mounts."""
+    src = source_copy(tmp_path)
+    venv = tmp_path / "v"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(src)],
+                         capture_output=True, text=True, timeout=900)
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    shutil.rmtree(src)  # the install must not lean on the source tree
+    unionfs = str(venv / "bin" / "unionfs")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "UNIONFS_BINDING")}
+    version = subprocess.run([unionfs, "--version"], capture_output=True, text=True, env=env, timeout=60)
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.splitlines()[1] == (
+        "FUSE binding: built-in pyfuse3 3.5.0 (unionfs._pyfuse3, patches/pyfuse3); "
+        f"fast paths: {ALL_FAST_PATHS}"), version.stdout
+    lower, upper, mnt = (tmp_path / n for n in ("lower", "upper", "mnt"))
+    for d in (lower, upper, mnt):
+        d.mkdir()
+    (lower / "a.txt").write_text("lower\n")
+    mounted = subprocess.run([unionfs, "mount", str(lower), str(upper), str(mnt)],
+                             capture_output=True, text=True, env=env, timeout=60)
+    try:
+        assert mounted.returncode == 0, mounted.stderr
+        (mnt / "a.txt").write_text("changed\n")
+        assert (upper / "a.txt").read_text() == "changed\n"
+        assert (lower / "a.txt").read_text() == "lower\n"
+        diff = subprocess.run([unionfs, "diff", str(mnt)], capture_output=True, text=True, env=env,
+                              timeout=60)
+        assert diff.returncode == 0 and diff.stdout.split() == ["C", "/a.txt"], diff
+    finally:
+        subprocess.run([unionfs, "umount", str(mnt)], capture_output=True, env=env, timeout=60)
+        force_unmount(str(mnt))
+
+
+@pytest.mark.slow  # pip builds the binding: half a minute or more
+def test_a_build_without_libfuse_headers_says_so_in_one_line(tmp_path: Path) -> None:
+    """pkg-config finding no fuse3 (as on a machine without libfuse3-dev): pip fails, with
+    our one line among its output, and installs nothing."""
+    src = source_copy(tmp_path)
+    venv = tmp_path / "v"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    empty = tmp_path / "no-pc-files"
+    empty.mkdir()
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(src)],
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "PKG_CONFIG_LIBDIR": str(empty), "PKG_CONFIG_PATH": ""})
+    said = [line.strip() for line in (pip.stdout + pip.stderr).splitlines()
+            if "unionfs: error:" in line]
+    assert pip.returncode != 0
+    assert said == ["unionfs: error: building the FUSE binding needs pkg-config and libfuse 3.2.0 "
+                    "or newer with its headers (Debian: apt-get install pkg-config libfuse3-dev)"], \
+        pip.stdout + pip.stderr
+    assert not (venv / "bin" / "unionfs").exists()
