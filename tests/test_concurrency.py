@@ -325,6 +325,36 @@ def test_two_readers_of_one_directory_interleaved(env):
         assert b"inserted" in listed_b
 
 
+def test_first_of_many_part_way_readers_goes_on(env):
+    """Twenty readers each list part of a directory, a name being added after each (so each
+    starts a listing of its own in the daemon rather than in the kernel's readdir cache);
+    then the first goes on from its offset. The daemon keeps only so many listings per
+    directory, and a reader whose listing was dropped used to go on by index in a newer one:
+    it listed names twice. Every reader must list no name twice and miss none that stayed."""
+    stable = {b"lower_file_with_a_longish_name_%03d" % i for i in range(300)}
+    for name in stable:
+        lower_file(env.lower, "d/" + name.decode(), b"")
+    with env.mount():
+        fds, listed = [], []
+        try:
+            for i in range(20):
+                fds.append(os.open(env.m("d"), os.O_RDONLY | os.O_DIRECTORY))
+                listed.append(getdents(fds[-1]))
+                assert 0 < len(listed[-1]) < 300
+                with open(env.m(f"d/inserted{i:02d}"), "w"):
+                    pass
+            for fd, names in zip(fds, listed):
+                while batch := getdents(fd):
+                    names += batch
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for i, names in enumerate(listed):
+            assert len(names) == len(set(names)), f"reader {i} listed twice: " \
+                f"{sorted({n for n in names if names.count(n) > 1})[:5]}"
+            assert stable <= set(names), f"reader {i} missed {sorted(stable - set(names))[:5]}"
+
+
 def test_writes_through_two_fds(env):
     """Two processes write interleaved blocks of one lower file through their own fds, and
     two others append records to another through O_APPEND fds: no block is lost or torn."""

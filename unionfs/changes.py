@@ -1,6 +1,6 @@
 """The changes log: which view paths a mount has changed, for `unionfs diff`.
 
-Format (an interface: other tools may read it; see README "unionfs diff")
+Format (an interface: other tools may read it; see docs/format.md)
 ------------------------------------------------------------------------
 ``WORKDIR/changes.log`` is a text file. The first line is the header
 ``# unionfs changes log v1``; every other line is one record::

@@ -12,6 +12,7 @@ copy-up, so nothing the kernel cached goes stale when an object moves up.
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import logging
@@ -32,7 +33,30 @@ log = logging.getLogger("unionfs")
 # ENOSYS itself: directories are then opened without a round trip, as files stay opened
 # with one (OPEN decides copy-up and O_TRUNC).
 ZERO_OPENDIR = getattr(pyfuse3, "UNIONFS_PATCH", 0) >= 2
-MAX_LISTINGS = 16  # snapshots kept per directory (or handle) for readers part-way through
+# A directory offset is a name's place in one order fixed for the daemon's life (its hash),
+# not an index into one listing: a reader that goes on from an offset after the names
+# changed, or in another reader's listing (readers of a directory share the kernel's
+# readdir cache, and with no handles also this daemon's listing), is shown every name that
+# stayed exactly once. 1 and 2 are "." and "..". Two names of one directory with the same
+# 62-bit hash could lose the second to a reader that stops between them, as with ext4's
+# hashed offsets; with n names that has odds of about n*n/2**63.
+_OFFSET_MASK = (1 << 62) - 1
+
+
+def _offset(name: bytes) -> int:
+    return (hash(name) & _OFFSET_MASK) + 3
+
+
+class _Listing:
+    """One listing of a directory in offset order."""
+
+    __slots__ = ("names", "offsets")
+
+    def __init__(self, names: list[bytes]) -> None:
+        pairs = sorted((_offset(n), n) for n in names)
+        self.names = [b".", b".."] + [n for _, n in pairs]
+        self.offsets = [1, 2] + [o for o, _ in pairs]
+
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -94,13 +118,9 @@ class Operations(pyfuse3.Operations):
         self.read_fds = union.fds
         self._dir_handles: dict[int, Node] = {}  # stock pyfuse3 only: opendir's handles
         self._next_dh = 1
-        # The listings readers are part-way through, by handle (or by inode when there are
-        # no handles, so every reader of a directory shares the key) and then by generation:
-        # each read from offset 0 takes a new snapshot, and the offsets handed out carry
-        # its generation (high 32 bits) and an index into it (low 32 bits), so readers that
-        # started at different times never continue in each other's snapshot.
-        self._listings: dict[int, dict[int, list[bytes]]] = {}
-        self._listing_gen = 0
+        # The newest listing of each directory that readers are part-way through, by handle
+        # (by inode when there are no handles): a read from offset 0 makes a new one
+        self._listings: dict[int, _Listing] = {}
 
     def release_layers(self) -> None:
         """At unmount, first: every fd on the layers closed (Union.release_layers; not
@@ -281,26 +301,20 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         node = self._dir(fh)
-        kept = self._listings.setdefault(fh, {})
-        gen, start = start_id >> 32, start_id & 0xFFFFFFFF
-        names = kept.get(gen) if start_id else None
-        if names is None:  # a first read, rewinddir, or a snapshot since dropped: what is there now
-            self._listing_gen = self._listing_gen % 0x7FFFFFFF + 1
-            gen = self._listing_gen
-            names = kept[gen] = [b".", b".."] + self.u.list_dir(node)
-            while len(kept) > MAX_LISTINGS:  # readers that stopped part-way
-                del kept[next(iter(kept))]
-        if start >= len(names):  # the end: with no RELEASEDIR coming, drop it now
-            del kept[gen]
-            if not kept:
-                del self._listings[fh]
+        listing = self._listings.get(fh) if start_id else None
+        if listing is None:  # a first read, rewinddir, or a listing since dropped: what is there now
+            listing = self._listings[fh] = _Listing(self.u.list_dir(node))
+        names, offsets = listing.names, listing.offsets
+        first = bisect.bisect_right(offsets, start_id)
+        if first >= len(names):  # the end: with no RELEASEDIR coming, drop it now
+            self._listings.pop(fh, None)
             return
-        for i in range(start, len(names)):
+        for i in range(first, len(names)):
             name = names[i]
             child, st = self.u.lookup(node, name)
             if child is None or st is None:
                 continue  # gone since the listing was made
-            if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), gen << 32 | i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), offsets[i]):
                 return
             if name not in (b".", b".."):
                 self.u.nodes.ref(child)
