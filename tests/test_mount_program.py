@@ -19,7 +19,7 @@ import pytest
 
 from mounting import daemon_pid, force_unmount, is_mounted, unionfs_cmd, wait_daemon_gone
 
-pytestmark = [pytest.mark.mount, pytest.mark.rootfs]
+pytestmark = [pytest.mark.mount]
 
 NOBODY = 65534
 
@@ -259,7 +259,8 @@ def _syncs_of_a_mount(root: Path, opts: str) -> str:
     pid = daemon_pid(str(mnt))
     log = root / f"strace{len(opts)}.log"
     tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", str(log), "-e",
-                               "trace=fsync,fdatasync,syncfs,sync,sync_file_range", "-p", str(pid)],
+                               "trace=fsync,fdatasync,syncfs,sync,sync_file_range", "-e", "signal=none",
+                               "-p", str(pid)],
                               stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
