@@ -20,8 +20,9 @@ import pytest
 
 from engines import (RUN_FLAGS, Podman, Registry, missing_tools, mounts_under, podman, registry,
                      unionfs_daemons_under)
+from mounting import wait_daemon_gone
 
-pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.rootfs]
+pytestmark = [pytest.mark.mount, pytest.mark.kernel, pytest.mark.rootfs, pytest.mark.slow]
 
 BASE = "localhost/base:1"
 CHANGES = r"""
@@ -73,9 +74,12 @@ def work(tmp_path_factory) -> Iterator[Path]:
 
 @pytest.fixture(autouse=True)
 def _nothing_served_after(work: Path) -> Iterator[None]:
-    """Every container podman ran is unmounted by podman, and its daemon is gone."""
+    """Every container podman ran is unmounted by podman, and its daemon exits (it may
+    still be finishing when podman returns: umount(2) does not wait for it)."""
     yield
-    assert unionfs_daemons_under(work) == []
+    for pid in unionfs_daemons_under(work):
+        wait_daemon_gone(pid)
+    assert [m for m in mounts_under(work) if m.endswith("/merged")] == []
 
 
 @pytest.fixture(scope="module")

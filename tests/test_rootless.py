@@ -542,3 +542,60 @@ def test_diff_of_a_rootless_mount(user):
     offline = user.unionfs("diff", upper, check=True).stdout
     want = ["C /dir", "C /dir/sub", "D /dir/sub/keep", "A /dir/sub/new", "C /file"]
     assert live.splitlines() == want and offline.splitlines() == want, (live, offline)
+
+
+OVERRIDE_SCRIPT = r"""
+set -e
+b={base}
+mkdir -p $b/lower/d $b/lower/priv $b/lower/pub $b/upper $b/work $b/mnt
+echo f > $b/lower/f; echo g > $b/lower/d/g; echo p > $b/lower/priv/p
+chown 1000:1000 $b/lower/d/g; chmod 0600 $b/lower/d/g; chmod 0700 $b/lower/priv; chmod 0777 $b/lower/pub
+setfattr -n user.containers.override_stat -v 0:0:755 $b/lower      # the lower is read with it
+setfattr -n user.containers.override_stat -v 7:8:0640 $b/lower/f
+{mount} -o lowerdir=$b/lower,upperdir=$b/upper,workdir=$b/work,xattr_permissions=2 $b/mnt
+m=$b/mnt
+echo "shown f before $(stat -c %a:%u:%g $m/f)"
+chown 1000:1001 $m/d/g              # copy-up, then a chown only the xattr keeps
+chmod 0604 $m/f                     # the lower's kept owner stays, the mode changes
+echo more >> $m/d/g
+mkdir -m 0710 $m/newdir
+setpriv --reuid=1000 --regid=1000 --clear-groups sh -c "umask 022; echo n > $m/pub/newfile"
+touch $m/priv/p
+setfattr -n user.containers.override_stat -v 1:1:777 $m/pub 2>/dev/null || echo "refused"
+for p in . f d d/g priv priv/p newdir pub/newfile; do echo "shown $p $(stat -c %a:%u:%g $m/$p)"; done
+cd $b/upper
+for p in f d d/g priv priv/p newdir pub/newfile; do
+    echo "stored $p $(stat -c %a:%u:%g $p) $(getfattr --only-values -n user.containers.override_stat $p)"
+done
+echo "root $(getfattr --only-values -n user.containers.override_stat .)"
+"""
+
+
+def test_override_stat_xattr_permissions():
+    """-o xattr_permissions=2, as podman's mount program runs (the root of a user namespace
+    with subordinate ids), by fuse-overlayfs's rules (owners.StatOverride): what the mount
+    shows and what the upper stores after a chown, a chmod, a copy-up, a mkdir and a create
+    by another user; the xattr is not the mount's users' to set."""
+    with unprivileged_user("o", subids=True) as u:
+        script = OVERRIDE_SCRIPT.format(base=u.path("t"), mount=f"{sys.executable} -m unionfs")
+        proc = u.run(["sh", "-c", script], userns=True)
+        assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "shown f before 640:7:8",
+        "refused",
+        "shown . 755:0:0",             # the upper root gets the first marked lower root's
+        "shown f 604:7:8",
+        "shown d 755:0:0",
+        "shown d/g 600:1000:1001",
+        "shown priv 700:0:0",
+        "shown priv/p 644:0:0",
+        "shown newdir 710:0:0",
+        "shown pub/newfile 644:1000:1000",
+        "stored f 755:0:0 7:8:100604",  # the object is the daemon's, at least 0755
+        "stored d 755:0:0 0:0:40755",
+        "stored d/g 755:0:0 1000:1001:100600",
+        "stored priv 755:0:0 0:0:40700",
+        "stored priv/p 755:0:0 0:0:100644",
+        "stored newdir 755:0:0 0:0:40710",
+        "stored pub/newfile 755:0:0 1000:1000:100644",
+        "root 0:0:755"], proc.stdout

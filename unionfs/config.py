@@ -44,6 +44,8 @@ class MountConfig:
     # uidmapping=/gidmapping=: (id on disk, id shown, count) ranges (see owners.IdMap)
     uid_map: tuple[tuple[int, int, int], ...] | None = None
     gid_map: tuple[tuple[int, int, int], ...] | None = None
+    # xattr_permissions=2: owners and modes kept in user.containers.override_stat (owners.py)
+    override_stat: bool = False
     extra: dict[str, str] = field(default_factory=dict)  # unrecognised-but-harmless mount options
 
     @property
@@ -123,6 +125,7 @@ class MountOptions:
     userxattr: bool = False
     uid_map: tuple[tuple[int, int, int], ...] | None = None
     gid_map: tuple[tuple[int, int, int], ...] | None = None
+    override_stat: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
     def squashed(self) -> tuple[int | None, int | None]:
@@ -303,9 +306,11 @@ def _apply_option(opts: MountOptions, item: str) -> None:
             raise ConfigError(f"{name} must be a number, not '{value}'")
         opts.extra[name] = value
     elif name == "xattr_permissions":
-        if value != "0":
-            raise ConfigError("xattr_permissions=1/2 (owners and modes kept in xattrs, for "
-                              "storage.conf force_mask) is not supported")
+        if value not in ("0", "2"):
+            raise ConfigError("xattr_permissions=1 (owners and modes kept in "
+                              "security.fuseoverlayfs.override_stat) is not supported; 2 "
+                              "(user.containers.override_stat) is")
+        opts.override_stat = value == "2"
     elif name == "context":
         if selinux_enabled():
             raise ConfigError("context= is not supported: unionfs does not label files for SELinux")
@@ -417,7 +422,7 @@ def build_config(lowers: list[str], upper: str | None, mountpoint: str,
         poll_us=opts.poll_us, foreground=foreground, debug=debug or opts.debug,
         fsname=opts.fsname or MountConfig.fsname,
         userxattr=opts.userxattr or not privileged(), uid_map=opts.uid_map,
-        gid_map=opts.gid_map, extra=dict(opts.extra))
+        gid_map=opts.gid_map, override_stat=opts.override_stat, extra=dict(opts.extra))
     return config, create
 
 

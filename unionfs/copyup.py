@@ -28,6 +28,7 @@ import trio
 
 from . import syscalls
 from .format import Format
+from .owners import StatOverride
 from .layers import Layer, walk_tree
 from .merge import Entry, Resolver
 from .durable import Syncer
@@ -63,16 +64,26 @@ def copy_xattrs(src_fd: int, src_name: bytes | None, dst_fd: int,
 
 def copy_meta(st: os.stat_result, src_fd: int, src_name: bytes | None, dst_fd: int,
               dst_name: bytes | None, ino: int, identity: bytes | None = None,
-              owner: tuple[int, int] | None = None, *, fmt: Format) -> list[bytes]:
+              owner: tuple[int, int] | None = None, *, fmt: Format,
+              kept: tuple[int, int, int] | None = None) -> list[bytes]:
     """Owner (unless the new object has it already: *owner*, see WorkDir.owner), then
     mode (chown clears set-id bits), xattrs, identity (*identity*, or the bare inode
     number), then times last; returns the source's xattr names. With names None both
     fds are open files and every call goes to the fd itself, with no /proc/self/fd
-    path for the kernel to resolve."""
-    if owner != (st.st_uid, st.st_gid):
-        syscalls.chown_at(dst_fd, dst_name, st.st_uid, st.st_gid)
-    if not stat.S_ISLNK(st.st_mode):
-        syscalls.chmod_at(dst_fd, dst_name, stat.S_IMODE(st.st_mode))
+    path for the kernel to resolve. *kept*: the upper keeps owners and modes in
+    user.containers.override_stat (owners.StatOverride), and this is the origin's."""
+    if kept is not None and StatOverride.applies(st.st_mode):
+        syscalls.chmod_at(dst_fd, dst_name, stat.S_IMODE(st.st_mode) | 0o755)
+        StatOverride.write(dst_fd, dst_name, *kept)
+    else:
+        if owner != (st.st_uid, st.st_gid):
+            try:
+                syscalls.chown_at(dst_fd, dst_name, st.st_uid, st.st_gid)
+            except PermissionError:
+                if kept is None:  # with override_stat, fuse-overlayfs goes on too
+                    raise
+        if not stat.S_ISLNK(st.st_mode):
+            syscalls.chmod_at(dst_fd, dst_name, stat.S_IMODE(st.st_mode))
     names = copy_xattrs(src_fd, src_name, dst_fd, dst_name, fmt)
     if fmt.keeps_identity(st.st_mode):
         fmt.set_identity(dst_fd, dst_name, identity or str(ino).encode())
@@ -140,8 +151,10 @@ class CopyUp:
                  blocking: Blocking, syncer: Syncer | None = None,
                  alone: Callable[[], bool] = lambda: False,
                  entry_at: EntryAt = lambda path: None,
-                 view_paths: ViewPaths = lambda path: [b"/" + path]) -> None:
+                 view_paths: ViewPaths = lambda path: [b"/" + path],
+                 override: StatOverride | None = None) -> None:
         self.r = resolver
+        self.override = override or StatOverride()
         self.fmt = resolver.fmt
         self.upper = upper
         self.work = work
@@ -189,7 +202,8 @@ class CopyUp:
         fd = -1
         try:
             fd = syscalls.open_dir_at(self.work.fd, tmp, os.O_RDONLY)
-            copy_meta(st, src, b"", fd, None, node.id, owner=self.work.owner, fmt=self.fmt)
+            copy_meta(st, src, b"", fd, None, node.id, owner=self.work.owner, fmt=self.fmt,
+                      kept=self._kept(layer.index, src, b"", st))
             self._place(node, tmp, parent_made or keep_times(self.r.upper_fd(node.parent)))
         except BaseException:
             if fd >= 0:
@@ -242,7 +256,7 @@ class CopyUp:
                         # after the data: its batch must not begin syncing before that
                         tagged = self.syncer.tag(node.id, st.st_size)
                 names = copy_meta(st, src, None, dst, None, node.id, tagged, self.work.owner,
-                                  fmt=self.fmt)
+                                  fmt=self.fmt, kept=self._kept(layer.index, sfd, sname, st))
             finally:
                 os.close(src)
             # what the origin lacks, its copy lacks: the kernel's security.capability
@@ -296,7 +310,7 @@ class CopyUp:
             else:
                 os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=self.work.fd)
             copy_meta(st, sfd, sname, self.work.fd, tmp, node.id, owner=self.work.owner,
-                      fmt=self.fmt)
+                      fmt=self.fmt, kept=self._kept(-1, sfd, sname, st))
             if not self.fmt.keeps_identity(st.st_mode):
                 self.r.unmarked[os.lstat(tmp, dir_fd=self.work.fd).st_ino] = node.id
             parent = self._still_wanted(node)
@@ -308,6 +322,15 @@ class CopyUp:
             self.work.remove_tree(tmp)
             raise
         return True
+
+    def _kept(self, index: int, fd: int, name: bytes, st: os.stat_result
+              ) -> tuple[int, int, int] | None:
+        """The origin's owner and mode for the upper's user.containers.override_stat (as
+        its own layer keeps them), or None where the upper keeps none."""
+        if not self.override.upper:
+            return None
+        mode, uid, gid = self.override.shown(index, fd, name, st)
+        return uid, gid, mode
 
     def _still_wanted(self, node: Node) -> keep_times | None:
         """After an await other requests may have run: None if another copy-up of *node*

@@ -44,6 +44,9 @@ WHITEOUT_DEV = 0
 OCI_WHITEOUT = b".wh."
 OCI_OPAQUE = b".wh..wh..opq"
 
+#: where fuse-overlayfs's xattr_permissions=2 keeps an owner and mode (owners.StatOverride)
+OVERRIDE_STAT = b"user.containers.override_stat"
+
 #: the prefix kernel overlayfs uses by default, and with its userxattr option
 TRUSTED = b"trusted.overlay."
 USER = b"user.overlay."
@@ -162,7 +165,7 @@ class Format:
         # both prefixes, whichever the upper uses: a lower layer may be in either format,
         # and a name of the other one set through the mount would be a marker to whatever
         # stacks this upper as a lower layer later
-        self._private = (TRUSTED, USER, b"trusted.unionfs.")
+        self._private = (TRUSTED, USER, b"trusted.unionfs.", OVERRIDE_STAT)
 
     def __repr__(self) -> str:
         return f"Format({self.prefix!r})"

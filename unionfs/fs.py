@@ -122,9 +122,8 @@ class Operations(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout
-        a.st_mode = st.st_mode
         a.st_nlink = self.u.nlink(node, st)
-        a.st_uid, a.st_gid = self.u.owners.shown(st.st_uid, st.st_gid)
+        a.st_mode, a.st_uid, a.st_gid = self.u.shown(node, st)
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blksize = st.st_blksize

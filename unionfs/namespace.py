@@ -28,7 +28,7 @@ from .files import Handles
 from .format import Format
 from .merge import Entry, Resolver
 from .nodes import NEW_OBJECT_ABSENT, ROOT_ID, Node, NodeTable, make_ino
-from .owners import Owners
+from .owners import Owners, StatOverride
 from .workdir import WorkDir, remove_tree_at
 
 log = logging.getLogger("unionfs")
@@ -64,9 +64,10 @@ class Namespace:
 
     def __init__(self, view: View, resolver: Resolver, nodes: NodeTable, fmt: Format,
                  journal: Journal, files: Handles, work: WorkDir | None,
-                 copyup: CopyUp | None, owners: Owners) -> None:
+                 copyup: CopyUp | None, owners: Owners, override: StatOverride) -> None:
         self.u = view
         self.owners = owners  # who a caller's new object belongs to on disk (uidmapping=)
+        self.override = override  # or in user.containers.override_stat (xattr_permissions=2)
         self.r = resolver
         self.nodes = nodes
         self.fmt = fmt
@@ -92,9 +93,10 @@ class Namespace:
         """Owner and mode of a new object: the caller's (as stored: uidmapping=), with set-gid
         directory inheritance."""
         pst = self.u.stat(parent)
+        pmode, _, pgid = self.override.shown(0 if parent.upper else -1, *self.r.loc(parent), pst)
         uid, gid = self.owners.stored(caller.uid, caller.gid)
-        if pst.st_mode & stat.S_ISGID:
-            gid = pst.st_gid
+        if pmode & stat.S_ISGID:
+            gid = pgid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
         return uid, gid, mode
@@ -137,9 +139,18 @@ class Namespace:
         dfd, dname = (self.work.fd, self.work.tmpname()) if via_work else (ufd, name)
         build(dfd, dname)
         try:
-            syscalls.chown_at(dfd, dname, uid, gid)
-            if not stat.S_ISLNK(mode):
-                syscalls.chmod_at(dfd, dname, stat.S_IMODE(mode))
+            if self.override.upper and self.override.applies(mode):
+                # the object stays the daemon's (readable by it whatever the mode says)
+                syscalls.chmod_at(dfd, dname, stat.S_IMODE(mode) | 0o755)
+                self.override.write(dfd, dname, uid, gid, mode)
+            else:
+                try:
+                    syscalls.chown_at(dfd, dname, uid, gid)
+                except PermissionError:
+                    if not self.override.upper:  # nowhere to keep it: as fuse-overlayfs
+                        raise
+                if not stat.S_ISLNK(mode):
+                    syscalls.chmod_at(dfd, dname, stat.S_IMODE(mode))
             if opaque:
                 self.fmt.set_opaque(dfd, dname)
             st = self._finish_new(parent, name, dfd, dname if via_work else None, e,

@@ -9,7 +9,11 @@ permission checks (default_permissions) go by the owner shown, as in fuse-overla
 """
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
+
+from . import format, syscalls
 
 
 def overflow_id(kind: str) -> int:
@@ -75,3 +79,70 @@ class Owners:
         return cls(config.squash_uid, config.squash_gid,
                    IdMap(config.uid_map, overflow_id("uid")) if config.uid_map else None,
                    IdMap(config.gid_map, overflow_id("gid")) if config.gid_map else None)
+
+
+class StatOverride:
+    """fuse-overlayfs's `user.containers.override_stat` (its xattr_permissions=2): the owner
+    and mode an object is to have, kept in an xattr where the daemon may not chown.
+
+    The rules are fuse-overlayfs's: a layer whose root directory carries the xattr is read
+    with it (for the upper: also with `-o xattr_permissions=2`, which gives its root one,
+    copied from the first lower root that has one, else `0:0:555`). The value is
+    `UID:GID:MODE` (MODE octal, permission bits; a fourth field naming the type is read and
+    its type ignored) and counts only on directories and regular files. In such an upper a
+    chown or chmod writes the xattr and nothing else, a new object or a copy-up stores the
+    caller's or the origin's owner and mode there, and the object itself is the daemon's
+    with its mode or'ed with 0755, so the daemon can always read it."""
+
+    KEY = format.OVERRIDE_STAT
+    DEFAULT = b"0:0:555"
+
+    def __init__(self, layers: frozenset[int] = frozenset()) -> None:
+        self.layers = layers        # indices (0: the upper) of the layers read with it
+
+    @property
+    def upper(self) -> bool:
+        return 0 in self.layers
+
+    @staticmethod
+    def applies(mode: int) -> bool:
+        return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
+    @classmethod
+    def read(cls, fd: int, name: bytes | None) -> tuple[int, int, int] | None:
+        value = syscalls.getxattr(fd, name, cls.KEY)
+        if value is None:
+            return None
+        parts = value.split(b":")
+        try:
+            uid, gid, mode = int(parts[0]), int(parts[1]), int(parts[2], 8)
+        except (IndexError, ValueError):
+            return None
+        return uid, gid, stat.S_IMODE(mode)  # the type is the object's own
+
+    @classmethod
+    def write(cls, fd: int, name: bytes | None, uid: int, gid: int, mode: int) -> None:
+        """*mode*: st_mode (type and permissions, written whole, as fuse-overlayfs does)."""
+        syscalls.setxattr(fd, name, cls.KEY, b"%d:%d:%o" % (uid, gid, mode))
+
+    def shown(self, index: int, fd: int, name: bytes | None, st: os.stat_result
+              ) -> tuple[int, int, int]:
+        """(st_mode, uid, gid) of an object of layer *index* at (fd, name), as stored."""
+        if index in self.layers and self.applies(st.st_mode):
+            kept = self.read(fd, name)
+            if kept is not None:
+                return stat.S_IFMT(st.st_mode) | kept[2], kept[0], kept[1]
+        return st.st_mode, st.st_uid, st.st_gid
+
+    @classmethod
+    def for_layers(cls, roots: list[tuple[int, int]], upper_fd: int | None, enable: bool
+                   ) -> "StatOverride":
+        """*roots*: (index, fd) of every layer root; *enable*: xattr_permissions=2 (marks
+        the upper's root if it is not marked yet)."""
+        marked = {index for index, fd in roots if syscalls.getxattr(fd, b"", cls.KEY) is not None}
+        if enable and upper_fd is not None and 0 not in marked:
+            value = next((syscalls.getxattr(fd, b"", cls.KEY) for index, fd in roots
+                          if index in marked), None) or cls.DEFAULT
+            syscalls.setxattr(upper_fd, b"", cls.KEY, value)
+            marked.add(0)
+        return cls(frozenset(marked))

@@ -2,8 +2,9 @@
 mount table, and the locks on its upper and workdir.
 
 The daemon (mount.py) writes and removes these; `unionfs diff` and `unionfs mark`
-(diffcmd.py) and `unionfs umount` read them. Only the standard library is imported
-here, so a command that reads the run state never loads the daemon (pyfuse3, trio).
+(diffcmd.py) and `unionfs umount` read them. Only the standard library and config.py
+are imported here, so a command that reads the run state never loads the daemon
+(pyfuse3, trio).
 
 Pid files are ``<rundir>/<major>:<minor>.pid``, keyed by the mount's device number,
 so they work for read-only unions (no workdir) and stacked mounts alike::

@@ -28,7 +28,7 @@ from .format import NAME_MAX, OVERLAY, Format, check_upper
 from .layers import walk_tree
 from .merge import Entry
 from .namespace import Caller, Namespace, err
-from .owners import Owners
+from .owners import Owners, StatOverride
 from .nodes import ABSENT_XATTRS, ALT_INO, ROOT_ID, Node, NodeTable, low_ino, make_ino
 from .stack import LayerStack
 from .workdir import WorkDir
@@ -53,8 +53,8 @@ class SetAttr:
 class Union:
     """The merged view over one upper (optional) and the lowers.
 
-    Its collaborators, each built here with what it needs: the resolver (merge.py),
-    the node table (nodes.py), copy-up (copyup.py), the changes log (changes.py), the
+    Its collaborators, each built here with what it needs: the layer stack (stack.py)
+    and its resolver (merge.py), the node table (nodes.py), copy-up (copyup.py), the changes log (changes.py), the
     handle table (files.py) and the namespace changes (namespace.py), which the
     methods below hand their requests to. Attributes, xattrs and opening are here."""
 
@@ -66,6 +66,11 @@ class Union:
         self.upper, self.lowers, self.cache = self.stack.upper, self.stack.lowers, self.stack.cache
         self.readonly = self.upper is None or config.readonly
         self.owners = Owners.for_config(config)
+        roots = ([(0, self.upper.fd)] if self.upper is not None else []) + \
+            [(layer.index, layer.fd) for layer in self.lowers]
+        self.override = StatOverride.for_layers(
+            roots, self.upper.fd if self.upper is not None and not config.readonly else None,
+            config.override_stat)
         self.r = self.stack.resolver()
         self.root = self.r.root_node()
         self.nodes = NodeTable(self.root, self._dropped, self.r.forget_found)
@@ -100,14 +105,15 @@ class Union:
                 self.syncer = durable.Syncer(config.upper, config.workdir, fmt)
             self.copyup = CopyUp(self.r, self.upper, self.work, config.fsync, self._blocking,
                                  self.syncer, alone=lambda: self.serving <= 1,
-                                 entry_at=self.entry_at, view_paths=self.view_paths)
+                                 entry_at=self.entry_at, view_paths=self.view_paths,
+                                 override=self.override)
             self.journal = Journal(config.workdir, config.upper, fmt, durable=not config.volatile)
             workdir.record_lowers(config.workdir, config.lowers)
         self.files = Handles(self.r, writeback)
         self.handles = self.files.handles
         self.fds = self.files.fds  # fh -> fd, for the patched pyfuse3 to answer READs itself
         self.ns = Namespace(self, self.r, self.nodes, fmt, self.journal, self.files, self.work,
-                            self.copyup, self.owners)
+                            self.copyup, self.owners, self.override)
 
     def _find_origins(self, index: int, inos: set[int]) -> dict[int, bytes]:
         """Paths of the regular files with these st_inos (low 48 bits, as make_ino keeps
@@ -271,6 +277,15 @@ class Union:
     def stat(self, node: Node) -> os.stat_result:
         return syscalls.stat_at(*self.loc(node))
 
+    def shown(self, node: Node, st: os.stat_result) -> tuple[int, int, int]:
+        """(st_mode, st_uid, st_gid) the mount shows for *node*, whose object's stat is *st*:
+        an owner and mode kept in user.containers.override_stat, then mapped or squashed."""
+        mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
+        if self.override.layers:
+            index = 0 if node.upper else node.lowers[0][0].index if node.lowers else -1
+            mode, uid, gid = self.override.shown(index, *self.loc(node), st)
+        return (mode, *self.owners.shown(uid, gid))
+
     def nlink(self, node: Node, st: os.stat_result) -> int:
         """st_nlink as overlayfs reports it: 1 for a directory merged from several layers,
         whose true subdirectory count no single layer knows (find(1) takes 1 as "unknown");
@@ -357,13 +372,24 @@ class Union:
             finally:
                 if fd != writable:
                     os.close(fd)
-        if attrs.uid is not None or attrs.gid is not None:
-            # chown(2) drops set-uid on disk just as the kernel's VFS did before sending
-            # this request (with the cleared mode in it, applied below)
-            syscalls.chown_at(dfd, name, *self.owners.stored(
-                -1 if attrs.uid is None else attrs.uid, -1 if attrs.gid is None else attrs.gid))
-        if attrs.mode is not None and node.kind != stat.S_IFLNK:
-            syscalls.chmod_at(dfd, name, stat.S_IMODE(attrs.mode))
+        uid, gid = self.owners.stored(-1 if attrs.uid is None else attrs.uid,
+                                      -1 if attrs.gid is None else attrs.gid)
+        if self.override.upper and (uid, gid, attrs.mode) != (-1, -1, None) and \
+                self.override.applies(node.kind):
+            # the wanted owner and mode go into the xattr, the object stays the daemon's
+            mode, old_uid, old_gid = self.override.shown(0, dfd, name, syscalls.stat_at(dfd, name)
+                                                         if name is not None else os.fstat(dfd))
+            self.override.write(dfd, name, old_uid if uid == -1 else uid,
+                                old_gid if gid == -1 else gid,
+                                mode if attrs.mode is None else
+                                stat.S_IFMT(mode) | stat.S_IMODE(attrs.mode))
+        else:
+            if (uid, gid) != (-1, -1):
+                # chown(2) drops set-uid on disk just as the kernel's VFS did before sending
+                # this request (with the cleared mode in it, applied below)
+                syscalls.chown_at(dfd, name, uid, gid)
+            if attrs.mode is not None and node.kind != stat.S_IFLNK:
+                syscalls.chmod_at(dfd, name, stat.S_IMODE(attrs.mode))
         if attrs.atime_ns is not None or attrs.mtime_ns is not None:
             syscalls.utimens_at(dfd, name, attrs.atime_ns, attrs.mtime_ns)
         self.journal.record(b"C", node.path())

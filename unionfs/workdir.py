@@ -83,6 +83,9 @@ def record_format(workdir: str, prefix: bytes) -> None:
 
 
 class WorkDir:
+    """The daemon's scratch space, WORKDIR/work/: temporaries made there reach the upper
+    by rename(2) or linkat(2); whatever is left there at a mount is a crash's garbage."""
+
     def __init__(self, path: str) -> None:
         self.path = path
         os.makedirs(path_of(path, SCRATCH), mode=0o700, exist_ok=True)
