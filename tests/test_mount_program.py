@@ -302,7 +302,7 @@ def test_volatile_does_no_durability_work(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, message", [
     (["-o", "lowerdir=l/ID000,plugins=/x.so", "M"], "plugins= is not supported"),
-    (["-o", "lowerdir=l/ID000,xattr_permissions=2", "M"], "xattr_permissions=1/2"),
+    (["-o", "lowerdir=l/ID000,xattr_permissions=1", "M"], "xattr_permissions=1"),
     (["-o", "lowerdir=l/ID000,noxattrs=yes", "M"], "noxattrs must be 0 or 1"),
     (["-o", "lowerdir=l/ID000,timeout=soon", "M"], "timeout must be a number of seconds"),
     (["-o", "lowerdir=l/ID000,squash_to_uid=root", "M"], "squash_to_uid must be a numeric id"),
