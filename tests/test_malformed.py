@@ -295,7 +295,12 @@ def test_lower_vanishes_or_becomes_unreadable_while_mounted(tmp_path):
         alive(work, m, pid)
     print("\nvanished/unreadable lowers:", outcomes, "\nview after:", after)
     assert after["keep.txt"] == before["keep.txt"]
-    assert outcomes["read locked/f0"] == "EACCES" and after["locked/f0"] == "EACCES", outcomes
+    assert outcomes["read locked/f0"] == "EACCES", outcomes
+    # the listing of locked/ is refused by the daemon, unless the kernel still holds the one it
+    # read before the chmod (page cache, which memory pressure may reclaim at any time): then
+    # the entry in it is refused
+    refused = after["locked/f0"] if "locked/f0" in after else after.get("locked/")
+    assert refused == "EACCES", after
     errnos = set(outcomes.values()) - {"ok"}
     assert errnos <= {"ENOENT", "ESTALE", "EIO", "ENOTDIR", "EACCES", "ENOTEMPTY", "EXDEV"}, outcomes
 
