@@ -8,6 +8,8 @@ import stat
 import subprocess
 import tarfile
 
+from helpers.snapshot import snapshot
+
 
 def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(cmd), capture_output=True, timeout=300, **kw)
@@ -76,36 +78,30 @@ def umoci_unpack(ref: str, bundle: str) -> str:
 def capture(root: str, times: bool = True) -> dict[str, dict]:
     """path -> what a layer carries (type, mode, owner, content, non-dir mtime seconds, user
     xattrs, device number), plus the hard-link groups under the key "" (sets of names)."""
-    out: dict[str, dict] = {}
     groups: dict[tuple[int, int], list[str]] = {}
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        for name in sorted(os.listdir(root + rel)):
-            p = f"{rel}/{name}"
-            full = root + p
-            st = os.lstat(full)
-            d: dict = {"fmt": stat.S_IFMT(st.st_mode), "mode": stat.S_IMODE(st.st_mode),
-                       "owner": (st.st_uid, st.st_gid)}
-            if not stat.S_ISDIR(st.st_mode) and times:
-                d["mtime"] = st.st_mtime_ns // 1_000_000_000
-            if stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
-                    d["content"] = hashlib.sha256(f.read()).hexdigest()
-                if st.st_nlink > 1:
-                    groups.setdefault((st.st_dev, st.st_ino), []).append(p)
-            elif stat.S_ISLNK(st.st_mode):
-                d["content"] = os.readlink(full)
-                d.pop("mode")
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                d["rdev"] = st.st_rdev
-            if not stat.S_ISLNK(st.st_mode):
-                d["xattrs"] = {n: os.getxattr(full, n, follow_symlinks=False)
-                               for n in sorted(os.listxattr(full, follow_symlinks=False))
-                               if n.startswith("user.") or n == "security.capability"}
-            out[p] = d
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(p)
+
+    def describe(full: str, st: os.stat_result) -> dict:
+        d: dict = {"fmt": stat.S_IFMT(st.st_mode), "mode": stat.S_IMODE(st.st_mode),
+                   "owner": (st.st_uid, st.st_gid)}
+        if not stat.S_ISDIR(st.st_mode) and times:
+            d["mtime"] = st.st_mtime_ns // 1_000_000_000
+        if stat.S_ISREG(st.st_mode):
+            with open(full, "rb") as f:
+                d["content"] = hashlib.sha256(f.read()).hexdigest()
+            if st.st_nlink > 1:
+                groups.setdefault((st.st_dev, st.st_ino), []).append("/" + os.path.relpath(full, root))
+        elif stat.S_ISLNK(st.st_mode):
+            d["content"] = os.readlink(full)
+            d.pop("mode")
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            d["rdev"] = st.st_rdev
+        if not stat.S_ISLNK(st.st_mode):
+            d["xattrs"] = {n: os.getxattr(full, n, follow_symlinks=False)
+                           for n in sorted(os.listxattr(full, follow_symlinks=False))
+                           if n.startswith("user.") or n == "security.capability"}
+        return d
+
+    out = {"/" + rel: d for rel, d in snapshot(root, describe).items()}
     out[""] = {"links": sorted(sorted(g) for g in groups.values() if len(g) > 1)}
     return out
 

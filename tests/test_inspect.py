@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from helpers.snapshot import snapshot
 from mounting import kernel_view, unionfs_cmd, unionfs_mount
 
 pytestmark = [
@@ -64,10 +65,8 @@ def inspect(*args: str) -> subprocess.CompletedProcess:
 
 
 def _walk(root: str):
-    for dirpath, dirs, files in os.walk(root):
-        for n in dirs + files:
-            full = os.path.join(dirpath, n)
-            yield "/" + os.path.relpath(full, root), os.lstat(full)
+    """("/path", lstat) of everything below *root*."""
+    return [("/" + rel, st) for rel, st in snapshot(root, lambda _p, st: st).items()]
 
 
 def _opaque(path: str) -> bool:
