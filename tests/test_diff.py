@@ -206,9 +206,11 @@ def test_opaque_dir(union):
 def test_hard_links(union):
     write(union.p("h2"), "more\n", "a")          # both names are one inode
     os.link(union.p("x"), union.p("x2"))         # a new name, and x's link count changed
-    final(union, ["C /h1", "C /h2", "C /x", "A /x2"])
+    os.link(union.p("ln"), union.p("ln2"), follow_symlinks=False)   # a symlink has links too
+    final(union, ["C /h1", "C /h2", "C /ln", "A /ln2", "C /x", "A /x2"])
     recs = {r["path"]: r for r in map(json.loads, lines(diff(union.mnt, "--json")))}
     assert recs["/x"]["changes"] == ["links"] and recs["/h2"]["changes"] == ["content", "times"]
+    assert recs["/ln"]["changes"] == ["links"] and recs["/ln"]["type"] == "symlink"
 
 
 def test_hard_link_other_name_removed_then_written(union):

@@ -328,7 +328,8 @@ class View:
 
 
 def hardlink_index(upper: str) -> dict[tuple[int, int], list[bytes]]:
-    """(dev, ino) → view paths, for regular files in the upper with several names."""
+    """(dev, ino) → view paths, for non-directories in the upper with several names (a
+    symlink, fifo or device can be hard-linked too; whiteouts are not objects of the view)."""
     index: dict[tuple[int, int], list[bytes]] = {}
     try:
         root = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -336,9 +337,9 @@ def hardlink_index(upper: str) -> dict[tuple[int, int], list[bytes]]:
         return index
     try:
         for _fd, rel, _name, de in walk_tree(root):
-            if de.is_file(follow_symlinks=False):
+            if not de.is_dir(follow_symlinks=False):
                 st = de.stat(follow_symlinks=False)
-                if st.st_nlink > 1:
+                if st.st_nlink > 1 and not format.is_whiteout(st):
                     index.setdefault((st.st_dev, st.st_ino), []).append(b"/" + rel)
     finally:
         os.close(root)
@@ -432,8 +433,7 @@ def classify(candidates: Iterable[bytes], old_state: Callable[[bytes], Obj | Non
             elif old_view is not None and isinstance(old, Live) and old.stack() != cur.stack():
                 names = set(new.children(path)) | set(old_view.children(path))
                 queue.extend(child_of(path, n) for n in names)
-        elif cur is not None and aliases is not None and cur.fmt == stat.S_IFREG and cur.upper \
-                and cur.st.st_nlink > 1:
+        elif cur is not None and aliases is not None and cur.upper and cur.st.st_nlink > 1:
             queue.extend(aliases(cur))
     return out
 
