@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import errno
 import functools
+import hashlib
 import logging
 import os
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
@@ -33,18 +34,21 @@ log = logging.getLogger("unionfs")
 # ENOSYS itself: directories are then opened without a round trip, as files stay opened
 # with one (OPEN decides copy-up and O_TRUNC).
 ZERO_OPENDIR = getattr(pyfuse3, "UNIONFS_PATCH", 0) >= 2
-# A directory offset is a name's place in one order fixed for the daemon's life (its hash),
-# not an index into one listing: a reader that goes on from an offset after the names
-# changed, or in another reader's listing (readers of a directory share the kernel's
-# readdir cache, and with no handles also this daemon's listing), is shown every name that
-# stayed exactly once. 1 and 2 are "." and "..". Two names of one directory with the same
-# 62-bit hash could lose the second to a reader that stops between them, as with ext4's
-# hashed offsets; with n names that has odds of about n*n/2**63.
+# A directory offset is a name's place in one order that depends on the name alone (a
+# hash of it), not an index into one listing: a reader that goes on from an offset after
+# the names changed, or in another reader's listing (readers of a directory share the
+# kernel's readdir cache, and with no handles also this daemon's listing), is shown every
+# name that stayed exactly once. The hash is a fixed one (not Python's per-process hash)
+# so a directory lists in the same order on every mount, as `tar c` of it wants.
+# 1 and 2 are "." and "..". Two names of one directory with the same 62-bit hash could
+# lose the second to a reader that stops between them, as with ext4's hashed offsets;
+# with n names that has odds of about n*n/2**63.
 _OFFSET_MASK = (1 << 62) - 1
 
 
 def _offset(name: bytes) -> int:
-    return (hash(name) & _OFFSET_MASK) + 3
+    return (int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little")
+            & _OFFSET_MASK) + 3
 
 
 class _Listing:
