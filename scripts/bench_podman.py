@@ -2,10 +2,10 @@
 """Benchmark `podman build` on unionfs, on fuse-overlayfs and on podman's native kernel
 overlay driver, in one run.
 
-Run as root. Each implementation gets a podman of its own (tests/engines.py: storage,
+Run as root. Each implementation gets a podman of its own (tests/helpers/engines.py: storage,
 runroot and configuration under a temporary directory, never the machine's default; the
 unionfs mount program is this interpreter's `-m unionfs`), the suite's debootstrap root
-(tests/debian_root.py) imported as an image (not timed), and then, --repeat times and
+(tests/helpers/debian_root.py) imported as an image (not timed), and then, --repeat times and
 interleaved in a rotating order, a timed `podman build --no-cache` of CONTAINERFILE: its
 RUN steps install packages from a local file: repo (many small files written through
 dpkg's rename-into-place, its database rewritten), purge and reinstall some, hard-link a
@@ -31,8 +31,8 @@ from pathlib import Path
 
 TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
 sys.path.insert(0, TESTS)
-from debian_root import debian_layers  # noqa: E402
-from engines import RUN_FLAGS, missing_tools, podman  # noqa: E402
+from helpers.debian_root import debian_layers  # noqa: E402
+from helpers.engines import RUN_FLAGS, missing_tools, podman  # noqa: E402
 from test_rootfs_debian import write_packages_index  # noqa: E402
 
 IMPLS = {"kernel": None, "fuse-overlayfs": "fuse-overlayfs", "unionfs": "unionfs"}

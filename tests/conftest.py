@@ -30,7 +30,7 @@ from typing import Iterator
 
 import pytest
 
-from mounting import is_mounted, kernel_overlay, unionfs_mount
+from helpers.mounting import is_mounted, kernel_overlay, unionfs_mount
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -294,7 +294,7 @@ def pytest_collection_modifyitems(items):
 def _no_mount_left_behind(tmp_path):
     """Whatever a test did, nothing stays mounted below its tmp_path."""
     yield
-    from mounting import force_unmount
+    from helpers.mounting import force_unmount
     root = os.path.realpath(str(tmp_path))
     with open("/proc/self/mountinfo") as f:
         left = [line.split()[4] for line in f if line.split()[4].startswith(root + "/")]

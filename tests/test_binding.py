@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from mounting import force_unmount, is_mounted, unionfs_cmd, unionfs_mount
+from helpers.mounting import force_unmount, is_mounted, unionfs_cmd, unionfs_mount
 
 pytestmark = [pytest.mark.mount]
 
@@ -43,7 +43,7 @@ def counting_mount(tmp_path: Path, **features: int) -> Iterator[tuple[str, Count
     backing = tmp_path / "backing"
     backing.write_bytes(DATA)
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "binding_fs.py"), str(mnt), str(backing),
+        [sys.executable, str(HERE / "helpers" / "binding_fs.py"), str(mnt), str(backing),
          *(f"{k}={v}" for k, v in features.items())],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     counted = Counted()

@@ -14,7 +14,7 @@ import pytest
 
 from unionfs.config import ConfigError, parse_options, split_lowers
 from helpers.snapshot import snapshot
-from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount
+from helpers.mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,8 +20,8 @@ from typing import Callable
 import pytest
 
 from helpers import libc
-from mounting import daemon_pid, pid_gone, unionfs_mount, wait_daemon_gone
-from unit_helpers import seeded
+from helpers.mounting import daemon_pid, pid_gone, unionfs_mount, wait_daemon_gone
+from helpers.unit_helpers import seeded
 
 pytestmark = [pytest.mark.mount]
 

@@ -38,7 +38,7 @@ import time
 import pytest
 
 from helpers.snapshot import snapshot
-from mounting import daemon_pid, force_unmount, is_mounted, pid_gone, unionfs_cmd
+from helpers.mounting import daemon_pid, force_unmount, is_mounted, pid_gone, unionfs_cmd
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.crash]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount
+from helpers.mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd, unionfs_mount
 from test_cli import wait_for
 
 pytestmark = [pytest.mark.mount]

@@ -20,8 +20,8 @@ from typing import Iterator
 
 import pytest
 
-from mounting import daemon_pid, force_unmount, kernel_overlay, unionfs_mount, wait_daemon_gone
-from unit_helpers import xattr
+from helpers.mounting import daemon_pid, force_unmount, kernel_overlay, unionfs_mount, wait_daemon_gone
+from helpers.unit_helpers import xattr
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel, pytest.mark.crash]
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from helpers.libc import RENAME_EXCHANGE, renameat2
-from mounting import daemon_pid, force_unmount, is_mounted, unionfs_cmd, unionfs_mount, wait_daemon_gone
+from helpers.mounting import daemon_pid, force_unmount, is_mounted, unionfs_cmd, unionfs_mount, wait_daemon_gone
 from unionfs import changes
 
 pytestmark = [

@@ -34,7 +34,7 @@ import pytest
 
 from helpers import libc
 from helpers.snapshot import snapshot
-from mounting import (daemon_pid, force_unmount, is_mounted, kernel_view, unionfs_cmd, unionfs_mount,
+from helpers.mounting import (daemon_pid, force_unmount, is_mounted, kernel_view, unionfs_cmd, unionfs_mount,
                       wait_daemon_gone)
 
 pytestmark = [

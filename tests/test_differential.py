@@ -32,7 +32,7 @@ from difftest import SIDES, ddmin, report, run_case, shrink
 from difftest.ops import Op
 from difftest.layers import build_layers, copy_layers
 from difftest.view import capture, diff_views
-from rootless import unprivileged_user
+from helpers.rootless import unprivileged_user
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.kernel]
 

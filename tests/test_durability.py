@@ -27,7 +27,7 @@ from typing import Iterator
 
 import pytest
 
-from mounting import daemon_pid, pid_gone, unionfs_mount
+from helpers.mounting import daemon_pid, pid_gone, unionfs_mount
 from helpers import libc
 from unionfs import durable
 from unionfs.format import OVERLAY

@@ -22,8 +22,8 @@ import time
 
 import pytest
 
-from mounting import daemon_pid, force_unmount, pid_gone, unionfs_mount
-from unit_helpers import seeded
+from helpers.mounting import daemon_pid, force_unmount, pid_gone, unionfs_mount
+from helpers.unit_helpers import seeded
 
 pytestmark = [pytest.mark.mount]
 

@@ -23,10 +23,10 @@ from collections import Counter
 
 import pytest
 
-from guard import SECRET, Guard, in_decoy
+from helpers.guard import SECRET, Guard, in_decoy
 from helpers.libc import RENAME_EXCHANGE, libc
-from mounting import daemon_pids, unionfs_mount
-from unit_helpers import xattr
+from helpers.mounting import daemon_pids, unionfs_mount
+from helpers.unit_helpers import xattr
 
 pytestmark = [pytest.mark.mount]
 

@@ -15,8 +15,8 @@ import tarfile
 
 import pytest
 
-from mounting import kernel_view, unionfs_cmd, unionfs_mount
-from oci_helpers import (capture, differences, members, oci_layout, tar_diffid, tar_tree,
+from helpers.mounting import kernel_view, unionfs_cmd, unionfs_mount
+from helpers.oci_helpers import (capture, differences, members, oci_layout, tar_diffid, tar_tree,
                          umoci_unpack)
 from test_diff_property import Ops, build_lowers
 

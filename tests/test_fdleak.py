@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from mounting import daemon_pid, pid_gone, unionfs_mount
+from helpers.mounting import daemon_pid, pid_gone, unionfs_mount
 
 pytestmark = [pytest.mark.mount]
 

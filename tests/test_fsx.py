@@ -22,8 +22,8 @@ import random
 
 import pytest
 
-from mounting import daemon_pid, unionfs_mount, wait_daemon_gone
-from unit_helpers import seeded
+from helpers.mounting import daemon_pid, unionfs_mount, wait_daemon_gone
+from helpers.unit_helpers import seeded
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 

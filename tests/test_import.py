@@ -15,8 +15,8 @@ import tarfile
 
 import pytest
 
-from mounting import kernel_view, unionfs_cmd, unionfs_mount
-from oci_helpers import capture, differences, oci_layout, run, tar_diffid, tar_tree, umoci_unpack
+from helpers.mounting import kernel_view, unionfs_cmd, unionfs_mount
+from helpers.oci_helpers import capture, differences, oci_layout, run, tar_diffid, tar_tree, umoci_unpack
 from test_diff_property import Ops, build_lowers
 
 pytestmark = [

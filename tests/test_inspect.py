@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from helpers.snapshot import snapshot
-from mounting import kernel_view, unionfs_cmd, unionfs_mount
+from helpers.mounting import kernel_view, unionfs_cmd, unionfs_mount
 
 pytestmark = [
     pytest.mark.mount,

@@ -19,7 +19,7 @@ import subprocess
 import pytest
 
 from helpers.snapshot import snapshot
-from mounting import daemon_pids, kernel_overlay, unionfs_cmd, unionfs_mount
+from helpers.mounting import daemon_pids, kernel_overlay, unionfs_cmd, unionfs_mount
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel]
 

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd
+from helpers.mounting import daemon_pids, force_unmount, is_mounted, pid_gone, unionfs_cmd
 
 # What /bin/sh (dash) searches when mount(8) gives it no PATH.
 HELPER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mounting import daemon_pid, force_unmount, is_mounted, unionfs_cmd, wait_daemon_gone
+from helpers.mounting import daemon_pid, force_unmount, is_mounted, unionfs_cmd, wait_daemon_gone
 
 pytestmark = [pytest.mark.mount]
 

@@ -2,7 +2,7 @@
 Copy-up triggers and what they leave in the upper; hard links.
 
 Fixtures are in conftest.py (`mounted`, `pair`, `layers`, ...); every mount is unmounted by
-the helpers in mounting.py, even on failure."""
+the helpers in helpers/mounting.py, even on failure."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ import pytest
 
 from helpers.libc import UTIME_OMIT, utimensat
 from helpers.ops import HL, enoent, read, write
-from unit_helpers import is_whiteout, xattr
+from helpers.unit_helpers import is_whiteout, xattr
 
 pytestmark = [pytest.mark.mount]
 

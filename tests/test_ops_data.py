@@ -2,7 +2,7 @@
 Data operations; read-only mounts.
 
 Fixtures are in conftest.py (`mounted`, `pair`, `layers`, ...); every mount is unmounted by
-the helpers in mounting.py, even on failure."""
+the helpers in helpers/mounting.py, even on failure."""
 from __future__ import annotations
 
 import errno
@@ -14,7 +14,7 @@ import pytest
 
 from helpers.libc import fallocate
 from helpers.ops import ROOT_NAMES, errno_of, read
-from mounting import unionfs_mount
+from helpers.mounting import unionfs_mount
 
 pytestmark = [pytest.mark.mount]
 

@@ -2,7 +2,7 @@
 Symlinks; special files.
 
 Fixtures are in conftest.py (`mounted`, `pair`, `layers`, ...); every mount is unmounted by
-the helpers in mounting.py, even on failure."""
+the helpers in helpers/mounting.py, even on failure."""
 from __future__ import annotations
 
 import errno
@@ -13,7 +13,7 @@ import stat
 import pytest
 
 from helpers.ops import errno_of, read
-from mounting import unionfs_mount
+from helpers.mounting import unionfs_mount
 
 pytestmark = [pytest.mark.mount]
 

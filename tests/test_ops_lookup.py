@@ -2,7 +2,7 @@
 Lookup and readdir; identity.
 
 Fixtures are in conftest.py (`mounted`, `pair`, `layers`, ...); every mount is unmounted by
-the helpers in mounting.py, even on failure."""
+the helpers in helpers/mounting.py, even on failure."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,8 @@ import stat
 import pytest
 
 from helpers.ops import ROOT_NAMES, all_names, enoent, raw_readdir, read, write
-from mounting import unionfs_mount
-from unit_helpers import is_whiteout
+from helpers.mounting import unionfs_mount
+from helpers.unit_helpers import is_whiteout
 
 pytestmark = [pytest.mark.mount]
 

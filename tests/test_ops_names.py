@@ -2,7 +2,7 @@
 Names and errors; more namespace cases.
 
 Fixtures are in conftest.py (`mounted`, `pair`, `layers`, ...); every mount is unmounted by
-the helpers in mounting.py, even on failure."""
+the helpers in helpers/mounting.py, even on failure."""
 from __future__ import annotations
 
 import errno
@@ -14,8 +14,8 @@ import pytest
 
 from helpers.libc import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from helpers.ops import HL, enoent, errno_of, raw_readdir, read, write
-from mounting import unionfs_mount
-from unit_helpers import is_whiteout
+from helpers.mounting import unionfs_mount
+from helpers.unit_helpers import is_whiteout
 
 pytestmark = [pytest.mark.mount]
 

@@ -2,7 +2,7 @@
 Ownership, modes, sparse files.
 
 Fixtures are in conftest.py (`mounted`, `pair`, `layers`, ...); every mount is unmounted by
-the helpers in mounting.py, even on failure."""
+the helpers in helpers/mounting.py, even on failure."""
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +19,8 @@ from helpers.libc import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, RENAME_EXCH
                           libc, renameat2)
 from helpers.ops import HL, enoent, errno_of, raw_readdir, read, run_as, write
 from helpers.snapshot import snapshot
-from mounting import kernel_overlay, unionfs_mount
-from unit_helpers import is_whiteout, xattr
+from helpers.mounting import kernel_overlay, unionfs_mount
+from helpers.unit_helpers import is_whiteout, xattr
 
 pytestmark = [pytest.mark.mount]
 

@@ -2,7 +2,7 @@
 Whiteouts, opaque dirs, redirects in the upper.
 
 Fixtures are in conftest.py (`mounted`, `pair`, `layers`, ...); every mount is unmounted by
-the helpers in mounting.py, even on failure."""
+the helpers in helpers/mounting.py, even on failure."""
 from __future__ import annotations
 
 import errno
@@ -13,8 +13,8 @@ import pytest
 
 from helpers.libc import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from helpers.ops import all_names, enoent, errno_of, read, write
-from mounting import kernel_overlay, unionfs_mount
-from unit_helpers import is_whiteout, xattr
+from helpers.mounting import kernel_overlay, unionfs_mount
+from helpers.unit_helpers import is_whiteout, xattr
 
 pytestmark = [pytest.mark.mount]
 

@@ -2,7 +2,7 @@
 Other processes see changes at once; permissions as a non-root user.
 
 Fixtures are in conftest.py (`mounted`, `pair`, `layers`, ...); every mount is unmounted by
-the helpers in mounting.py, even on failure."""
+the helpers in helpers/mounting.py, even on failure."""
 from __future__ import annotations
 
 import collections
@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from helpers.ops import enoent, other_sees, read, run_as, write
-from mounting import unionfs_mount
+from helpers.mounting import unionfs_mount
 from unionfs import binding
 
 pytestmark = [pytest.mark.mount]

@@ -2,7 +2,7 @@
 Xattrs.
 
 Fixtures are in conftest.py (`mounted`, `pair`, `layers`, ...); every mount is unmounted by
-the helpers in mounting.py, even on failure."""
+the helpers in helpers/mounting.py, even on failure."""
 from __future__ import annotations
 
 import errno
@@ -12,8 +12,8 @@ import subprocess
 import pytest
 
 from helpers.ops import errno_of, write
-from mounting import kernel_overlay, unionfs_mount
-from unit_helpers import xattr
+from helpers.mounting import kernel_overlay, unionfs_mount
+from helpers.unit_helpers import xattr
 
 pytestmark = [pytest.mark.mount]
 

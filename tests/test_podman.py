@@ -1,5 +1,5 @@
 """unionfs as podman's overlay mount program: the image-layer steps of the Docker tutorials,
-through Debian's podman (with its own storage: tests/engines.py), runc and a docker-registry
+through Debian's podman (with its own storage: tests/helpers/engines.py), runc and a docker-registry
 on loopback.
 
 Where podman's own output is compared (podman diff), the oracle is the same steps on
@@ -18,9 +18,9 @@ from typing import Iterator
 
 import pytest
 
-from engines import (RUN_FLAGS, Podman, Registry, missing_tools, mounts_under, podman, registry,
+from helpers.engines import (RUN_FLAGS, Podman, Registry, missing_tools, mounts_under, podman, registry,
                      unionfs_daemons_under)
-from mounting import wait_daemon_gone
+from helpers.mounting import wait_daemon_gone
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel, pytest.mark.rootfs, pytest.mark.slow]
 
@@ -202,7 +202,7 @@ def test_build_cache_push_pull(engine: Podman, reg: Registry, work: Path) -> Non
 def test_debian_image_apt_get_install(engine: Podman, work: Path) -> None:
     """The suite's debootstrap root as an image: apt-get installs from a local file: repo
     (many small files, hard links, renames, dpkg's database) and dpkg -l lists them."""
-    from debian_root import debian_layers
+    from helpers.debian_root import debian_layers
     from test_rootfs_debian import write_packages_index
     cache = debian_layers()
     repo = work / "repo"

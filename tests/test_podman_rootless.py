@@ -16,8 +16,8 @@ from typing import Iterator
 
 import pytest
 
-from engines import RUN_FLAGS, Registry, RootlessPodman, missing_tools, registry
-from rootless import User, unprivileged_user
+from helpers.engines import RUN_FLAGS, Registry, RootlessPodman, missing_tools, registry
+from helpers.rootless import User, unprivileged_user
 from test_podman import (BASE, BUILT_CHECK, BUILT_SHOWS, CONTAINERFILE, build, busybox_rootfs,
                          changes_committed, root_fstype)
 

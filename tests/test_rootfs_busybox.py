@@ -36,8 +36,8 @@ import tempfile
 
 import pytest
 
-from mounting import is_mounted, kernel_overlay, unionfs_mount
-from rootfs_helpers import ROOTFS_MARKS, assert_same_views, view
+from helpers.mounting import is_mounted, kernel_overlay, unionfs_mount
+from helpers.rootfs_helpers import ROOTFS_MARKS, assert_same_views, view
 
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel, pytest.mark.rootfs, *ROOTFS_MARKS]

@@ -1,6 +1,6 @@
 """A real Debian root on a union, used the way package managers and admins use one.
 
-The layers (tests/debian_root.py, cached in /var/cache/unionfs-tests; about a
+The layers (tests/helpers/debian_root.py, cached in /var/cache/unionfs-tests; about a
 minute to build the first time) are the real shape of an image: `base` is
 `debootstrap --variant=minbase bookworm`, `extra` the upper of a kernel
 overlayfs on which `dpkg -i less` ran (kernel whiteouts, trusted.overlay.*
@@ -37,9 +37,9 @@ import subprocess
 
 import pytest
 
-import debian_root
-from mounting import is_mounted, kernel_overlay, unionfs_cmd, unionfs_mount
-from rootfs_helpers import ROOTFS_MARKS, assert_same_views, hard_link_groups, view
+from helpers import debian_root
+from helpers.mounting import is_mounted, kernel_overlay, unionfs_cmd, unionfs_mount
+from helpers.rootfs_helpers import ROOTFS_MARKS, assert_same_views, hard_link_groups, view
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow, pytest.mark.kernel, pytest.mark.rootfs, *ROOTFS_MARKS]
 

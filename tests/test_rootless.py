@@ -17,8 +17,8 @@ import textwrap
 
 import pytest
 
-from mounting import force_unmount, is_mounted, unionfs_mount
-from rootless import User, unprivileged_user
+from helpers.mounting import force_unmount, is_mounted, unionfs_mount
+from helpers.rootless import User, unprivileged_user
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel]
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mounting import unionfs_mount
+from helpers.mounting import unionfs_mount
 
 pytestmark = [
     pytest.mark.mount,

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from mounting import daemon_pid, unionfs_mount
+from helpers.mounting import daemon_pid, unionfs_mount
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 

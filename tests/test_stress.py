@@ -33,7 +33,7 @@ import subprocess
 
 import pytest
 
-from mounting import daemon_pid, pid_gone, unionfs_mount
+from helpers.mounting import daemon_pid, pid_gone, unionfs_mount
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 

@@ -17,7 +17,7 @@ import trio
 
 from unionfs import copyup as copyup_mod
 from unionfs import syscalls
-from unit_helpers import do, read, walk
+from helpers.unit_helpers import do, read, walk
 from unionfs.union import Caller, SetAttr
 
 pytestmark = [pytest.mark.unit]

@@ -13,7 +13,7 @@ import stat
 
 import pytest
 
-from unit_helpers import do, is_whiteout, read, walk, xattr
+from helpers.unit_helpers import do, is_whiteout, read, walk, xattr
 from unionfs.union import Caller
 
 pytestmark = [pytest.mark.unit]

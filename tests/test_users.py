@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 
 from helpers.snapshot import snapshot
-from mounting import kernel_overlay, unionfs_mount
+from helpers.mounting import kernel_overlay, unionfs_mount
 from helpers.ops import run_as
 
 pytestmark = [pytest.mark.mount, pytest.mark.kernel]

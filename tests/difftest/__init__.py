@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 try:  # tests/ is on sys.path under pytest's default (prepend) import mode
-    from mounting import force_unmount, kernel_overlay, unionfs_mount
+    from helpers.mounting import force_unmount, kernel_overlay, unionfs_mount
 except ImportError:  # pragma: no cover - imported as tests.difftest
-    from tests.mounting import force_unmount, kernel_overlay, unionfs_mount
+    from tests.helpers.mounting import force_unmount, kernel_overlay, unionfs_mount
 
 from .layers import copy_layers
 from .ops import Generator, Op, run_op

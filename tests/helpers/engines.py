@@ -139,7 +139,7 @@ class Podman:
 
 
 class RootlessPodman(Podman):
-    """`podman` run by an unprivileged *user* (tests/rootless.py, with subordinate ids) on a
+    """`podman` run by an unprivileged *user* (tests/helpers/rootless.py, with subordinate ids) on a
     storage below *top* that the user owns. Podman makes the user's namespace from those
     ids and runs the mount program inside it, as the namespace's root."""
 
@@ -160,7 +160,7 @@ class RootlessPodman(Podman):
     def close(self) -> None:
         super().close()
         # the user's namespace outlives the commands (podman's pause process): what is
-        # mounted in it goes with it, when tests/rootless.py ends the user's processes
+        # mounted in it goes with it, when tests/helpers/rootless.py ends the user's processes
 
 
 def free_port() -> int:

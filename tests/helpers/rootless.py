@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUBID_FILES = ("/etc/subuid", "/etc/subgid")
 SUBID_LOCK = "/run/lock/unionfs-tests-subid.lock"
 SUBID_COUNT = 65536
