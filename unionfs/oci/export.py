@@ -13,9 +13,10 @@ module turns those changes into changeset entries:
   by a rename, replaced) is written with its whole subtree, and with a
   ``.wh..wh..opq`` first where the old view had something in it to hide; the old
   path of a renamed directory is gone from the view, so it is a whiteout;
-* a regular file with several names is written once, its other names as tar
-  hard links to the first (in entry order); an upper file's names are all found
-  (copy-up links every name), so the applied layer keeps the link;
+* a non-directory with several names (a file, symlink, fifo or device) is written
+  once, its other names as tar hard links to the first (in entry order); an upper
+  object's names are all found (copy-up links every name), so the applied layer
+  keeps the link;
 * owners are numeric, modes, mtimes (whole seconds, clamped by ``--mtime``),
   device numbers and fifos are kept; sockets cannot be in a layer and are skipped
   with a warning; user.*, security.capability and POSIX ACL xattrs travel as PAX
@@ -128,7 +129,7 @@ def _add_link_names(layers: Layers, items: dict[tuple[int, bytes], Item]) -> Non
     link: copy-up links all of a file's names into the upper, but only the changed ones
     are changes."""
     multi = [it for it in items.values() if it.kind == OBJECT and it.obj is not None
-             and it.obj.upper and it.obj.fmt == stat.S_IFREG and it.obj.st.st_nlink > 1]
+             and it.obj.upper and not it.obj.is_dir and it.obj.st.st_nlink > 1]
     if not multi:
         return
     index = hardlink_index(layers.upper_path)
@@ -204,7 +205,12 @@ def write_tar(items: list[Item], out, clamp: int | None = None,
             ti.pax_headers = {PAX_XATTR + os.fsdecode(k): v.decode("utf-8", "surrogateescape")
                               for k, v in xattrs.items()}
             data = None
-            if fmt == stat.S_IFDIR:
+            ident = obj.identity() if fmt != stat.S_IFDIR and st.st_nlink > 1 else None
+            if ident is not None and ident in first_name:
+                # a link has no metadata of its own: the first name carries it
+                ti.type, ti.linkname = tarfile.LNKTYPE, first_name[ident]
+                ti.pax_headers = {}
+            elif fmt == stat.S_IFDIR:
                 ti.type = tarfile.DIRTYPE
             elif fmt == stat.S_IFLNK:
                 ti.type = tarfile.SYMTYPE
@@ -215,18 +221,12 @@ def write_tar(items: list[Item], out, clamp: int | None = None,
             elif fmt == stat.S_IFIFO:
                 ti.type = tarfile.FIFOTYPE
             elif fmt == stat.S_IFREG:
-                ident = obj.identity()
-                if st.st_nlink > 1 and ident in first_name:
-                    # a link has no metadata of its own: the first name carries it
-                    ti.type, ti.linkname = tarfile.LNKTYPE, first_name[ident]
-                    ti.pax_headers = {}
-                else:
-                    if st.st_nlink > 1:
-                        first_name[ident] = ti.name
-                    ti.type, ti.size = tarfile.REGTYPE, st.st_size
-                    data = syscalls.open_at(*obj.loc(), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+                ti.type, ti.size = tarfile.REGTYPE, st.st_size
+                data = syscalls.open_at(*obj.loc(), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
             else:
                 raise ExportError(f"'{os.fsdecode(item.path)}': unknown file type {fmt:o}")
+            if ident is not None and ti.type != tarfile.LNKTYPE:
+                first_name[ident] = ti.name
             if data is None:
                 tar.addfile(ti)
             else:

@@ -13,7 +13,8 @@ Safety: an archive is hostile until proven otherwise.
 * Names are relative, without ``..``; every directory on the way to an entry is
   opened with O_NOFOLLOW below the previous one, so an entry can never be
   written through a symlink (or anything but a directory) an earlier entry made;
-  a hard link may only name a regular file the same archive made.
+  a hard link may only name a non-directory the same archive made (a file, symlink,
+  fifo or device: linked as itself, never followed).
 * Device nodes only as root; the overlay format's own xattrs are refused (they
   would redirect or hide what the layer shows); other xattrs than user.*,
   security.capability and ACLs are left out, with a warning.
@@ -82,7 +83,7 @@ class Unpacker:
     root: int
     fmt: Format
     as_root: bool = field(default_factory=lambda: os.geteuid() == 0)
-    files: set[str] = field(default_factory=set)       # regular files this archive made
+    files: set[str] = field(default_factory=set)       # non-directories this archive made
     whited: set[str] = field(default_factory=set)      # names this archive whited out
     dirs: dict[str, _DirMeta] = field(default_factory=dict)
     skipped_xattrs: set[str] = field(default_factory=set)
@@ -179,12 +180,13 @@ class Unpacker:
             target = clean_name(m.linkname, "hard link target")
             if target not in self.files:
                 raise Refused(f"hard link '{_show(path)}' names '{_show(target)}', which is not a "
-                              "regular file of this archive")
+                              "non-directory of this archive")
             thead, _, tlast = target.rpartition("/")
             tfd = self.dir_fd(thead)
             st = syscalls.lstat_at(tfd, os.fsencode(tlast))
-            if st is None or not stat.S_ISREG(st.st_mode):
-                raise Refused(f"hard link target '{_show(target)}' is no longer a regular file")
+            if st is None or stat.S_ISDIR(st.st_mode) or fmtmod.is_whiteout(st):
+                raise Refused(f"hard link target '{_show(target)}' is no longer what the "
+                              "archive made there")
             if target == path:
                 return
             self._clear(parent, path, name, keep_dir=False)
@@ -223,6 +225,7 @@ class Unpacker:
             os.mkfifo(name, 0o600, dir_fd=parent)
         else:
             raise Refused(f"entry '{_show(path)}' has a type unionfs cannot make ({m.type!r})")
+        self.files.add(path)
         if self.as_root:
             os.chown(name, m.uid, m.gid, dir_fd=parent, follow_symlinks=False)
         if not m.issym():
