@@ -12,6 +12,7 @@ copy-up, so nothing the kernel cached goes stale when an object moves up.
 """
 from __future__ import annotations
 
+import array
 import bisect
 import errno
 import functools
@@ -52,14 +53,16 @@ def _offset(name: bytes) -> int:
 
 
 class _Listing:
-    """One listing of a directory in offset order."""
+    """One listing of a directory in offset order (the offsets in one array, not an int
+    object each: a walk holds a listing per directory it is in)."""
 
     __slots__ = ("names", "offsets")
 
     def __init__(self, names: list[bytes]) -> None:
-        pairs = sorted((_offset(n), n) for n in names)
-        self.names = [b".", b".."] + [n for _, n in pairs]
-        self.offsets = [1, 2] + [o for o, _ in pairs]
+        names.sort(key=_offset)
+        self.names = [b".", b".."] + names
+        self.offsets = array.array("Q", [1, 2])
+        self.offsets.extend(map(_offset, names))
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
