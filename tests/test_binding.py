@@ -213,7 +213,7 @@ def test_patch_series_is_the_whole_difference_from_upstream(tmp_path: Path) -> N
 
 # -- what unionfs says about its binding --------------------------------------------------------
 
-ALL_FAST_PATHS = "cache_readdir, cache_symlinks, no_opendir, queued_requests, poll_us, read_fds, idle_tasks"
+ALL_FAST_PATHS = "cache_readdir, cache_symlinks, no_opendir, queued_requests, poll_us, read_fds, idle_tasks, fallocate, lseek"
 
 
 def test_version_names_the_builtin_binding() -> None:

@@ -5,8 +5,9 @@ through read-only fds and mappings of the lower file, and the first write open
 copies them up in the middle of the sequence, under those open fds), two are
 made new through the mount. Each file has up to two fds at a time. The
 operations: pread, pwrite (also past the end: a hole), O_APPEND write, ftruncate
-(shrink and extend), reading and writing through a shared mmap, fsync,
-fdatasync, close and reopen. After every operation the file's size (fstat) and
+(shrink and extend), fallocate (preallocate, also past the end with and without
+KEEP_SIZE, punch a hole, zero a range), reading and writing through a shared
+mmap, fsync, fdatasync, close and reopen. After every operation the file's size (fstat) and
 whole content (pread through one of its fds) must equal the model. At the end:
 the upper file read directly equals the model, the lower files are unchanged,
 and after unmount and mount again every file reads as the model.
@@ -22,14 +23,18 @@ import random
 
 import pytest
 
+from helpers.libc import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 from helpers.mounting import daemon_pid, unionfs_mount, wait_daemon_gone
 from helpers.unit_helpers import seeded
+from unionfs import binding
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 SEEDS = [int(s) for s in os.environ.get("UNIONFS_FSX_SEEDS", "1,2,3,4").split(",")]
 OPS = int(os.environ.get("UNIONFS_FSX_OPS", "3000"))
 MAX_SIZE = 300 * 1024
+#: fallocate(2) reaches the daemon only through a binding with the handler
+FALLOCATE = "fallocate" in binding.load().fast_paths
 LOWER_NAMES = ["lower0", "lower1", "lower2"]
 NEW_NAMES = ["new0", "new1"]
 
@@ -78,8 +83,8 @@ class Fsx:
         f = self.files[name]
         size = len(f.model)
         op = rng.choices(["read", "write", "append", "truncate", "mapread", "mapwrite",
-                          "fsync", "fdatasync", "reopen"],
-                         weights=[20, 25, 5, 8, 10, 10, 4, 3, 5])[0]
+                          "fsync", "fdatasync", "reopen", "fallocate"],
+                         weights=[20, 25, 5, 8, 10, 10, 4, 3, 5, 8 if FALLOCATE else 0])[0]
         if op in ("mapread", "mapwrite") and size == 0:
             op = "write"
         self.counts[op] = self.counts.get(op, 0) + 1
@@ -120,6 +125,19 @@ class Fsx:
                 del f.model[new:]
             else:
                 f.model += bytes(new - size)
+        elif op == "fallocate":
+            fd = self.fd(f, True)
+            mode = rng.choice([0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                               FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE])
+            off = rng.randrange(0, min(MAX_SIZE - 1, size + 65536))
+            ln = min(rng.randrange(1, 65536), MAX_SIZE - off)
+            self.log.append(f"{n} {name} fallocate mode={mode:#x} {off}+{ln}")
+            fallocate(fd, mode, off, ln)
+            end = off + ln if not mode & FALLOC_FL_KEEP_SIZE else min(off + ln, size)
+            if end > size:
+                f.model += bytes(end - size)
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                f.model[off:end] = bytes(max(0, end - off))
         elif op in ("mapread", "mapwrite"):
             writing = op == "mapwrite"
             fd = self.fd(f, writing)

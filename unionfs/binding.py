@@ -29,6 +29,8 @@ FAST_PATHS = (
     ("poll_us", 4),          # a short poll for the next request before sleeping
     ("read_fds", 5),         # READs answered by libfuse from an fd, without Python
     ("idle_tasks", 6),       # no cascade of ending tasks before the first request after a burst
+    ("fallocate", 7),        # fallocate(2) modes: preallocate, punch holes, KEEP_SIZE
+    ("lseek", 7),            # SEEK_DATA / SEEK_HOLE see the holes of sparse files
 )
 
 

@@ -106,6 +106,30 @@ class Handles:
         finally:
             syscalls.futimens(fd, st.st_atime_ns, st.st_mtime_ns)
 
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on the upper file: a handle that can be written is on the upper."""
+        h = self.get(fh)
+        if h.flags == os.O_RDONLY:  # the kernel refuses these itself; never the lower file
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        syscalls.fallocate(h.fd, mode, offset, length)
+
+    def unwritten_pages(self, fh: int) -> Node | None:
+        """The node of *fh* if the kernel's writeback cache may hold pages written to it
+        that the upper file has not got: while a handle on it is open for writing. (The
+        kernel writes an inode's dirty pages back whenever one of its fds is closed, and
+        a shared mapping keeps its fd's handle open.)"""
+        node = self.get(fh).node
+        if self.writeback and any(h.node is node and h.flags != os.O_RDONLY
+                                  for h in self.handles.values()):
+            return node
+        return None
+
+    def seek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE in the file the handle reads (the kernel asks for no
+        other *whence*). Our fds are read and written at explicit offsets only, so
+        moving this one's offset changes nothing else."""
+        return os.lseek(self.get(fh).fd, offset, whence)
+
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
         if h is not None:

@@ -285,6 +285,20 @@ class Operations(pyfuse3.Operations):
         self.u.release(fh)
 
     @fuse_errors
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        self.u.fallocate(fh, mode, offset, length)
+
+    @fuse_errors
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        node = self.u.unwritten_pages(fh)
+        if node is not None:
+            # the kernel asks without writing its dirty pages back first, so the upper file
+            # may lack written data (and length): invalidating the pages makes it write
+            # them back, through this loop, which must go on serving meanwhile
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.id, False)
+        return self.u.seek(fh, offset, whence)
+
+    @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         if self.volatile:  # nothing is to be durable; ENOSYS: the kernel stops asking
             raise pyfuse3.FUSEError(errno.ENOSYS)

@@ -323,6 +323,15 @@ def chmod_at(dirfd: int, name: bytes | None, mode: int) -> None:
         os.close(fd)
 
 
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its *mode* (os.posix_fallocate has none: no punching, no KEEP_SIZE)."""
+    _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
+
+
 def pwrite_all(fd: int, data: bytes, offset: int) -> int:
     """Write all of *data* at *offset*, or raise: FUSE takes a short write for an error
     (an O_DIRECT writer gets EIO, written-back pages lose their tail), so a pwrite cut

@@ -423,6 +423,15 @@ class Union:
     def release(self, fh: int) -> None:
         self.files.release(fh)
 
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        self.files.fallocate(fh, mode, offset, length)
+
+    def unwritten_pages(self, fh: int) -> Node | None:
+        return self.files.unwritten_pages(fh)
+
+    def seek(self, fh: int, offset: int, whence: int) -> int:
+        return self.files.seek(fh, offset, whence)
+
     # -- namespace changes (namespace.py) -------------------------------------------------
 
     def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller) -> Node:

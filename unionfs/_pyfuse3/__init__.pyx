@@ -95,8 +95,9 @@ __version__ = _pyfuse3.__version__
 #: what the filesystem may rely on beyond pyfuse3 3.5.0 (unionfs/binding.py reads it):
 #: 1 enable_dont_mask, enable_cache_symlinks, cache_readdir; 2 no_opendir; 3 queued
 #: requests taken without waiting; 4 poll_us; 5 read_fds; 6 idle tasks end only when
-#: they find the queue empty, and poll_us polls only while no task is in a handler
-UNIONFS_PATCH = 6
+#: they find the queue empty, and poll_us polls only while no task is in a handler; 7 the
+#: fallocate and lseek handlers
+UNIONFS_PATCH = 7
 
 _NANOS_PER_SEC = 1000000000
 

@@ -558,6 +558,26 @@ class Operations:
 
         raise FUSEError(errno.ENOSYS)
 
+    async def fallocate(self, fh: FileHandleT, mode: int, offset: int, length: int) -> None:
+        '''Allocate, punch or zero the byte range *offset*, *length* of open file *fh*.
+
+        *mode* is fallocate(2)'s mode (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, ...).
+        Raising ENOSYS makes the kernel answer EOPNOTSUPP to every later fallocate(2)
+        without asking again.
+        '''
+
+        raise FUSEError(errno.ENOSYS)
+
+    async def lseek(self, fh: FileHandleT, offset: int, whence: int) -> int:
+        '''Find the next data or hole in open file *fh* at or after *offset*.
+
+        The kernel asks only for SEEK_DATA and SEEK_HOLE (it handles the other *whence*
+        values itself) and returns the result to lseek(2). Raising ENOSYS makes the kernel
+        use its generic answer (the whole file is data) from then on.
+        '''
+
+        raise FUSEError(errno.ENOSYS)
+
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         '''Flush buffers for open directory *fh*.
 

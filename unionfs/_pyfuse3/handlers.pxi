@@ -564,6 +564,54 @@ async def fuse_fsync_async (_Container c):
         log.error('fuse_fsync(): fuse_reply_* failed with %s', strerror(-ret))
 
 
+cdef void fuse_fallocate (fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
+                          off_t length, fuse_file_info *fi):
+    cdef _Container c = _Container()
+    c.req = req
+    c.fh = fi.fh
+    c.flags = mode
+    c.off = offset
+    c.size = <size_t> length
+    save_retval(fuse_fallocate_async(c))
+
+async def fuse_fallocate_async (_Container c):
+    cdef int ret
+
+    try:
+        await operations.fallocate(c.fh, c.flags, c.off, <off_t> c.size)
+    except FUSEError as e:
+        ret = fuse_reply_err(c.req, e.errno)
+    else:
+        ret = fuse_reply_err(c.req, 0)
+
+    if ret != 0:
+        log.error('fuse_fallocate(): fuse_reply_* failed with %s', strerror(-ret))
+
+
+cdef void fuse_lseek (fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+                      fuse_file_info *fi):
+    cdef _Container c = _Container()
+    c.req = req
+    c.fh = fi.fh
+    c.off = off
+    c.flags = whence
+    save_retval(fuse_lseek_async(c))
+
+async def fuse_lseek_async (_Container c):
+    cdef int ret
+    cdef off_t off
+
+    try:
+        off = await operations.lseek(c.fh, c.off, c.flags)
+    except FUSEError as e:
+        ret = fuse_reply_err(c.req, e.errno)
+    else:
+        ret = fuse_reply_lseek(c.req, off)
+
+    if ret != 0:
+        log.error('fuse_lseek(): fuse_reply_* failed with %s', strerror(-ret))
+
+
 cdef void fuse_opendir (fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi):
     cdef _Container c
     if operations.no_opendir:

@@ -70,6 +70,8 @@ cdef void init_fuse_ops():
     fuse_ops.forget_multi = fuse_forget_multi
     fuse_ops.write_buf = fuse_write_buf
     fuse_ops.poll = fuse_poll
+    fuse_ops.fallocate = fuse_fallocate
+    fuse_ops.lseek = fuse_lseek
 
 cdef make_fuse_args(args, fuse_args* f_args):
     cdef char* arg

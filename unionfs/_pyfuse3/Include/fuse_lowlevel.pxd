@@ -121,6 +121,8 @@ cdef extern from "<fuse_lowlevel.h>" nogil:
                              fuse_file_info *fi) except *
         void (*poll) (fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi,
                       fuse_pollhandle *ph) except *
+        void (*lseek) (fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+                       fuse_file_info *fi) except *
 
 
     # Reply functions
@@ -133,6 +135,7 @@ cdef extern from "<fuse_lowlevel.h>" nogil:
                         double attr_timeout)
     int fuse_reply_readlink(fuse_req_t req, const_char *link)
     int fuse_reply_open(fuse_req_t req, fuse_file_info *fi)
+    int fuse_reply_lseek(fuse_req_t req, off_t off)
     int fuse_reply_write(fuse_req_t req, size_t count)
     int fuse_reply_buf(fuse_req_t req, const_char *buf, size_t size)
     int fuse_reply_data(fuse_req_t req, fuse_bufvec *bufv,
