@@ -58,9 +58,14 @@ class Binding:
         return tuple(name for name, _ in FAST_PATHS if name not in self.fast_paths)
 
 
+#: the FUSE passthrough data path (patch 0010): the binding registers backing files
+PASSTHROUGH = "passthrough"
+
+
 def fast_paths(module: ModuleType) -> tuple[str, ...]:
     level = getattr(module, "UNIONFS_PATCH", 0)
-    return tuple(name for name, needs in FAST_PATHS if level >= needs)
+    found = tuple(name for name, needs in FAST_PATHS if level >= needs)
+    return found + ((PASSTHROUGH,) if hasattr(module, "backing_open") else ())
 
 
 _loaded: Binding | None = None

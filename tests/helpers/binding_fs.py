@@ -4,10 +4,12 @@ side. It counts the calls each handler gets and, once unmounted, prints them as 
 
     python binding_fs.py MOUNTPOINT BACKING_FILE [read_fds=1] [cache_readdir=1]
                          [no_opendir=1] [enable_cache_symlinks=1] [poll_us=N]
-                         [max_tasks=N]
+                         [max_tasks=N] [passthrough=1]
 
 The tree: data (the backing file's bytes), link -> data, sub/ with three empty files;
-a LOOKUP of any other name fails (ENOENT, not cached by the kernel).
+a LOOKUP of any other name fails (ENOENT, not cached by the kernel). With passthrough=1,
+data's opens get one backing id (the backing file) while any is open, and the JSON says
+whether the kernel agreed to passthrough.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ class CountingFs(pyfuse3.Operations):
         self.fd = os.open(backing, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
         self.next_fh = 1
+        self.backing_id = 0  # data's, while it is open (passthrough=1)
+        self.open_fhs: set[int] = set()
         if features.pop("read_fds", 0):
             self.read_fds = {}
         for name, value in features.items():
@@ -95,7 +99,11 @@ class CountingFs(pyfuse3.Operations):
         fh, self.next_fh = self.next_fh, self.next_fh + 1
         if self.read_fds is not None:
             self.read_fds[fh] = self.fd
-        return pyfuse3.FileInfo(fh=fh)
+        if self.passthrough and pyfuse3.passthrough_enabled():
+            if not self.backing_id:
+                self.backing_id = pyfuse3.backing_open(self.fd)
+            self.open_fhs.add(fh)
+        return pyfuse3.FileInfo(fh=fh, backing_id=self.backing_id if fh in self.open_fhs else 0)
 
     async def read(self, fh, off, size):
         self.calls["read"] += 1
@@ -105,6 +113,10 @@ class CountingFs(pyfuse3.Operations):
         self.calls["release"] += 1
         if self.read_fds is not None:
             self.read_fds.pop(fh, None)
+        self.open_fhs.discard(fh)
+        if self.backing_id and not self.open_fhs:
+            pyfuse3.backing_close(self.backing_id)
+            self.backing_id = 0
 
 
 def main() -> None:
@@ -117,7 +129,8 @@ def main() -> None:
         trio.run(lambda: pyfuse3.main(max_tasks=max_tasks) if max_tasks else pyfuse3.main())
     finally:
         pyfuse3.close(unmount=True)
-    json.dump({"calls": fs.calls, "readdir_fhs": sorted(fs.readdir_fhs)}, sys.stdout)
+    json.dump({"calls": fs.calls, "readdir_fhs": sorted(fs.readdir_fhs),
+               "passthrough": pyfuse3.passthrough_enabled()}, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,19 @@ cdef extern from "<linux/fs.h>" nogil:
 cdef extern from "Python.h" nogil:
     int PY_SSIZE_T_MAX
 
+cdef extern from "passthrough.h":
+    int UPT_NATIVE
+    int upt_want
+    unsigned upt_stack_depth
+    int upt_offered
+    int upt_enabled
+    int upt_install(fuse_session *se, int fd)
+    void upt_conn_init(fuse_conn_info *conn)
+    void upt_set_backing(fuse_file_info *fi, int backing_id)
+    void upt_reply_done()
+    int upt_backing_open(int session_fd, int fd)
+    int upt_backing_close(int session_fd, int backing_id)
+
 ################
 # PYTHON IMPORTS
 ################
@@ -366,12 +379,16 @@ cdef class FileInfo:
     cdef public bint direct_io
     cdef public bint keep_cache
     cdef public bint nonseekable
+    #: a backing id from `backing_open`: the kernel does this open's I/O on that file
+    #: itself (FUSE passthrough); 0: the filesystem's read and write serve it
+    cdef public int backing_id
 
-    def __cinit__(self, fh=0, direct_io=0, keep_cache=1, nonseekable=0):
+    def __cinit__(self, fh=0, direct_io=0, keep_cache=1, nonseekable=0, backing_id=0):
         self.fh = fh
         self.direct_io = direct_io
         self.keep_cache = keep_cache
         self.nonseekable = nonseekable
+        self.backing_id = backing_id
 
     cdef _copy_to_fuse(self, fuse_file_info *out):
         out.fh = self.fh
@@ -393,6 +410,10 @@ cdef class FileInfo:
             out.nonseekable = 1
         else:
             out.nonseekable = 0
+
+        if self.backing_id > 0:
+            out.keep_cache = 0  # the kernel refuses a passthrough open that keeps a cache
+        upt_set_backing(out, self.backing_id)
 
 
 @cython.freelist(1)
@@ -819,6 +840,7 @@ def init(ops, mountpoint, options=default_options):
     global mountpoint_b
     global session
     global session_fd
+    global upt_want
     global worker_data
 
     worker_data = _WorkerData()
@@ -839,6 +861,47 @@ def init(ops, mountpoint, options=default_options):
         raise RuntimeError('fuse_session_mount failed')
 
     session_fd = fuse_session_fd(session)
+
+    # Operations.passthrough: the INIT and OPEN replies must say so (passthrough.h)
+    upt_want = 1 if getattr(ops, 'passthrough', False) else 0
+    if upt_want:
+        res = upt_install(session, session_fd)
+        if res != 0:
+            raise RuntimeError('fuse_session_custom_io failed: %s' % strerror(-res))
+
+
+def passthrough_enabled():
+    '''True once the kernel has agreed to FUSE passthrough on this session: it
+    offered it, `Operations.passthrough` asked for it, and writeback caching is off
+    (the kernel refuses the two together). Known after the INIT request, that is from
+    `Operations.init` on.'''
+    return bool(upt_enabled)
+
+
+def passthrough_offered():
+    '''True if the kernel offered FUSE passthrough in its INIT request.'''
+    return bool(upt_offered)
+
+
+def backing_open(int fd):
+    '''Register *fd* as a backing file (FUSE_DEV_IOC_BACKING_OPEN) and return its
+    backing id, for `FileInfo.backing_id`. The kernel keeps its own reference to the
+    file: *fd* may be closed afterwards. One backing id per inode: every open of an
+    inode that is open in passthrough mode must give the same id (the kernel fails
+    the open with EIO otherwise), and no open of it may be in caching mode at the
+    same time. Needs CAP_SYS_ADMIN in the initial user namespace (else EPERM).'''
+    cdef int res = upt_backing_open(session_fd, fd)
+    if res < 0:
+        raise OSError(-res, strerror(-res))
+    return res
+
+
+def backing_close(int backing_id):
+    '''Drop a backing id (FUSE_DEV_IOC_BACKING_CLOSE); files the kernel opened with
+    it keep their backing file until they are closed.'''
+    cdef int res = upt_backing_close(session_fd, backing_id)
+    if res < 0:
+        raise OSError(-res, strerror(-res))
 
 
 @async_wrapper

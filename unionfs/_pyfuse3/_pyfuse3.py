@@ -96,6 +96,10 @@ class Operations:
     #: (pread at the request's offset), without calling `read`. Kept by the filesystem:
     #: an entry must go before its fd is closed or the handle is released.
     read_fds: Optional[Dict[int, int]] = None
+    #: ask the kernel for FUSE passthrough (a libfuse of 3.14 or later, a kernel with
+    #: protocol 7.40 or later); writeback caching is then off. See `passthrough_enabled`,
+    #: `backing_open` and `FileInfo.backing_id`.
+    passthrough: bool = False
 
     def init(self) -> None:
         '''Initialize operations.

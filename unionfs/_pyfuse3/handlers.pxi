@@ -50,6 +50,8 @@ cdef void fuse_init (void *userdata, fuse_conn_info *conn):
     if (operations.enable_cache_symlinks and
         conn.capable & FUSE_CAP_CACHE_SYMLINKS):
         conn.want |= FUSE_CAP_CACHE_SYMLINKS
+    # FUSE passthrough, if asked for and offered (it turns writeback caching off)
+    upt_conn_init(conn)
 
     # Blocking rather than async, in case we decide to let the
     # init handler modify `conn` in the future.
@@ -397,6 +399,7 @@ async def fuse_open_async (_Container c):
     else:
         fi._copy_to_fuse(&c.fi)
         ret = fuse_reply_open(c.req, &c.fi)
+        upt_reply_done()
 
     if ret != 0:
         log.error('fuse_link(): fuse_reply_* failed with %s', strerror(-ret))
@@ -977,6 +980,7 @@ async def fuse_create_async (_Container c, name):
         entry = <EntryAttributes?> tmp[1]
         fi._copy_to_fuse(&c.fi)
         ret = fuse_reply_create(c.req, &entry.fuse_param, &c.fi)
+        upt_reply_done()
 
     if ret != 0:
         log.error('fuse_create(): fuse_reply_* failed with %s', strerror(-ret))
