@@ -84,6 +84,7 @@ def test_user_mounts_and_unmounts_through_fusermount(user):
     # the upper is in the userxattr format: the user owns all of it, nothing trusted.*
     with open(os.path.join(upper, "file")) as f:
         assert f.read() == "lower\nmore\n"
+    assert _NO_PASSTHROUGH in _daemon_log(upper)
     st = os.lstat(os.path.join(upper, "dir", "gone"))
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
     ino = os.getxattr(os.path.join(upper, "file"), "user.overlay.unionfs.ino")
@@ -138,6 +139,18 @@ def test_user_namespace_root_mounts_directly(user):
     st = os.lstat(os.path.join(upper, "dir", "sub"))
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
     assert os.lstat(os.path.join(upper, "file")).st_uid == user.uid
+    # root of a user namespace is not root of the machine: no backing files for it
+    assert _NO_PASSTHROUGH in _daemon_log(upper)
+
+
+_NO_PASSTHROUGH = "passthrough: off (backing files need CAP_SYS_ADMIN in the initial user namespace)"
+
+
+def _daemon_log(upper: str) -> str:
+    """The daemon's log in the default workdir beside *upper*."""
+    work = os.path.join(os.path.dirname(upper), f".{os.path.basename(upper)}.unionfs-work")
+    with open(os.path.join(work, "unionfs.log")) as f:
+        return f.read()
 
 
 def _kernel_view_script(lower: str, upper: str, work: str, mnt: str, body: str) -> str:

@@ -33,6 +33,9 @@ class MountConfig:
     xattrs: bool = True               # noxattrs=1: no xattrs at all through the mount
     acl: bool = True                  # noacl: the kernel does not enforce POSIX ACLs
     writeback: bool = True            # the kernel's writeback cache (writeback=0: off)
+    # FUSE passthrough: "auto" asks the kernel where the binding and privileges allow it
+    # (then no writeback cache), "on" insists, "off" never asks (see fs.passthrough_plan)
+    passthrough: str = "auto"
     poll_us: int = 200                # poll this long for the next request before sleeping
     foreground: bool = False
     debug: bool = False
@@ -118,7 +121,8 @@ class MountOptions:
     static_nlink: bool = False
     xattrs: bool = True
     acl: bool = True
-    writeback: bool = True
+    writeback: bool | None = None     # None: not given (on, unless passthrough is used)
+    passthrough: str = MountConfig.passthrough
     poll_us: int = MountConfig.poll_us
     debug: bool = False
     fsname: str | None = None
@@ -236,7 +240,8 @@ _STRING_FIELDS = {"upperdir", "workdir", "fsname"}
 _BOOLS: dict[str, tuple[str, bool]] = {
     "fsync": ("fsync", True), "noxattrs": ("xattrs", False), "writeback": ("writeback", True),
 }
-_VALUED = {"lowerdir", "poll_us", "squash_to_uid", "squash_to_gid", "timeout", "uidmapping", "gidmapping",
+PASSTHROUGH = ("auto", "on", "off")
+_VALUED = {"lowerdir", "poll_us", "passthrough", "squash_to_uid", "squash_to_gid", "timeout", "uidmapping", "gidmapping",
            "xattr_permissions", "context", *_BOOLS}
 
 
@@ -315,6 +320,10 @@ def _apply_option(opts: MountOptions, item: str) -> None:
         if selinux_enabled():
             raise ConfigError("context= is not supported: unionfs does not label files for SELinux")
         opts.extra[name] = value  # no LSM here to apply the label: nothing to do
+    elif name == "passthrough":
+        if value not in PASSTHROUGH:
+            raise ConfigError(f"passthrough must be auto, on or off, not '{value}'")
+        opts.passthrough = value
     elif name == "poll_us":
         if not value.isdigit() or int(value) > MAX_POLL_US:
             raise ConfigError(f"poll_us must be a number of microseconds from 0 to {MAX_POLL_US},"
@@ -408,6 +417,7 @@ def build_config(lowers: list[str], upper: str | None, mountpoint: str,
         if _within(a, mnt):
             raise ConfigError(f"{role_a} '{a}' is inside the mountpoint '{mnt}'")
 
+    passthrough = _passthrough(opts)
     work, create = _check_workdir(layers, upper, mnt, opts.workdir, workdir)
     squash_uid, squash_gid = opts.squashed()
     config = MountConfig(
@@ -418,12 +428,26 @@ def build_config(lowers: list[str], upper: str | None, mountpoint: str,
         dev=opts.dev, suid=opts.suid,
         fsync=opts.fsync and not opts.volatile, volatile=opts.volatile, timeout=opts.timeout,
         squash_uid=squash_uid, squash_gid=squash_gid, static_nlink=opts.static_nlink,
-        xattrs=opts.xattrs, acl=opts.acl, writeback=opts.writeback,
-        poll_us=opts.poll_us, foreground=foreground, debug=debug or opts.debug,
+        xattrs=opts.xattrs, acl=opts.acl, writeback=opts.writeback is not False,
+        passthrough=passthrough, poll_us=opts.poll_us, foreground=foreground, debug=debug or opts.debug,
         fsname=opts.fsname or MountConfig.fsname,
         userxattr=opts.userxattr or not privileged(), uid_map=opts.uid_map,
         gid_map=opts.gid_map, override_stat=opts.override_stat, extra=dict(opts.extra))
     return config, create
+
+
+def _passthrough(opts: MountOptions) -> str:
+    """passthrough= as the mount will try it. The kernel does not do passthrough and the
+    writeback cache together: writeback=1, given, means no passthrough under auto and is
+    a contradiction under on; on also needs what the kernel's backing files need."""
+    if opts.passthrough == "on":
+        if opts.writeback:
+            raise ConfigError("passthrough=on and writeback=1 exclude each other (the kernel "
+                              "does not do both)")
+        if not privileged():
+            raise ConfigError("passthrough=on needs CAP_SYS_ADMIN in the initial user "
+                              "namespace (root); passthrough=auto falls back without it")
+    return "off" if opts.writeback else opts.passthrough
 
 
 def _check_workdir(layers: list[tuple[str, str, os.stat_result]], upper: str | None,

@@ -168,6 +168,13 @@ class Syncer:
             _untag(self.fmt, fd, tag)   # only now: the data is on disk before the tag goes
             os.fsync(fd)
 
+    def settled(self, fd: int) -> bool:
+        """Whether *fd*'s file carries no tag newer than the last durable batch: no repair
+        can copy its origin over it. A sync the daemon never sees (an O_SYNC write or an
+        msync the kernel does itself on a passthrough open) cannot drop a tag."""
+        tag = parse_tag(self.fmt.identity(fd, None))
+        return tag is None or tag.batch <= self.durable
+
     def _run(self) -> None:
         while True:
             with self._cond:

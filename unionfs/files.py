@@ -2,12 +2,27 @@
 
 The handle table of a union (union.Union holds one); opening, which may copy up
 first, is the Union's, and so are read and fsync (fs.py).
+
+With FUSE passthrough (`Handles.passthrough`), the kernel reads and writes an open
+upper file itself. Its rules, which this table keeps: an inode has one backing file
+while it is open in passthrough mode, so every open of a node then gets the same
+backing id; and no open of an inode may keep the kernel's page cache (caching mode)
+while another is in passthrough mode, so a node that has handles of one kind gets only
+more of that kind. A file whose copy-up is not yet durable does not pass through either:
+its syncs (an O_SYNC write, an msync) must reach the daemon, which drops the copy-up's tag
+so that no repair after a power loss copies the origin over synced data (durable.py).
+Open lower files never pass through: the kernel would open the
+lower file with the caller's flags, without O_NOATIME, and touch the lower layer's
+access times; and a read-only fd on a lower file must read the upper copy once the
+file is copied up (to_upper), which a backing file, fixed for the open, cannot.
 """
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
+from typing import Callable
 
 from . import syscalls
 from .merge import Resolver
@@ -21,13 +36,29 @@ class Handle:
     upper copy on its next read, so it never serves stale data.
     """
 
-    __slots__ = ("fd", "node", "on_upper", "flags")
+    __slots__ = ("fd", "node", "on_upper", "flags", "backing")
 
     def __init__(self, fd: int, node: Node, on_upper: bool, flags: int) -> None:
         self.fd = fd
         self.node = node
         self.on_upper = on_upper
         self.flags = flags
+        self.backing = 0  # the backing id the kernel does this open's I/O with (0: none)
+
+
+log = logging.getLogger("unionfs")
+
+
+class Passthrough:
+    """The binding's FUSE_DEV_IOC_BACKING_OPEN and _CLOSE: fd -> backing id, and back."""
+
+    def __init__(self, register: Callable[[int], int], unregister: Callable[[int], None]) -> None:
+        self.register = register
+        self.unregister = unregister
+        self.failed = False  # a registration failed (logged once)
+        # fd -> False while its copy-up is not yet durable (durable.Syncer.settled): such a
+        # file's syncs must reach the daemon, which then drops the copy-up's tag
+        self.settled: Callable[[int], bool] = lambda fd: True
 
 
 class Handles:
@@ -41,6 +72,16 @@ class Handles:
         self.fds: dict[int, int] = {}
         self._lower: dict[Node, set[int]] = {}  # open read-only on the lower copy
         self._next_fh = 1
+        # FUSE passthrough, when the kernel does it (use_passthrough): per node with open
+        # handles, [backing id, handles] for passthrough ones, or the number of others
+        self.passthrough: Passthrough | None = None
+        self._backing: dict[Node, list[int]] = {}
+        self._cached: dict[Node, int] = {}
+
+    def use_passthrough(self, pt: Passthrough) -> None:
+        """From the first request on, the kernel does passthrough (and no writeback cache)."""
+        self.passthrough = pt
+        self.writeback = False
 
     def open_flags(self, flags: int) -> int:
         """The flags our own fd is opened with, for the kernel's *flags*."""
@@ -59,11 +100,44 @@ class Handles:
         """A new handle for *fd*, open on *node*'s upper (else lower) object."""
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(fd, node, on_upper, flags & os.O_ACCMODE)
+        h = self.handles[fh] = Handle(fd, node, on_upper, flags & os.O_ACCMODE)
         self.fds[fh] = fd
         if not on_upper:
             self._lower.setdefault(node, set()).add(fh)
+        if self.passthrough is not None:
+            h.backing = self._backing_for(h)
         return fh
+
+    def _backing_for(self, h: Handle) -> int:
+        """The backing id *h* is opened with, or 0 (caching mode), by the rules above."""
+        pt, node = self.passthrough, h.node
+        entry = self._backing.get(node)
+        if entry is not None:
+            entry[1] += 1
+            return entry[0]
+        if h.on_upper and not self._cached.get(node) and pt.settled(h.fd):
+            try:
+                backing = pt.register(h.fd)
+            except OSError as e:
+                if not pt.failed:  # ELOOP: the upper is on a stacked filesystem, say
+                    pt.failed = True
+                    log.warning("passthrough: %s cannot be a backing file (%s); such opens "
+                                "are served by the daemon", node.path().decode(errors="replace"),
+                                os.strerror(e.errno or 0))
+            else:
+                self._backing[node] = [backing, 1]
+                return backing
+        self._cached[node] = self._cached.get(node, 0) + 1
+        return 0
+
+    def reply(self, fh: int) -> tuple[bool, int]:
+        """What the open's reply tells the kernel: (keep its page cache, backing id).
+        A cached open of an upper file drops the page cache when passthrough is on: a
+        passthrough open since the last one may have written past it."""
+        h = self.handles[fh]
+        if h.backing:
+            return False, h.backing
+        return self.passthrough is None or not h.on_upper, 0
 
     def to_upper(self, node: Node) -> None:
         """*node* was just copied up: its open lower handles read the upper copy from now.
@@ -140,11 +214,35 @@ class Handles:
                     fhs.discard(fh)
                     if not fhs:
                         del self._lower[h.node]
+            if self.passthrough is not None:
+                self._release_mode(h)
             os.close(h.fd)
+
+    def _release_mode(self, h: Handle) -> None:
+        """The kernel has let go of this open's I/O mode before it sent RELEASE: once a
+        node has no handles of a kind here, it has none of it in the kernel either."""
+        node = h.node
+        if h.backing:
+            entry = self._backing[node]
+            entry[1] -= 1
+            if not entry[1]:
+                del self._backing[node]
+                try:
+                    self.passthrough.unregister(entry[0])
+                except OSError as e:
+                    log.warning("passthrough: closing backing id %d: %s", entry[0], os.strerror(e.errno or 0))
+        else:
+            left = self._cached[node] - 1
+            if left:
+                self._cached[node] = left
+            else:
+                del self._cached[node]
 
     def close(self) -> None:
         self.fds.clear()
         self._lower.clear()
+        self._backing.clear()  # the backing ids end with the session
+        self._cached.clear()
         for h in self.handles.values():
             os.close(h.fd)
         self.handles.clear()

@@ -25,6 +25,7 @@ import trio
 
 from . import binding, format, syscalls
 from .config import MountConfig, privileged
+from .files import Passthrough
 from .nodes import Node
 from .union import Caller, SetAttr, Union
 
@@ -111,6 +112,7 @@ class Operations(pyfuse3.Operations):
     # after a reply, poll for the next request this long before sleeping (-o poll_us=)
     poll_us = MountConfig.poll_us
     supports_dot_lookup = True
+    passthrough = False  # ask the kernel for FUSE passthrough (passthrough_plan)
 
     def __init__(self, union: Union, debug: bool = False) -> None:
         super().__init__()
@@ -128,6 +130,18 @@ class Operations(pyfuse3.Operations):
         # The newest listing of each directory that readers are part-way through, by handle
         # (by inode when there are no handles): a read from offset 0 makes a new one
         self._listings: dict[int, _Listing] = {}
+
+    def init(self) -> None:
+        """During INIT, before its reply: the kernel's offer is known, and with it whether
+        open upper files pass through (the binding then turns the writeback cache off)."""
+        if not self.passthrough:
+            return
+        if pyfuse3.passthrough_offered():
+            self.u.use_passthrough(Passthrough(pyfuse3.backing_open, pyfuse3.backing_close))
+            log.info("passthrough: on (the kernel reads and writes open upper files itself; "
+                     "no writeback cache)")
+        else:
+            log.warning("passthrough: off (the kernel did not offer FUSE passthrough)")
 
     def release_layers(self) -> None:
         """At unmount, first: every fd on the layers closed (Union.release_layers; not
@@ -258,13 +272,15 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext):
         fh = await self.u.open(self.u.node(inode), flags, privileged=ctx.uid == 0)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        keep, backing = self.u.files.reply(fh)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, **_backing(backing))
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext):
         node, fh = self.u.create(self.u.node(parent_inode), name, mode, flags, _caller(ctx))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
+        keep, backing = self.u.files.reply(fh)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, **_backing(backing)), self._entry(node)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -399,6 +415,23 @@ class Operations(pyfuse3.Operations):
         return True  # default_permissions: the kernel has already checked
 
 
+def _backing(backing: int) -> dict[str, int]:
+    # a stock pyfuse3's FileInfo has no backing_id (and its opens never get one)
+    return {"backing_id": backing} if backing else {}
+
+
+def passthrough_plan(config: MountConfig) -> tuple[bool, str]:
+    """Whether the mount asks the kernel for FUSE passthrough, and if not, why (one phrase
+    for the daemon's log). Whether the kernel agrees is known at INIT (Operations.init)."""
+    if config.passthrough == "off":
+        return False, "-o passthrough=off, or writeback=1"
+    if not hasattr(pyfuse3, "backing_open"):
+        return False, "the FUSE binding has no passthrough"
+    if not privileged():
+        return False, "backing files need CAP_SYS_ADMIN in the initial user namespace"
+    return True, ""
+
+
 def fuse_options(config: MountConfig) -> set[str]:
     """pyfuse3.init options for a mount described by *config*."""
     opts = {"default_permissions", f"fsname={config.fsname}", "subtype=unionfs"}
@@ -416,4 +449,5 @@ def make_operations(config: MountConfig) -> Operations:
     fmt = format.for_mount(config.userxattr, privileged())
     ops = Operations(Union(config, writeback=config.writeback, fmt=fmt), debug=config.debug)
     ops.poll_us = config.poll_us
+    ops.passthrough, _ = passthrough_plan(config)
     return ops

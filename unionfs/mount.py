@@ -189,6 +189,11 @@ def _prepare(config: MountConfig) -> _Serving:
         raise MountError(f"the filesystem core is not available ({e})") from None
     pyfuse3 = fuse.module
     log.info("FUSE binding: %s; poll_us=%d", fuse.describe(), config.poll_us)
+    wanted, why_not = fs.passthrough_plan(config)
+    if not wanted:
+        if config.passthrough == "on":
+            raise MountError(f"passthrough=on: {why_not}")
+        log.info("passthrough: off (%s)", why_not)
     if fuse.missing():
         log.warning("running on %s without the fast paths %s (%s): more requests and more "
                     "time per request; `pip install .` builds the built-in binding",

@@ -23,7 +23,7 @@ from . import durable, syscalls, workdir
 from .changes import Journal
 from .config import MountConfig
 from .copyup import CopyUp, run_in_thread
-from .files import Handle, Handles, kill_setid
+from .files import Handle, Handles, Passthrough, kill_setid
 from .format import NAME_MAX, OVERLAY, Format, check_upper
 from .layers import walk_tree
 from .merge import Entry
@@ -416,6 +416,13 @@ class Union:
 
     def handle(self, fh: int) -> Handle:
         return self.files.get(fh)
+
+    def use_passthrough(self, pt: Passthrough) -> None:
+        """The kernel does FUSE passthrough on this mount (and so no writeback cache)."""
+        self.writeback = False
+        if self.syncer is not None:
+            pt.settled = self.syncer.settled
+        self.files.use_passthrough(pt)
 
     def write(self, fh: int, off: int, data: bytes) -> int:
         return self.files.write(fh, off, data)
