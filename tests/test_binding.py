@@ -33,6 +33,7 @@ class Counted:
     """The daemon's counts, filled in once it has been unmounted and has exited."""
     calls: dict[str, int]
     readdir_fhs: list[int]
+    passthrough: bool
 
 
 @contextlib.contextmanager
@@ -60,6 +61,7 @@ def counting_mount(tmp_path: Path, **features: int) -> Iterator[tuple[str, Count
         result = json.loads(out)
         counted.calls = _counts(result["calls"])
         counted.readdir_fhs = result["readdir_fhs"]
+        counted.passthrough = result["passthrough"]
     finally:
         force_unmount(str(mnt))
         if proc.poll() is None:
@@ -88,6 +90,46 @@ def test_read_fds_answers_reads_without_python(tmp_path: Path, on: bool) -> None
         assert counted.calls["read"] == 0, counted.calls
     else:
         assert counted.calls["read"] >= 4, counted.calls
+
+
+def _kernel_has_passthrough() -> bool:
+    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", os.uname().release).groups())
+    return (major, minor) >= (6, 9)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="backing files need CAP_SYS_ADMIN (root)")
+@pytest.mark.skipif(not _kernel_has_passthrough(), reason="FUSE passthrough is Linux 6.9+")
+def test_passthrough_reads_and_writes_without_the_daemon(tmp_path: Path) -> None:
+    """With passthrough=1 binding_fs gives its data file's opens one backing id: reads
+    and writes never reach it (it has no write handler at all), and two files open at
+    once share the backing file the kernel writes to."""
+    with counting_mount(tmp_path, passthrough=1) as (mnt, counted, _):
+        path = os.path.join(mnt, "data")
+        with open(path, "rb") as reader, open(path, "r+b", buffering=0) as writer:
+            reader.seek(4096 * 3 + 17)
+            assert reader.read(100) == DATA[4096 * 3 + 17:4096 * 3 + 117]
+            writer.seek(5000)
+            assert writer.write(b"through") == 7
+            reader.seek(5000)
+            assert reader.read(7) == b"through"
+        assert Path(path).read_bytes()[4990:5010] == DATA[4990:5000] + b"through" + DATA[5007:5010]
+    assert counted.passthrough
+    assert counted.calls["open"] == 3 and counted.calls["release"] == 3, counted.calls
+    assert counted.calls["read"] == 0, counted.calls
+    assert (tmp_path / "backing").read_bytes()[5000:5007] == b"through"
+
+
+def test_without_passthrough_the_daemon_reads(tmp_path: Path) -> None:
+    """The same file without passthrough=1: reads reach the daemon, and so would writes
+    (binding_fs refuses them: it has no write handler)."""
+    with counting_mount(tmp_path) as (mnt, counted, _):
+        with open(os.path.join(mnt, "data"), "rb") as f:
+            assert f.read() == DATA
+        with pytest.raises(OSError):
+            with open(os.path.join(mnt, "data"), "r+b", buffering=0) as f:
+                f.write(b"x")
+    assert not counted.passthrough
+    assert counted.calls["read"] >= 1, counted.calls
 
 
 @pytest.mark.parametrize("on", [True, False], ids=["no_opendir", "opendir"])
@@ -213,7 +255,7 @@ def test_patch_series_is_the_whole_difference_from_upstream(tmp_path: Path) -> N
 
 # -- what unionfs says about its binding --------------------------------------------------------
 
-ALL_FAST_PATHS = "cache_readdir, cache_symlinks, no_opendir, queued_requests, poll_us, read_fds, idle_tasks, fallocate, lseek"
+ALL_FAST_PATHS = "cache_readdir, cache_symlinks, no_opendir, queued_requests, poll_us, read_fds, idle_tasks, fallocate, lseek, passthrough"
 
 
 def test_version_names_the_builtin_binding() -> None:
