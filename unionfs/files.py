@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import stat
+import weakref
 from typing import Callable
 
 from . import syscalls
@@ -77,6 +78,7 @@ class Handles:
         self.passthrough: Passthrough | None = None
         self._backing: dict[Node, list[int]] = {}
         self._cached: dict[Node, int] = {}
+        self._passed: weakref.WeakSet[Node] = weakref.WeakSet()  # have had a passthrough open
 
     def use_passthrough(self, pt: Passthrough) -> None:
         """From the first request on, the kernel does passthrough (and no writeback cache)."""
@@ -126,18 +128,19 @@ class Handles:
                                 os.strerror(e.errno or 0))
             else:
                 self._backing[node] = [backing, 1]
+                self._passed.add(node)
                 return backing
         self._cached[node] = self._cached.get(node, 0) + 1
         return 0
 
     def reply(self, fh: int) -> tuple[bool, int]:
         """What the open's reply tells the kernel: (keep its page cache, backing id).
-        A cached open of an upper file drops the page cache when passthrough is on: a
-        passthrough open since the last one may have written past it."""
+        A caching open of a node that has had a passthrough open drops the page cache: the
+        kernel wrote that file past it."""
         h = self.handles[fh]
         if h.backing:
             return False, h.backing
-        return self.passthrough is None or not h.on_upper, 0
+        return h.node not in self._passed, 0
 
     def to_upper(self, node: Node) -> None:
         """*node* was just copied up: its open lower handles read the upper copy from now.
