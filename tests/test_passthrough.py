@@ -26,6 +26,9 @@ def _kernel_has_passthrough() -> bool:
 
 
 def _why_no_passthrough() -> str:
+    from unionfs import binding
+    if "passthrough" not in binding.load().fast_paths:
+        return "the FUSE binding has no passthrough (a stock pyfuse3)"
     if os.geteuid() != 0:
         return "backing files need CAP_SYS_ADMIN (root)"
     return "" if _kernel_has_passthrough() else "FUSE passthrough is Linux 6.9+"
