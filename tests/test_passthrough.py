@@ -12,6 +12,7 @@ import mmap
 import os
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -147,3 +148,30 @@ def test_writeback_given_means_no_passthrough(layers) -> None:
         with open(layers.m("dir/a.txt"), "a") as f:
             f.write("x")
     assert "passthrough: off (-o passthrough=off, or writeback=1)" in _log(layers)
+
+
+def test_a_copied_up_file_passes_through_once_its_copy_up_is_durable(layers) -> None:
+    """No fsync: the deferred syncer settles the copy-up by itself (one more syncfs after a
+    batch when no copy-up follows), and from then on opens of the file pass through. Each
+    round appends one byte and looks at the daemon's log for a WRITE; until the syncer
+    has settled the batch (a background thread: polled, with a deadline) they are served
+    by the daemon."""
+    if _why_no_passthrough():
+        pytest.skip(_why_no_passthrough())
+    with unionfs_mount(layers.lowers, layers.upper, layers.mnt, workdir=layers.work,
+                       options=["debug"]):
+        path = layers.m("dir/a.txt")
+        deadline = time.monotonic() + 60
+        rounds = 0
+        while True:
+            before = len(re.findall(r" DEBUG: write\(", _log(layers)))
+            with open(path, "ab", buffering=0) as f:
+                f.write(b"+")
+            rounds += 1
+            if len(re.findall(r" DEBUG: write\(", _log(layers))) == before:
+                break
+            assert time.monotonic() < deadline, "the copy-up never settled"
+            time.sleep(0.02)
+        with open(path, "rb") as f:
+            assert f.read() == b"bottom-a\n" + b"+" * rounds
+    assert rounds >= 2  # the copy-up's own open was the daemon's

@@ -19,6 +19,10 @@ file. We link first and sync later, in batches, and keep the guarantee:
   reaches the disk with the next batch's syncfs (or the fsync at unmount), and from
   then on every tag up to that number means "synced": tags are never removed one
   by one, so a batch costs one syncfs and one small write, whatever its size.
+* When no copy-up follows a batch, the thread syncfs()es once more after the batch
+  delay, so the record becomes durable and the batch's tags settled (a file with an
+  unsettled tag is not opened in passthrough mode, files.py) without waiting for a
+  next batch.
 * fsync of a file through the mount whose tag is not yet known durable syncs its
   data, then drops the tag and syncs again: a repair must never undo data the
   user synced.
@@ -178,24 +182,47 @@ class Syncer:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._dirty and not self._stopping:
+                while not self._dirty and not self._stopping and not self._unsettled():
                     self._cond.wait()
                 if not self._stopping:
-                    self._cond.wait(BATCH_DELAY)  # only close() notifies meanwhile
+                    self._cond.wait(BATCH_DELAY)  # close(), or a copy-up after a batch, notifies
                 if self._stopping:
                     return  # close() syncs what is pending itself, and closes the fds
-                batch, self.batch = self.batch, self.batch + 1
-                self._dirty = False
+                settle = not self._dirty
+                # No copy-up since the last batch: one more syncfs makes its record
+                # durable, so its files are settled (passthrough waits for that) without
+                # waiting for a next batch that may never come.
+                written = self._written
+                if not settle:
+                    batch, self.batch = self.batch, self.batch + 1
+                    self._dirty = False
                 self._flushing = True
-            try:
-                self._flush(batch)
-            except Exception:  # noqa: BLE001 - the thread must go on; close() leaves the hint
-                log.exception("syncing copied-up files failed; their tags stay unsettled")
-                self._failed = True
-            finally:
-                with self._cond:
-                    self._flushing = False
-                    self._cond.notify_all()
+            if settle:
+                self._step(lambda: self._settle(written),
+                           "syncing the record of synced copy-ups failed")
+            else:
+                self._step(lambda: self._flush(batch),
+                           "syncing copied-up files failed; their tags stay unsettled")
+
+    def _step(self, work: Callable[[], None], failure: str) -> None:
+        """One sync of the thread; a failure is logged and leaves the hint at close()."""
+        try:
+            work()
+        except Exception:  # noqa: BLE001 - the thread must go on; close() leaves the hint
+            log.exception(failure)
+            self._failed = True
+        finally:
+            with self._cond:
+                self._flushing = False
+                self._cond.notify_all()
+
+    def _settle(self, written: int) -> None:
+        syscalls.syncfs(self.upper_fd)
+        self.durable = written
+
+    def _unsettled(self) -> bool:
+        """A batch is recorded, but the record is not known durable yet."""
+        return not self._failed and self.durable < self._written
 
     def _flush(self, batch: int) -> None:
         """Every copy-up tagged *batch* or earlier has its data written by now: sync them
