@@ -45,6 +45,7 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_data  # noqa: E402
+import fusetrace  # noqa: E402
 
 IMPLS = ("kernel", "fuse-overlayfs", "unionfs")
 SHORT = {"kernel": "kernel", "fuse-overlayfs": "fuse-ovl", "unionfs": "unionfs"}
@@ -353,6 +354,8 @@ class Runner:
     profile_args: list[str] = field(default_factory=list)
     lowers: list[str] = field(default_factory=list)
     seq: int = 0
+    trace: bool = False  # --requests: count the FUSE requests of each timed run
+    requests: dict[str, int] | None = None  # those of the last run
 
     def _fresh(self, impl: Impl) -> tuple[str, str, str]:
         self.seq += 1
@@ -396,6 +399,7 @@ class Runner:
                      "-o", f"{self.profile_dir}/{wl.name}-{mode}-{tag}.txt", *self.profile_args],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)  # let it attach
+            inst = fusetrace.start(conn=fusetrace.connection(mnt)) if self.trace and impl.name != "kernel" else None
             cpu0 = cpu_seconds(pid)
             t0 = time.perf_counter()
             try:
@@ -403,6 +407,12 @@ class Runner:
             finally:
                 dt = time.perf_counter() - t0
                 cpu1 = cpu_seconds(pid)
+                if inst:
+                    lines = fusetrace.stop(inst)
+                    if fusetrace.overflowed(lines):
+                        print(f"WARNING: {wl.name} {mode} {impl.name}: the trace buffer overflowed",
+                              file=sys.stderr)
+                    self.requests = fusetrace.parse(lines)[1]
                 if prof:
                     prof.send_signal(signal.SIGINT)
                     prof.wait()
@@ -503,6 +513,35 @@ def table(res: dict, impls: list[str], cpu: dict, ref: dict) -> str:
     return "\n".join(lines)
 
 
+def request_table(reqs: dict, impls: list[str]) -> str:
+    """Per workload and mode: each implementation's requests in all, and by opcode (the
+    opcodes any of them got, most first), medians over the runs."""
+    def med(runs: list[dict[str, int]], op: str | None) -> int:
+        return round(statistics.median(sum(r.values()) if op is None else r.get(op, 0) for r in runs))
+    cols = ["workload", "mode"] + [f"{SHORT.get(i, i)} requests" for i in impls]
+    if len(impls) == 2:
+        cols.append(f"{SHORT.get(impls[1], impls[1])}/{SHORT.get(impls[0], impls[0])}")
+    cols.append("by opcode (" + " / ".join(SHORT.get(i, i) for i in impls) + ")")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if k < 2 else "---:" if k < len(cols) - 1
+                                                           else "---" for k in range(len(cols))) + "|"]
+    for wl, modes in reqs.items():
+        for mode, by_impl in modes.items():
+            if not all(by_impl.get(i) for i in impls):
+                continue
+            ops: dict[str, int] = {}
+            for i in impls:
+                for op in set().union(*by_impl[i]):
+                    ops[op] = max(ops.get(op, 0), med(by_impl[i], op))
+            totals = [med(by_impl[i], None) for i in impls]
+            row = [wl, mode] + [f"{t:,}" for t in totals]
+            if len(impls) == 2:
+                row.append(f"{totals[1] / totals[0]:.2f}x" if totals[0] else "-")
+            row.append(", ".join(f"{op.removeprefix('FUSE_')} " + "/".join(f"{med(by_impl[i], op):,}" for i in impls)
+                                 for op in sorted(ops, key=lambda o: -ops[o])))
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def machine() -> dict:
     mem = ""
     with open("/proc/meminfo") as f:
@@ -539,6 +578,9 @@ def main() -> int:
     ap.add_argument("--unionfs-as", action="append", default=[], metavar="NAME=COMMAND",
                     help="also run the unionfs install COMMAND as implementation unionfs@NAME "
                          "(repeatable: installs side by side, interleaved like the others)")
+    ap.add_argument("--requests", action="store_true",
+                    help="also count the FUSE requests of each timed run (fusetrace) and print "
+                         "them per workload, unionfs against fuse-overlayfs")
     ap.add_argument("--upper-fs", choices=("fresh", "host"), default="fresh",
                     help="fresh: uppers on a new ext4 made for the run (default); host: on --cache-dir's filesystem")
     args = ap.parse_args()
@@ -587,7 +629,10 @@ def run(args: argparse.Namespace, wls: list[Workload], impls: list[str], modes: 
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     mounts = Mounts(run_root)
-    runner = Runner(ctx, mounts, run_root, args.profile, args.profile_args.split(), lowers=[f"{data}/top", f"{data}/bottom"])
+    runner = Runner(ctx, mounts, run_root, args.profile, args.profile_args.split(),
+                    lowers=[f"{data}/top", f"{data}/bottom"], trace=args.requests)
+    if args.requests:
+        fusetrace._setup()
     def interrupt(*_a) -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt)
@@ -597,6 +642,7 @@ def run(args: argparse.Namespace, wls: list[Workload], impls: list[str], modes: 
     objs = {i: Impl(i, installs.get(i, unionfs_cmd), f"{run_root}/rundir") for i in impls}
     res: dict = {w.name: {m: {i: [] for i in impls} for m in modes} for w in wls}
     cpu: dict = {w.name: {m: {i: [] for i in impls} for m in modes} for w in wls}
+    reqs: dict = {w.name: {m: {i: [] for i in impls} for m in modes} for w in wls}
     ref: dict = {}
     mach = machine()
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -625,8 +671,11 @@ def run(args: argparse.Namespace, wls: list[Workload], impls: list[str], modes: 
             for wl in wls:
                 for mode in modes:
                     for i in order:
+                        runner.requests = None
                         dt, c = runner.once(objs[i], wl, mode, f"r{rep}")
                         res[wl.name][mode][i].append(dt)
+                        if runner.requests is not None:
+                            reqs[wl.name][mode][i].append(runner.requests)
                         if c is not None:
                             cpu[wl.name][mode][i].append(c / dt)
                         print(f"rep {rep + 1}/{args.repeat} {wl.name:10} {mode:4} {i:15} {dt:8.3f}s"
@@ -651,11 +700,16 @@ def run(args: argparse.Namespace, wls: list[Workload], impls: list[str], modes: 
           f"{started:%Y-%m-%d} UTC; nproc {mach['nproc']}, {mach['memory']}, kernel {mach['kernel']}")
     print()
     print(table(res, impls, cpu, ref))
+    if args.requests:
+        print()
+        print(f"FUSE requests per timed run (medians of {args.repeat}), by opcode")
+        print()
+        print(request_table(reqs, [i for i in impls if i != "kernel"]))
     if args.json:
         out = {"date": started.isoformat(), "interrupted": interrupted, "machine": mach, "scale": args.scale, "repeat": args.repeat,
                "manifest": {k: v for k, v in manifest.items() if not isinstance(v, list)},
                "workloads": {w.name: w.desc for w in wls},
-               "times": res, "unionfs_daemon_cpu_fraction": cpu, "reference_cp_reflink": ref,
+               "times": res, "unionfs_daemon_cpu_fraction": cpu, "requests": reqs, "reference_cp_reflink": ref,
                "medians": {w: {m: {i: statistics.median(v) if v else None for i, v in d.items()}
                                for m, d in md.items()} for w, md in res.items()}}
         with open(args.json, "w") as f:
