@@ -255,7 +255,7 @@ def test_patch_series_is_the_whole_difference_from_upstream(tmp_path: Path) -> N
 
 # -- what unionfs says about its binding --------------------------------------------------------
 
-ALL_FAST_PATHS = "cache_readdir, cache_symlinks, no_opendir, queued_requests, poll_us, read_fds, idle_tasks, fallocate, lseek, passthrough"
+ALL_FAST_PATHS = "cache_readdir, cache_symlinks, dont_mask, no_opendir, queued_requests, poll_us, read_fds, idle_tasks, fallocate, lseek, passthrough"
 
 
 def test_version_names_the_builtin_binding() -> None:

@@ -359,7 +359,8 @@ def test_mkdir_over_unlinked_file_like_kernel(pair):
     assert res[0] == res[1]
 
 
-@pytest.mark.xfail(strict=True, reason="FUSE_CAP_DONT_MASK not used: the kernel applies the umask despite a default ACL, and the daemon's chmod after create rewrites the inherited ACL mask/other")
+@pytest.mark.xfail("dont_mask" not in binding.load().fast_paths, strict=True,
+                   reason="a stock pyfuse3 cannot ask for FUSE_CAP_DONT_MASK: the kernel applies the umask despite a default ACL")
 def test_default_acl_create_like_kernel(pair):
     """With a default ACL on the parent the umask is not applied (POSIX.1e)."""
     res = []
@@ -377,6 +378,111 @@ def test_default_acl_create_like_kernel(pair):
     finally:
         os.umask(old)
     assert res[0] == res[1]
+
+
+def _getfacl(path: str) -> str:
+    return subprocess.run(["getfacl", "-cpn", path], capture_output=True, text=True, check=True).stdout
+
+
+def _setfacl(*args: str) -> None:
+    subprocess.run(["setfacl", *args], check=True)
+
+
+def test_named_user_acl_enforced_like_kernel(tmp_path):
+    """The kernel checks a named user's ACL entry (it caches the ACL the daemon gives it):
+    granted where the mode alone refuses, refused where the mode alone grants; a chmod
+    narrows the mask, and the named entry with it."""
+    with both(tmp_path) as (a, b):
+        res = []
+        for L in (a, b):
+            write(L.m("tmp/granted"), b"g")
+            os.chmod(L.m("tmp/granted"), 0o600)
+            write(L.m("tmp/refused"), b"r")
+            os.chmod(L.m("tmp/refused"), 0o644)
+            _setfacl("-m", "u:1000:rw", L.m("tmp/granted"))
+            _setfacl("-m", "u:1000:---", L.m("tmp/refused"))
+            row = [run_as(lambda: write("tmp/granted", b"x", os.O_WRONLY), cwd=L.mnt),
+                   run_as(lambda: read("tmp/refused"), cwd=L.mnt),
+                   run_as(lambda: read("tmp/refused"), cwd=L.mnt, uid=1001, gid=1001)]
+            os.chmod(L.m("tmp/granted"), 0o640)  # the mask becomes r--
+            row += [run_as(lambda: write("tmp/granted", b"y", os.O_WRONLY), cwd=L.mnt),
+                    run_as(lambda: read("tmp/granted"), cwd=L.mnt),
+                    oct(stat.S_IMODE(os.lstat(L.m("tmp/granted")).st_mode)), _getfacl(L.m("tmp/granted"))]
+            _setfacl("-m", "m::rw", L.m("tmp/granted"))  # and the mode's group bits follow the mask
+            row += [oct(stat.S_IMODE(os.lstat(L.m("tmp/granted")).st_mode)),
+                    run_as(lambda: write("tmp/granted", b"z", os.O_WRONLY), cwd=L.mnt),
+                    _getfacl(L.u("tmp/granted"))]
+            res.append(row)
+        assert res[0] == res[1]
+        assert res[0][:5] == [0, errno.EACCES, 0, errno.EACCES, 0]
+
+
+def test_lower_file_acl_survives_copy_up_like_kernel(tmp_path):
+    """A lower file's ACL is copied up with it and goes on being enforced."""
+    from conftest import make_layers
+    res = []
+    layouts = [make_layers(str(tmp_path / n)) for n in ("uf", "k")]
+    for L in layouts:
+        os.chmod(os.path.join(L.bottom, "wdir/z.txt"), 0o640)
+        _setfacl("-m", "u:1000:r,u:1001:rw", os.path.join(L.bottom, "wdir/z.txt"))
+        _setfacl("-d", "-m", "u:1000:rwx", os.path.join(L.bottom, "wdir"))
+    a, b = layouts
+    with kernel_overlay(b.kernel_lowers, b.upper, b.work, b.mnt):
+        with unionfs_mount(a.kernel_lowers, a.upper, a.mnt, workdir=a.work, options=("allow_other",)):
+            for L in (a, b):
+                row = [_getfacl(L.m("wdir/z.txt")),
+                       run_as(lambda: read("wdir/z.txt"), cwd=L.mnt),
+                       run_as(lambda: write("wdir/z.txt", b"x", os.O_WRONLY), cwd=L.mnt)]
+                write(L.m("wdir/z.txt"), b"appended", os.O_WRONLY | os.O_APPEND)  # copy-up
+                row += [_getfacl(L.m("wdir/z.txt")), _getfacl(L.u("wdir/z.txt")), _getfacl(L.u("wdir")),
+                        run_as(lambda: read("wdir/z.txt"), cwd=L.mnt),
+                        run_as(lambda: write("wdir/z.txt", b"y", os.O_WRONLY), cwd=L.mnt, uid=1001, gid=1001),
+                        run_as(lambda: write("wdir/z.txt", b"y", os.O_WRONLY), cwd=L.mnt)]
+                res.append(row)
+    assert res[0] == res[1]
+    assert res[0][1:3] == [0, errno.EACCES] and res[0][-3:] == [0, 0, errno.EACCES], res[0]
+
+
+@pytest.mark.xfail("dont_mask" not in binding.load().fast_paths, strict=True,
+                   reason="a stock pyfuse3 cannot ask for FUSE_CAP_DONT_MASK: the kernel applies the umask despite a default ACL")
+def test_default_acl_over_whiteout_and_copied_up_parent_like_kernel(pair):
+    """A new name over a whiteout is built in work/, which has no default ACL: it still
+    inherits its parent's; so does one in a lower directory copied up for it, and a
+    directory passes the default ACL on."""
+    res = []
+    old = os.umask(0o077)
+    try:
+        for L in (pair.uf, pair.k):
+            _setfacl("-d", "-m", "u:1000:rx,g::rwx,o::r", L.m("dir"))  # copies dir up
+            os.unlink(L.m("dir/a.txt"))
+            os.close(os.open(L.m("dir/a.txt"), os.O_CREAT | os.O_WRONLY, 0o664))  # over its whiteout
+            os.mkdir(L.m("dir/newsub"), 0o750)
+            os.close(os.open(L.m("dir/newsub/f"), os.O_CREAT | os.O_WRONLY, 0o666))
+            os.mkfifo(L.m("dir/p"), 0o644)
+            res.append([(oct(stat.S_IMODE(os.lstat(L.m(p)).st_mode)), _getfacl(L.m(p)), _getfacl(L.u(p)))
+                        for p in ("dir/a.txt", "dir/newsub", "dir/newsub/f", "dir/p")])
+    finally:
+        os.umask(old)
+    assert res[0] == res[1]
+
+
+def test_umask_without_default_acl_like_kernel(pair):
+    """Where the parent has no default ACL the daemon applies the caller's umask, which the
+    kernel hands it (DONT_MASK) instead of applying it itself."""
+    res = []
+    old = os.umask(0o027)
+    try:
+        for L in (pair.uf, pair.k):
+            os.close(os.open(L.m("dir/new"), os.O_CREAT | os.O_WRONLY, 0o777))
+            os.mkdir(L.m("dir/newd"), 0o777)
+            os.mknod(L.m("dir/newp"), stat.S_IFIFO | 0o666)
+            os.unlink(L.m("dir/a.txt"))
+            os.mkdir(L.m("dir/a.txt"), 0o777)  # over a whiteout, through work/
+            res.append([oct(os.lstat(L.m(p)).st_mode) for p in ("dir/new", "dir/newd", "dir/newp", "dir/a.txt")])
+    finally:
+        os.umask(old)
+    assert res[0] == res[1]
+    assert res[0][0] == oct(stat.S_IFREG | 0o750)
 
 
 def test_long_symlink_targets_like_kernel(pair):

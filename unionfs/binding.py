@@ -24,6 +24,7 @@ CHOICE = "UNIONFS_BINDING"
 FAST_PATHS = (
     ("cache_readdir", 1),    # the kernel keeps directory listings
     ("cache_symlinks", 1),   # ... and symlink targets
+    ("dont_mask", 1),        # the umask left to the daemon (a default ACL overrides it)
     ("no_opendir", 2),       # no OPENDIR/RELEASEDIR round trips
     ("queued_requests", 3),  # a queued request taken without a trip through epoll
     ("poll_us", 4),          # a short poll for the next request before sleeping

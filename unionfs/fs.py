@@ -99,7 +99,7 @@ def _is_ctx(obj: object) -> bool:
 
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
-    return Caller(ctx.uid, ctx.gid)
+    return Caller(ctx.uid, ctx.gid, ctx.umask)
 
 
 class Operations(pyfuse3.Operations):
@@ -108,6 +108,10 @@ class Operations(pyfuse3.Operations):
     # the built-in binding only (docs/binding.md), ignored by a stock pyfuse3:
     cache_readdir = True  # listings stay in the kernel until the directory changes
     enable_cache_symlinks = True  # a symlink's target never changes: the kernel keeps it
+    # the kernel leaves the umask to the daemon, which applies it unless the parent has a
+    # default ACL (acl.py); on a stock pyfuse3 the kernel applies it first, as POSIX.1e
+    # does not want where a default ACL is
+    enable_dont_mask = True
     no_opendir = ZERO_OPENDIR  # no OPENDIR/RELEASEDIR round trips; readdir gets the inode
     # after a reply, poll for the next request this long before sleeping (-o poll_us=)
     poll_us = MountConfig.poll_us
@@ -121,6 +125,7 @@ class Operations(pyfuse3.Operations):
         config = union.config
         self.timeout = config.timeout  # seconds the kernel may trust an entry or attributes
         self.enable_acl = config.acl
+        self.enable_dont_mask = config.acl  # without ACLs the kernel's umask is the rule
         self.enable_writeback_cache = config.writeback
         self.volatile = config.volatile
         # the built-in binding (UNIONFS_PATCH 5) answers READs of these handles itself

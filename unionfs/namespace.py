@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
 
-from . import format, syscalls
+from . import acl, format, syscalls
 from .changes import Journal
 from .copyup import CopyUp
 from .files import Handles
@@ -43,6 +43,7 @@ class Caller:
 
     uid: int = 0
     gid: int = 0
+    umask: int = 0  # applied by the daemon (acl.new_mode): the kernel leaves it (DONT_MASK)
 
 
 class View(Protocol):
@@ -64,8 +65,10 @@ class Namespace:
 
     def __init__(self, view: View, resolver: Resolver, nodes: NodeTable, fmt: Format,
                  journal: Journal, files: Handles, work: WorkDir | None,
-                 copyup: CopyUp | None, owners: Owners, override: StatOverride) -> None:
+                 copyup: CopyUp | None, owners: Owners, override: StatOverride,
+                 acls: bool = True) -> None:
         self.u = view
+        self.acls = acls  # default ACLs of parents apply to new objects (not with noacl)
         self.owners = owners  # who a caller's new object belongs to on disk (uidmapping=)
         self.override = override  # or in user.containers.override_stat (xattr_permissions=2)
         self.r = resolver
@@ -134,6 +137,9 @@ class Namespace:
         e, ufd = self._prepare_create(parent, name)
         assert self.work is not None
         uid, gid, mode = self._owner(parent, caller, mode)
+        default_acl = (syscalls.getxattr(ufd, b"", acl.DEFAULT)
+                       if self.acls and not stat.S_ISLNK(mode) else None)
+        mode, access_acl = acl.new_mode(mode, caller.umask, default_acl)
         opaque = opaque_if_hidden and (e.hidden or self.r.lower_positive(parent, name))
         via_work = e.whiteout or opaque
         dfd, dname = (self.work.fd, self.work.tmpname()) if via_work else (ufd, name)
@@ -151,6 +157,12 @@ class Namespace:
                         raise
                 if not stat.S_ISLNK(mode):
                     syscalls.chmod_at(dfd, dname, stat.S_IMODE(mode))
+                # set in full, not left to the upper's filesystem: work/ has no default ACL,
+                # and the chmod above has rewritten what a creation in place inherited
+                if access_acl is not None:
+                    syscalls.setxattr(dfd, dname, acl.ACCESS, access_acl)
+                if default_acl is not None and stat.S_ISDIR(mode):
+                    syscalls.setxattr(dfd, dname, acl.DEFAULT, default_acl)
             if opaque:
                 self.fmt.set_opaque(dfd, dname)
             st = self._finish_new(parent, name, dfd, dname if via_work else None, e,

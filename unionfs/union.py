@@ -113,7 +113,7 @@ class Union:
         self.handles = self.files.handles
         self.fds = self.files.fds  # fh -> fd, for the patched pyfuse3 to answer READs itself
         self.ns = Namespace(self, self.r, self.nodes, fmt, self.journal, self.files, self.work,
-                            self.copyup, self.owners, self.override)
+                            self.copyup, self.owners, self.override, acls=config.acl)
 
     def _find_origins(self, index: int, inos: set[int]) -> dict[int, bytes]:
         """Paths of the regular files with these st_inos (low 48 bits, as make_ino keeps
