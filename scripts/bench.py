@@ -519,8 +519,7 @@ def request_table(reqs: dict, impls: list[str]) -> str:
     def med(runs: list[dict[str, int]], op: str | None) -> int:
         return round(statistics.median(sum(r.values()) if op is None else r.get(op, 0) for r in runs))
     cols = ["workload", "mode"] + [f"{SHORT.get(i, i)} requests" for i in impls]
-    if len(impls) == 2:
-        cols.append(f"{SHORT.get(impls[1], impls[1])}/{SHORT.get(impls[0], impls[0])}")
+    cols += [f"{SHORT.get(i, i)}/{SHORT.get(impls[0], impls[0])}" for i in impls[1:]]
     cols.append("by opcode (" + " / ".join(SHORT.get(i, i) for i in impls) + ")")
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if k < 2 else "---:" if k < len(cols) - 1
                                                            else "---" for k in range(len(cols))) + "|"]
@@ -534,8 +533,7 @@ def request_table(reqs: dict, impls: list[str]) -> str:
                     ops[op] = max(ops.get(op, 0), med(by_impl[i], op))
             totals = [med(by_impl[i], None) for i in impls]
             row = [wl, mode] + [f"{t:,}" for t in totals]
-            if len(impls) == 2:
-                row.append(f"{totals[1] / totals[0]:.2f}x" if totals[0] else "-")
+            row += [f"{t / totals[0]:.2f}x" if totals[0] else "-" for t in totals[1:]]
             row.append(", ".join(f"{op.removeprefix('FUSE_')} " + "/".join(f"{med(by_impl[i], op):,}" for i in impls)
                                  for op in sorted(ops, key=lambda o: -ops[o])))
             lines.append("| " + " | ".join(row) + " |")
