@@ -184,11 +184,13 @@ class Syncer:
             with self._cond:
                 while not self._dirty and not self._stopping and not self._unsettled():
                     self._cond.wait()
+                settle = not self._dirty
                 if not self._stopping:
                     self._cond.wait(BATCH_DELAY)  # close(), or a copy-up after a batch, notifies
                 if self._stopping:
                     return  # close() syncs what is pending itself, and closes the fds
-                settle = not self._dirty
+                if settle and self._dirty:
+                    continue  # a copy-up came meanwhile: its batch gets the whole delay
                 # No copy-up since the last batch: one more syncfs makes its record
                 # durable, so its files are settled (passthrough waits for that) without
                 # waiting for a next batch that may never come.
