@@ -44,3 +44,27 @@ def test_fusetrace_passes_the_command_exit_status_on(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--", "sh", "-c", "exit 3"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3, proc.stderr
+
+
+@pytest.mark.skipif(not _has_fuse_tracepoints(), reason="no fuse tracepoints (Linux 6.15+)")
+def test_fusetrace_mount_counts_that_mount_only(mounted, tmp_path):
+    """--mount counts the requests of that mount's connection and none of another's, and
+    leaves no tracefs instance behind."""
+    from helpers.mounting import unionfs_mount
+    low, mnt2 = tmp_path / "low2", tmp_path / "mnt2"
+    low.mkdir()
+    mnt2.mkdir()
+    (low / "f").write_text("f\n")
+    with unionfs_mount([str(low)], None, str(mnt2)):
+        out = tmp_path / "lat.json"
+        script = (f"cat {os.path.join(mounted.mnt, 'dir', 'a.txt')} {mnt2 / 'f'}; "
+                  f"stat {mnt2} >/dev/null")
+        proc = subprocess.run([sys.executable, SCRIPT, "--mount", str(mnt2), "--json", str(out), "--",
+                               "sh", "-c", script], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    import json
+    lat = json.loads(out.read_text())
+    # mnt2: a lookup of f (and its open); the first mount's lookups of dir and a.txt not
+    assert len(lat.get("FUSE_LOOKUP", [])) == 1, proc.stdout
+    assert len(lat.get("FUSE_OPEN", [])) == 1, proc.stdout
+    assert not [d for d in os.listdir("/sys/kernel/tracing/instances") if d.startswith("fusetrace-")]
