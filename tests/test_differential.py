@@ -161,6 +161,20 @@ def test_harness_kernel_vs_kernel(difftest_root, seed):
     _run_seed(difftest_root, seed, "kernel")
 
 
+NOMKNOD_SEEDS = _env_int("UNIONFS_DIFF_NOMKNOD_SEEDS", 4)
+
+
+@pytest.mark.parametrize("seed", [3000 + i for i in range(NOMKNOD_SEEDS)], ids=lambda s: f"seed-{s}")
+def test_differential_mknod_refused(difftest_root, seed):
+    """unionfs where device nodes and RENAME_WHITEOUT are refused (a seccomp filter on the
+    daemon, helpers.nomknod): it writes overlayfs's xattr whiteouts instead, and the same
+    stages hold; the kernel reads that upper as the top-most lower layer."""
+    reason = _skip_reason(need_fuse=True)
+    if reason:
+        pytest.skip(reason)
+    _run_seed(difftest_root, seed, "unionfs-nomknod")
+
+
 ROOTLESS_SEEDS = _env_int("UNIONFS_DIFF_ROOTLESS_SEEDS", 6)
 
 

@@ -612,3 +612,49 @@ def test_override_stat_xattr_permissions():
         "stored newdir 755:0:0 0:0:40710",
         "stored pub/newfile 755:0:0 1000:1000:100644",
         "root 0:0:755"], proc.stdout
+
+
+def test_userxattr_whiteouts_in_xattr_form_where_mknod_is_refused(user):
+    """The root of a user namespace whose daemon may make no 0/0 device nor RENAME_WHITEOUT
+    (helpers.nomknod's seccomp filter) writes user.overlay.whiteout files in directories
+    marked user.overlay.opaque="x"; kernel overlayfs -o userxattr reads that upper (as a
+    lower layer: its readdir skips the xattr form in an upper) as the view kernel overlayfs
+    itself makes with the same changes, and unionfs remounts it the same."""
+    from helpers import nomknod
+    lower, upper, mnt = _layers(user)
+    py = sys.executable
+    changes = textwrap.dedent("""
+        rm {m}/dir/gone {m}/file
+        rm -r {m}/dir/sub && mkdir {m}/dir/sub && echo new > {m}/dir/sub/fresh
+        echo kept > {m}/dir/kept
+        """)
+    kmnt, upper2 = user.path("kmnt"), user.path("upper2")
+    script = textwrap.dedent(f"""
+        set -e
+        {' '.join(nomknod.argv([py, '-m', 'unionfs', 'mount', lower, upper, mnt]))}
+        """) + changes.format(m=mnt) + LIST.format(m=mnt) + textwrap.dedent(f"""
+        {py} -m unionfs umount {mnt}
+        echo ===
+        mkdir -p {kmnt}
+        mount -t overlay overlay -o lowerdir={upper}:{lower},userxattr {kmnt}
+        """) + LIST.format(m=kmnt) + f"umount {kmnt}\necho ===\n" + textwrap.dedent(f"""
+        {py} -m unionfs mount {lower} {upper} {mnt}
+        """) + LIST.format(m=mnt) + f"{py} -m unionfs umount {mnt}\n"
+    proc = user.run(["sh", "-c", script], userns=True)
+    assert proc.returncode == 0, proc.stderr
+    ours, kernel_read, remount = proc.stdout.split("===\n")
+    os.mkdir(upper2)
+    os.chown(upper2, user.uid, user.gid)
+    script = _kernel_view_script(lower, upper2, user.path("kwork"), user.path("kmnt2"),
+                                 changes.format(m=user.path("kmnt2")) + LIST.format(m=user.path("kmnt2")))
+    kernel = user.run(["sh", "-c", script], userns=True, check=True).stdout
+    assert "./dir/kept" in kernel and "./file" not in kernel
+    assert ours == kernel_read == remount == kernel
+    st = os.lstat(os.path.join(upper, "file"))
+    assert stat.S_ISREG(st.st_mode) and st.st_size == 0
+    assert os.getxattr(os.path.join(upper, "file"), "user.overlay.whiteout") == b""
+    assert os.getxattr(os.path.join(upper, "dir", "gone"), "user.overlay.whiteout") == b""
+    assert os.getxattr(upper, "user.overlay.opaque") == b"x"
+    assert os.getxattr(os.path.join(upper, "dir", "sub"), "user.overlay.opaque") == b"y"
+    assert not [p for p, _, names in os.walk(upper) for n in names
+                if stat.S_ISCHR(os.lstat(os.path.join(p, n)).st_mode)]

@@ -201,7 +201,7 @@ def scan_upper(upper: str, fmt: Format) -> Iterator[tuple[bytes, bytes]]:
                 st = de.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            yield (b"D" if format.is_whiteout(st) else b"C"), path
+            yield (b"D" if fmt.whiteout_at(fd, os.fsencode(de.name), st) else b"C"), path
     finally:
         os.close(root)
 

@@ -3,7 +3,10 @@
 The upper directory is in kernel overlayfs's format, so a kernel mount of it
 shows the same view:
 
-* a whiteout is a character device 0/0 at the name it hides;
+* a whiteout is a character device 0/0 at the name it hides, or, where mknod of
+  one is refused, overlayfs's xattr form: a zero-size regular file with
+  ``<prefix>whiteout`` inside a directory whose ``<prefix>opaque`` is ``x`` (a
+  value that marks "holds xattr whiteouts", never "opaque");
 * an opaque directory has the xattr ``<prefix>opaque`` = ``y``: nothing below
   it merges in;
 * a renamed directory that keeps lower contents has ``<prefix>redirect``, the
@@ -30,8 +33,10 @@ Nothing here knows about nodes or FUSE: only names, xattrs and stats.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from typing import Protocol
 
 from . import syscalls
 from .layers import walk_tree
@@ -47,6 +52,9 @@ OCI_OPAQUE = b".wh..wh..opq"
 #: where fuse-overlayfs's xattr_permissions=2 keeps an owner and mode (owners.StatOverride)
 OVERRIDE_STAT = b"user.containers.override_stat"
 
+#: the ``<prefix>opaque`` value of a directory that holds xattr whiteouts (not opaque)
+XWHITEOUTS = b"x"
+
 #: the prefix kernel overlayfs uses by default, and with its userxattr option
 TRUSTED = b"trusted.overlay."
 USER = b"user.overlay."
@@ -59,14 +67,24 @@ def is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == WHITEOUT_DEV
 
 
-def listed_whiteout(fd: int, name: bytes, dtype: int | None) -> bool:
+def listed_whiteout(fd: int, name: bytes, dtype: int | None,
+                    xkeys: tuple[bytes, ...] = ()) -> bool:
     """Does the entry *name* a listing of directory *fd* gave, of type *dtype* (an S_IFMT;
     None: the listing did not say), show nothing: a whiteout, or gone since? Only a
-    character device or an unknown type needs an lstat to tell."""
-    if dtype is not None and dtype != stat.S_IFCHR:
+    character device or an unknown type needs an lstat to tell, and a regular file where
+    the directory holds xattr whiteouts (*xkeys*: Format.xwhiteout_keys of *fd*)."""
+    if dtype is not None and dtype != stat.S_IFCHR and not (xkeys and dtype == stat.S_IFREG):
         return False
     st = syscalls.lstat_at(fd, name)
-    return st is None or is_whiteout(st)
+    return st is None or is_whiteout(st) or is_xwhiteout(fd, name, st, xkeys)
+
+
+def is_xwhiteout(fd: int, name: bytes, st: os.stat_result, xkeys: tuple[bytes, ...]) -> bool:
+    """Is (fd, name), of lstat *st*, a whiteout in the xattr form, in a directory whose
+    Format.xwhiteout_keys are *xkeys*? (overlayfs asks only for the xattr's presence.)"""
+    if not xkeys or not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+        return False
+    return any(syscalls.getxattr(fd, name, key) is not None for key in xkeys)
 
 
 def is_whiteout_node(mode: int, rdev: int) -> bool:
@@ -75,8 +93,23 @@ def is_whiteout_node(mode: int, rdev: int) -> bool:
 
 
 def make_whiteout(dirfd: int, name: bytes) -> None:
-    """Make a whiteout at (dirfd, name)."""
+    """Make a device whiteout at (dirfd, name) (Format.make_whiteout falls back to the
+    xattr form where this is refused)."""
     os.mknod(name, stat.S_IFCHR | 0o000, WHITEOUT_DEV, dir_fd=dirfd)
+
+
+#: the errors by which mknod of a 0/0 device, or RENAME_WHITEOUT, is refused: EPERM (a
+#: seccomp policy, a filesystem without mknod), EINVAL/EOPNOTSUPP (no RENAME_WHITEOUT there)
+REFUSED = (errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+class Scratch(Protocol):
+    """Where a whiteout in the xattr form is built before it is renamed into place (the
+    work directory: on the upper's filesystem)."""
+
+    fd: int
+
+    def tmpname(self) -> bytes: ...
 
 
 # -- OCI markers (lower layers only) ---------------------------------------------------
@@ -108,18 +141,6 @@ def oci_opaque(fd: int, name: bytes) -> bool:
         return syscalls.lstat_at(sub, OCI_OPAQUE) is not None
     finally:
         os.close(sub)
-
-
-def lower_hides(fd: int, name: bytes, st: os.stat_result | None) -> bool:
-    """Is *name* whited out in this lower directory (for this layer and all below)?
-    *st*: its lstat (None: nothing there).
-
-    A kernel whiteout is the entry itself. An OCI ``.wh.NAME`` hides NAME only in
-    the layers below its own (the OCI spec), so an entry beside it still shows.
-    """
-    if st is not None:
-        return is_whiteout(st)
-    return oci_whiteout(fd, name)
 
 
 # -- redirects -----------------------------------------------------------------------
@@ -156,12 +177,18 @@ class Format:
         # rename is EXDEV (overlayfs's userxattr mode: it refuses redirect_dir=on there)
         self.redirects = redirects
         self.opaque_key = prefix + b"opaque"
+        self.whiteout_key = prefix + b"whiteout"
+        # (opaque, whiteout) xattr names by which a directory holds xattr whiteouts
+        self._upper_xw = ((self.opaque_key, self.whiteout_key),)
+        # set once a 0/0 device was refused: whiteouts are made in the xattr form from then on
+        self.mknod_refused = False
         self.redirect_key = prefix + b"redirect"
         self.own_prefix = prefix + b"unionfs."
         self.ino_key = self.own_prefix + b"ino"
         self.lower_prefixes = lower_prefixes or (prefix,)
         self._lower_opaque = tuple(p + b"opaque" for p in self.lower_prefixes)
         self._lower_redirect = tuple(p + b"redirect" for p in self.lower_prefixes)
+        self._lower_xw = tuple((p + b"opaque", p + b"whiteout") for p in self.lower_prefixes)
         # both prefixes, whichever the upper uses: a lower layer may be in either format,
         # and a name of the other one set through the mount would be a marker to whatever
         # stacks this upper as a lower layer later
@@ -179,11 +206,124 @@ class Format:
     # None: dirfd is the open object itself
 
     def is_opaque(self, fd: int, name: bytes | None) -> bool:
-        """Is the upper directory (fd, name) opaque?"""
+        """Is the upper directory (fd, name) opaque? (``x`` is not: see xwhiteout_keys)"""
         return syscalls.getxattr(fd, name, self.opaque_key) == b"y"
 
     def set_opaque(self, fd: int, name: bytes | None) -> None:
+        if syscalls.getxattr(fd, name, self.opaque_key) == XWHITEOUTS:
+            # an opaque directory's xattr whiteouts would be empty files: they go first
+            sub = os.open(name or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
+                          os.O_CLOEXEC, dir_fd=fd)
+            try:
+                for child, dtype in _names(sub):
+                    st = syscalls.lstat_at(sub, child) if dtype in (None, stat.S_IFREG) else None
+                    if st is not None and is_xwhiteout(sub, child, st, (self.whiteout_key,)):
+                        os.unlink(child, dir_fd=sub)
+            finally:
+                os.close(sub)
         syscalls.setxattr(fd, name, self.opaque_key, b"y")
+
+    # -- whiteouts: a 0/0 device, or the xattr form ----------------------------------------
+
+    def xwhiteout_keys(self, fd: int, lower: bool = False) -> tuple[bytes, ...]:
+        """The whiteout xattr names that count in the directory *fd* holds: for each prefix
+        (the upper's, or a lower's *lower_prefixes*) whose opaque xattr there is ``x``. Most
+        directories have none, and then no regular file in them is a whiteout."""
+        pairs = self._lower_xw if lower else self._upper_xw
+        return tuple(wk for ok, wk in pairs if syscalls.getxattr(fd, b"", ok) == XWHITEOUTS)
+
+    def whiteout_at(self, fd: int, name: bytes, st: os.stat_result, lower: bool = False) -> bool:
+        """Is (fd, name), of lstat *st*, a whiteout, in either form? The one whiteout rule of
+        every reader of layers (*lower*: read as a lower layer, in any of its prefixes).
+        overlayfs honours the xattr form in every layer's lookups (its readdir skips the
+        check in the upper and the bottom layer: unionfs checks everywhere)."""
+        if is_whiteout(st):
+            return True
+        if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+            return False
+        return is_xwhiteout(fd, name, st, self.xwhiteout_keys(fd, lower))
+
+    def lower_hides(self, fd: int, name: bytes, st: os.stat_result | None) -> bool:
+        """Is *name* whited out in this lower directory (for this layer and all below)?
+        *st*: its lstat (None: nothing there).
+
+        A kernel whiteout is the entry itself. An OCI ``.wh.NAME`` hides NAME only in
+        the layers below its own (the OCI spec), so an entry beside it still shows.
+        """
+        if st is not None:
+            return self.whiteout_at(fd, name, st, lower=True)
+        return oci_whiteout(fd, name)
+
+    def scratch_whiteout(self, scratch: Scratch, target: int) -> bytes:
+        """A whiteout made under a fresh name in *scratch* (returned), to be renamed into the
+        upper directory *target*: a 0/0 device, or, where mknod of one is refused, a
+        zero-size file with the whiteout xattr, *target* marked as holding such first (so
+        the file is a whiteout the moment it lands, never an empty file of the view)."""
+        tmp = scratch.tmpname()
+        if not self.mknod_refused:
+            try:
+                make_whiteout(scratch.fd, tmp)
+                return tmp
+            except OSError as e:
+                if e.errno not in REFUSED:
+                    raise
+                self.mknod_refused = True
+        self.mark_xwhiteouts(target)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o000,
+                     dir_fd=scratch.fd)
+        try:
+            os.setxattr(fd, self.whiteout_key, b"")
+        except BaseException:
+            os.unlink(tmp, dir_fd=scratch.fd)
+            raise
+        finally:
+            os.close(fd)
+        return tmp
+
+    def mark_xwhiteouts(self, target: int) -> None:
+        """Mark the upper directory *target* as one that holds xattr whiteouts."""
+        mark = syscalls.getxattr(target, b"", self.opaque_key)
+        if mark is None:
+            syscalls.setxattr(target, b"", self.opaque_key, XWHITEOUTS)
+        elif mark != XWHITEOUTS:
+            raise OSError(errno.EIO, "an opaque directory takes no xattr whiteout")
+
+    def make_whiteout(self, dirfd: int, name: bytes, scratch: Scratch) -> None:
+        """Make a whiteout at the free name (dirfd, name) of the upper."""
+        if not self.mknod_refused:
+            try:
+                make_whiteout(dirfd, name)
+                return
+            except OSError as e:
+                if e.errno not in REFUSED:
+                    raise
+                self.mknod_refused = True
+        tmp = self.scratch_whiteout(scratch, dirfd)
+        try:
+            syscalls.renameat2(scratch.fd, tmp, dirfd, name, syscalls.RENAME_NOREPLACE)
+        except BaseException:
+            os.unlink(tmp, dir_fd=scratch.fd)
+            raise
+
+    def rename_whiteout(self, fd1: int, n1: bytes, fd2: int, n2: bytes, scratch: Scratch) -> None:
+        """rename(2) of (fd1, n1) to (fd2, n2) that leaves a whiteout at the old name: in one
+        step by RENAME_WHITEOUT; where that is refused, the object moves first and a
+        whiteout of the xattr form lands at the old name after (a crash between shows the
+        lower object at the old name again, and loses nothing)."""
+        if not self.mknod_refused:
+            try:
+                syscalls.renameat2(fd1, n1, fd2, n2, syscalls.RENAME_WHITEOUT)
+                return
+            except OSError as e:
+                if e.errno not in REFUSED:
+                    raise
+        tmp = self.scratch_whiteout(scratch, fd1)
+        try:
+            syscalls.renameat2(fd1, n1, fd2, n2)
+        except BaseException:
+            os.unlink(tmp, dir_fd=scratch.fd)
+            raise
+        syscalls.renameat2(scratch.fd, tmp, fd1, n1, syscalls.RENAME_NOREPLACE)
 
     def raw_redirect(self, fd: int, name: bytes | None) -> bytes | None:
         """The redirect xattr of the upper directory (fd, name) as it is, valid or not."""
@@ -269,6 +409,16 @@ def check_upper(upper_fd: int, fmt: Format, recorded: bytes | None, upper: str) 
                 "only root, without -o userxattr, can mount it")
         raise MixedFormat(f"upper layer '{upper}' is in the {FORMAT_NAMES[found]} format, "
                           f"not {FORMAT_NAMES[fmt.prefix]}: {hint}")
+
+
+def _names(fd: int) -> list[tuple[bytes, int | None]]:
+    """(name, S_IFREG / S_IFCHR / None) of each entry of the open directory *fd*."""
+    out: list[tuple[bytes, int | None]] = []
+    with os.scandir(fd) as it:
+        for de in it:
+            reg = de.is_file(follow_symlinks=False) and not de.is_symlink()
+            out.append((os.fsencode(de.name), stat.S_IFREG if reg else None))
+    return out
 
 
 def _holds_prefix(upper_fd: int, prefix: bytes) -> bool:

@@ -4,7 +4,8 @@ Resolution reads layers only (no FUSE, no writes). Given a parent node's
 stack (its upper directory, then the lower directories that merge into it)
 and one name, it finds what the view shows at that name:
 
-* the upper wins; a whiteout there (char device 0/0) hides everything below;
+* the upper wins; a whiteout there (char device 0/0, or the xattr form: see
+  format.py) hides everything below;
 * otherwise each lower, top-most first; a kernel whiteout or an OCI
   ``.wh.NAME`` in a lower hides the name in that layer and all below;
 * a directory merges with the directories of the same name below it until an
@@ -147,7 +148,7 @@ class Resolver:
             ufd = self.upper_fd(parent)
             st = syscalls.lstat_at(ufd, name)
             if st is not None:
-                if format.is_whiteout(st):
+                if self.fmt.whiteout_at(ufd, name, st):
                     e.whiteout = e.hidden = True
                     return e
                 e.st, e.upper = st, True
@@ -296,7 +297,7 @@ class Resolver:
             except OSError:
                 continue
             st = syscalls.lstat_at(fd, name)
-            if format.lower_hides(fd, name, st):
+            if self.fmt.lower_hides(fd, name, st):
                 yield layer, dirpath, fd, None
                 return
             if st is not None:
@@ -310,9 +311,10 @@ class Resolver:
         out: list[bytes] = []
         if node.upper and self.upper is not None:
             ufd = self.upper_fd(node)
+            xkeys = self.fmt.xwhiteout_keys(ufd)
             for name, dtype in _scan(ufd):
                 seen.add(name)
-                if not format.listed_whiteout(ufd, name, dtype):
+                if not format.listed_whiteout(ufd, name, dtype, xkeys):
                     out.append(name)
             if node.opaque:
                 return out
@@ -322,6 +324,7 @@ class Resolver:
             except OSError:
                 continue
             hidden: list[bytes] = []
+            xkeys = self.fmt.xwhiteout_keys(fd, lower=True)
             for name, dtype in _scan(fd):
                 if format.is_oci_marker(name):
                     target = format.oci_hidden(name)
@@ -331,7 +334,7 @@ class Resolver:
                 if name in seen:
                     continue
                 seen.add(name)
-                if not format.listed_whiteout(fd, name, dtype):
+                if not format.listed_whiteout(fd, name, dtype, xkeys):
                     out.append(name)
             seen.update(hidden)
         return out

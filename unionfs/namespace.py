@@ -3,7 +3,8 @@
 Rules (overlayfs's): a new name goes straight into the upper when the name is
 free there, otherwise it is built in the work directory and renamed over the
 whiteout in one step; a removed name that a lower layer would show again
-leaves a whiteout (made atomically by RENAME_WHITEOUT or mknod); a removed
+leaves a whiteout (made atomically by RENAME_WHITEOUT or mknod, or in the xattr
+form where those are refused: format.Format.make_whiteout); a removed
 directory leaves through the work directory with any whiteouts inside it; a
 renamed directory with lower contents gets a redirect to them, so renaming
 is O(1) and never EXDEV.
@@ -296,22 +297,22 @@ class Namespace:
                 self._pin(node)
             ufd = self.r.upper_fd(parent)
             if is_dir:
-                tmp = self.work.tmpname()
                 if need_wh:
-                    format.make_whiteout(self.work.fd, tmp)
+                    tmp = self.fmt.scratch_whiteout(self.work, ufd)
                     syscalls.renameat2(self.work.fd, tmp, ufd, name, syscalls.RENAME_EXCHANGE)
                 else:
+                    tmp = self.work.tmpname()
                     syscalls.renameat2(ufd, name, self.work.fd, tmp)
                 self.work.remove_tree(tmp)
             elif need_wh:
                 tmp = self.work.tmpname()
-                syscalls.renameat2(ufd, name, self.work.fd, tmp, syscalls.RENAME_WHITEOUT)
+                self.fmt.rename_whiteout(ufd, name, self.work.fd, tmp, self.work)
                 os.unlink(tmp, dir_fd=self.work.fd)
             else:
                 os.unlink(name, dir_fd=ufd)
         else:
             self.copyup.dir(parent)
-            format.make_whiteout(self.r.upper_fd(parent), name)
+            self.fmt.make_whiteout(self.r.upper_fd(parent), name, self.work)
         self._detach(node, parent, name)
         self.journal.record(b"D", self._child_path(parent, name))
         self._names_left(node, e)
@@ -397,19 +398,22 @@ class Namespace:
         # (the same probe, already made); otherwise ask the layers: an upper object may
         # shadow one, and a directory's redirect may have found lowers an opaque parent hides
         need_wh = (not sdir and src2 is src and bool(src.lowers)) or self.r.lower_positive(p1, n1)
-        wh_flag = syscalls.RENAME_WHITEOUT if need_wh else 0
         if dst2.upper:
             if dnode is not None:
                 self._pin(dnode if dnode.registered else None)
             if sdir:
                 self._clear_whiteouts(fd2, n2)
-            syscalls.renameat2(fd1, n1, fd2, n2, wh_flag)
+            self._rename_leaving(fd1, n1, fd2, n2, need_wh)
         elif dst2.whiteout and sdir:
+            if need_wh:  # the whiteout at n2 lands at n1: in its xattr form, p1 must say so
+                wst = syscalls.lstat_at(fd2, n2)
+                if wst is not None and not format.is_whiteout(wst):
+                    self.fmt.mark_xwhiteouts(fd1)
             syscalls.renameat2(fd1, n1, fd2, n2, syscalls.RENAME_EXCHANGE)
             if not need_wh:
                 os.unlink(n1, dir_fd=fd1)
         else:
-            syscalls.renameat2(fd1, n1, fd2, n2, wh_flag)
+            self._rename_leaving(fd1, n1, fd2, n2, need_wh)
         if sdir:
             self._moved_dir(snode, p2, n2)
             self.u.forget_redirects()
@@ -419,6 +423,14 @@ class Namespace:
             self._names_left(dnode, dst2)
         self._renamed(snode, p1, n1, p2, n2)
         self.journal.records((b"D", self._child_path(p1, n1), False), (b"A", snode.path(), sdir))
+
+    def _rename_leaving(self, fd1: int, n1: bytes, fd2: int, n2: bytes, whiteout: bool) -> None:
+        """rename(2), leaving a whiteout at the old name if asked."""
+        if whiteout:
+            assert self.work is not None
+            self.fmt.rename_whiteout(fd1, n1, fd2, n2, self.work)
+        else:
+            syscalls.renameat2(fd1, n1, fd2, n2)
 
     def _renamed(self, node: Node, p1: Node, n1: bytes, p2: Node, n2: bytes) -> None:
         """The name (p1, n1) of *node* is now (p2, n2); a hard link's other names stay."""
@@ -453,7 +465,7 @@ class Namespace:
             for child in os.listdir(sub):
                 c = os.fsencode(child)
                 st = syscalls.lstat_at(sub, c)
-                if st is not None and format.is_whiteout(st):
+                if st is not None and self.fmt.whiteout_at(sub, c, st):
                     os.unlink(c, dir_fd=sub)
         finally:
             os.close(sub)

@@ -12,7 +12,10 @@ Stages, each compared with side A's final view, the first divergence wins:
   op               every op's outcome, compared as it runs
   view             the final views (see view.py)
   remount          side B unmounted and mounted again on the same upper
-  kernel-on-upper  side B's upper mounted by kernel overlayfs
+  kernel-on-upper  side B's upper mounted by kernel overlayfs (for a side whose
+                   upper holds whiteouts in the xattr form, read-only, as the
+                   top-most lower layer: overlayfs's readdir honours that form in
+                   lower layers only, its lookups in every layer)
 
 The kernel-on-upper mount gets a fresh workdir, except that side B's
 `index/` directory (if its workdir has one, in kernel layout) is moved into
@@ -36,9 +39,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 try:  # tests/ is on sys.path under pytest's default (prepend) import mode
-    from helpers.mounting import force_unmount, kernel_overlay, unionfs_mount
+    from helpers.mounting import force_unmount, kernel_overlay, kernel_view, unionfs_mount
+    from helpers import nomknod
 except ImportError:  # pragma: no cover - imported as tests.difftest
-    from tests.helpers.mounting import force_unmount, kernel_overlay, unionfs_mount
+    from tests.helpers.mounting import force_unmount, kernel_overlay, kernel_view, unionfs_mount
+    from tests.helpers import nomknod
 
 from .layers import copy_layers
 from .ops import Generator, Op, run_op
@@ -125,15 +130,32 @@ class KernelSide(Side):
 
 class UnionfsSide(Side):
     name = "unionfs"
+    xwhiteouts = False
 
     def mount(self, lowers, upper, work, mnt):
         # allow_other: the unprivileged ops must reach the mount at all (FUSE
         # refuses other users otherwise); permission checks stay the kernel's
         # (default_permissions).
-        return unionfs_mount(lowers, upper, mnt, workdir=work, options=["allow_other"])
+        return unionfs_mount(lowers, upper, mnt, workdir=work, options=["allow_other"],
+                             wrapper=self.wrapper())
+
+    def wrapper(self) -> list[str]:
+        return []
 
 
-SIDES: dict[str, Side] = {"kernel": KernelSide(), "unionfs": UnionfsSide()}
+class NoMknodSide(UnionfsSide):
+    """unionfs where the kernel refuses device nodes and RENAME_WHITEOUT (helpers.nomknod's
+    seccomp filter on the daemon): every whiteout it makes is of the xattr form."""
+
+    name = "unionfs-nomknod"
+    xwhiteouts = True
+
+    def wrapper(self) -> list[str]:
+        return nomknod.argv([])
+
+
+SIDES: dict[str, Side] = {"kernel": KernelSide(), "unionfs": UnionfsSide(),
+                          "unionfs-nomknod": NoMknodSide()}
 
 
 @dataclass
@@ -286,7 +308,8 @@ def run_case(pristine: str, base: str, side_b: Side, *, ops: Sequence[Op] | None
             if last < 3:
                 return CaseResult(done, None, notes, outs, timings)
             t = time.monotonic()
-            with _kernel_on_upper(b, notes, flavor) as m3:
+            with (kernel_view([b["upper"], *b["lowers"]], b["mnt3"])
+                  if getattr(side_b, "xwhiteouts", False) else _kernel_on_upper(b, notes, flavor)) as m3:
                 vb = capture(m3)
             timings["kernel-on-upper"] = time.monotonic() - t
             d = flavor.diff(va, vb)

@@ -103,11 +103,11 @@ def read_layer(layer: Layer, fmt: Format) -> LayerReport:
     for fd, rel, name, de in walk_tree(layer.fd):
         st = de.stat(follow_symlinks=False)
         opaque = stat.S_ISDIR(st.st_mode) and fmt.lower_opaque(fd, name)
-        found.append((b"/" + rel, name, st, opaque))
+        found.append((b"/" + rel, name, st, opaque, fmt.whiteout_at(fd, name, st, lower=True)))
     # in path order, so the name that carries a linked file's size is the same every time
     # (the first, as in an exported layer)
     found.sort(key=lambda f: f[0].split(b"/"))
-    for path, name, st, opaque in found:
+    for path, name, st, opaque, whiteout in found:
         fmt_ = stat.S_IFMT(st.st_mode)
         if name == OCI_OPAQUE:
             continue                  # found with its directory, below
@@ -115,7 +115,7 @@ def read_layer(layer: Layer, fmt: Format) -> LayerReport:
             lr.entries.append(Entry(path.rpartition(b"/")[0] + b"/" + name[len(OCI_WHITEOUT):],
                                     WHITEOUT))
             continue
-        if fmtmod.is_whiteout(st):
+        if whiteout:
             lr.entries.append(Entry(path, WHITEOUT))
             continue
         if fmt_ == stat.S_IFDIR:
@@ -232,7 +232,8 @@ def which(stack: Stack, path: bytes) -> Which:
         except OSError:
             continue
         st = syscalls.lstat_at(fd, name)
-        if st is not None and not fmtmod.is_whiteout(st) and not name.startswith(OCI_WHITEOUT):
+        if st is not None and not stack.full.r.fmt.whiteout_at(fd, name, st, lower=True) \
+                and not name.startswith(OCI_WHITEOUT):
             shadows.append(layer.path)
     return Which(os.fsdecode(path), provider.path if provider else None, shadows)
 
