@@ -252,8 +252,8 @@ def check_tree(root: str, lower_hashes: dict[str, str], upper: bool) -> list[str
     return problems
 
 
-def mount(lower: str, upper: str, work: str, mnt: str) -> None:
-    proc = subprocess.run(unionfs_cmd("mount", "--workdir", work, lower, upper, mnt),
+def mount(lower: str, upper: str, work: str, mnt: str, *options: str) -> None:
+    proc = subprocess.run(unionfs_cmd("mount", *options, "--workdir", work, lower, upper, mnt),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"mount failed: {proc.stderr.strip()}"
 
@@ -270,6 +270,25 @@ def umount(mnt: str) -> None:
         if proc.returncode and shutil.which("fuser") else ""
     assert proc.returncode == 0, f"umount failed: {proc.stderr.strip()}\n{holders}"
     assert not is_mounted(mnt)
+
+
+def kill(pid: int) -> None:
+    """SIGKILL the daemon and wait until it is gone."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not pid_gone(pid):
+        assert time.monotonic() < deadline, "daemon survived SIGKILL"
+        time.sleep(0.01)
+
+
+def clean_up(proc: subprocess.Popen | None, mnt: str) -> None:
+    """Whatever a failed round left: the process changing the mount, the mount."""
+    if proc is not None:
+        proc.kill()
+        proc.wait()
+    if is_mounted(mnt):
+        subprocess.run(unionfs_cmd("umount", mnt), capture_output=True, timeout=60)
+        force_unmount(mnt)
 
 
 # --------------------------------------------------------------------------
@@ -305,12 +324,8 @@ def test_sigkill_during_write_storm(tmp_path):
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             assert writer_proc.stdout.readline().strip() == "go", writer_proc.stderr.read()
             time.sleep(rng.uniform(0, 0.3))
-            os.kill(pid, signal.SIGKILL)
+            kill(pid)
             kills += 1
-            deadline = time.monotonic() + 10
-            while not pid_gone(pid):
-                assert time.monotonic() < deadline, "daemon survived SIGKILL"
-                time.sleep(0.01)
             _, err = writer_proc.communicate(timeout=30)
             # the writer only ever stops because the mount went away under it: requests
             # fail with ENOTCONN/ECONNABORTED; dirty pages the kernel could no longer
@@ -350,13 +365,120 @@ def test_sigkill_during_write_storm(tmp_path):
                 umount(mnt)
         print(f"seed {seed}: survived {kills} kills")
     finally:
-        if writer_proc is not None:
-            writer_proc.kill()
-            writer_proc.wait()
-        if is_mounted(mnt):
-            subprocess.run(unionfs_cmd("umount", mnt), capture_output=True, timeout=60)
-            force_unmount(mnt)
+        clean_up(writer_proc, mnt)
 
+
+# --------------------------------------------------------------------------
+# a directory rename that copies (the userxattr format has no redirects)
+# --------------------------------------------------------------------------
+
+TREES = 4
+TREE_FILES = ["big"] + [f"sub/s{j:02d}" for j in range(30)]
+
+
+def tree_file_size(rel: str) -> int:
+    return 48 * 1024 * 1024 if rel == "big" else small_size(rel)
+
+
+def build_trees(lower: str) -> None:
+    for i in range(TREES):
+        for rel in TREE_FILES:
+            path = os.path.join(lower, "trees", f"t{i}", rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(pattern(f"tree{i}:{rel}", tree_file_size(rel)))
+        os.link(os.path.join(lower, "trees", f"t{i}", "sub", "s00"),
+                os.path.join(lower, "trees", f"t{i}", "hard"))
+
+
+def renamer_main(mnt: str) -> None:
+    """Rename every tree again and again (t3 -> t3.1 -> t3.2 ...) until the mount fails:
+    the first rename of each copies its tree up."""
+    step = 0
+    names = {i: f"t{i}" for i in range(TREES)}
+    print("go", flush=True)
+    try:
+        while True:
+            step += 1
+            for i in range(TREES):
+                new = f"t{i}.{step}"
+                os.rename(os.path.join(mnt, "trees", names[i]), os.path.join(mnt, "trees", new))
+                names[i] = new
+    except OSError as e:
+        print(f"STOPPED {errno.errorcode.get(e.errno, e.errno)}", file=sys.stderr)
+        sys.exit(3)
+
+
+def check_trees(mnt: str) -> list[str]:
+    """Each tree shows whole, at one name: every file's bytes, the hard link one inode."""
+    problems = []
+    names = sorted(os.listdir(os.path.join(mnt, "trees")))
+    for i in range(TREES):
+        mine = [n for n in names if n == f"t{i}" or n.startswith(f"t{i}.")]
+        if len(mine) != 1:
+            problems.append(f"tree {i} shows at {mine}")
+            continue
+        root = os.path.join(mnt, "trees", mine[0])
+        want = {"big", "sub", "hard", *TREE_FILES}
+        got = {os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root)
+               for n in dirs + files}
+        if got != want:
+            problems.append(f"{mine[0]}: holds {sorted(got ^ want)} wrongly")
+            continue
+        for rel in TREE_FILES + ["hard"]:
+            with open(os.path.join(root, rel), "rb") as f:
+                data = f.read()
+            origin = "sub/s00" if rel == "hard" else rel
+            if data != pattern(f"tree{i}:{origin}", tree_file_size(origin)):
+                problems.append(f"{mine[0]}/{rel}: {len(data)} bytes, not the lower's")
+        if os.lstat(os.path.join(root, "hard")).st_ino != os.lstat(os.path.join(root, "sub/s00")).st_ino:
+            problems.append(f"{mine[0]}: hard and sub/s00 are two inodes")
+    return problems + [f"stray name {n}" for n in names if not n.startswith("t")]
+
+
+def test_sigkill_during_copying_directory_renames(tmp_path):
+    """In the userxattr format a rename of a directory with lower contents copies its tree
+    up in place and then moves it whole: SIGKILLed at any point, the remounted view shows
+    every tree complete, at its old name or its new one, never both, never part."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    seed = int(os.environ.get("UNIONFS_CRASH_SEED", "1"))
+    rng = random.Random(seed)
+    lower, mnt = str(tmp_path / "lower"), str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    build_trees(lower)
+    renamer = None
+    try:
+        for rnd in range(int(os.environ.get("UNIONFS_CRASH_ROUNDS", "8")) // 2):
+            upper, work = str(tmp_path / f"upper{rnd}"), str(tmp_path / f"work{rnd}")
+            os.makedirs(upper)
+            os.makedirs(work)
+            mount(lower, upper, work, mnt, "-o", "userxattr")
+            pid = daemon_pid(mnt)
+            renamer = subprocess.Popen([sys.executable, os.path.abspath(__file__), "renamer", mnt],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert renamer.stdout.readline().strip() == "go", renamer.stderr.read()
+            time.sleep(rng.uniform(0, 0.25))
+            kill(pid)
+            _, err = renamer.communicate(timeout=30)
+            # it stops only because the mount went away under it
+            assert renamer.returncode == 3 and re.search(r"STOPPED (ENOTCONN|ECONNABORTED)", err), err
+            renamer = None
+            umount(mnt)
+            mount(lower, upper, work, mnt, "-o", "userxattr")
+            try:
+                problems = check_trees(mnt)
+                if os.environ.get("UNIONFS_CRASH_VERBOSE"):
+                    print(f"round {rnd}: {sorted(os.listdir(os.path.join(mnt, 'trees')))}")
+                assert not problems, f"round {rnd}, after the kill:\n" + "\n".join(problems)
+            finally:
+                umount(mnt)
+    finally:
+        clean_up(renamer, mnt)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["renamer"]:
+    renamer_main(sys.argv[2])
 
 if __name__ == "__main__" and sys.argv[1:2] == ["writer"]:
     writer_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))

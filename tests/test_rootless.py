@@ -306,40 +306,62 @@ def test_formats_are_never_mixed_in_one_upper(tmp_path, user):
         assert "trusted.overlay" in proc.stderr and not is_mounted(root_mnt)
 
 
-def test_userxattr_renames_a_merged_directory_like_overlayfs(user):
+def test_userxattr_renames_a_merged_directory_by_copying_it(tmp_path, user):
     """No redirects in the userxattr format (overlayfs refuses redirect_dir=on with
-    userxattr): renaming a directory with lower contents is EXDEV, so mv copies it; a
-    directory made in the upper renames in place."""
+    userxattr, and there gives EXDEV, so mv copies): unionfs renames a directory with lower
+    contents by copying its tree up and moving it as an opaque directory, leaving no
+    whiteout inside it. Kernel overlayfs -o userxattr reads that upper as the same view,
+    and `unionfs diff` says what it says of the redirect that the trusted format keeps."""
     lower, upper, mnt = _layers(user)
+    user.run(["sh", "-c", f"set -e; ln {lower}/file {lower}/dir/sub/hard; "
+                          f"setfattr -n user.mine -v 1 {lower}/dir/gone; "
+                          f"touch -d 2001-02-03 {lower}/dir/sub/keep"], check=True)
     proc = user.unionfs("mount", lower, upper, mnt)
     assert proc.returncode == 0, proc.stderr
     code = textwrap.dedent("""
         import errno, os, sys
         m = sys.argv[1]
-        out = []
-        try:
-            os.rename(os.path.join(m, "dir"), os.path.join(m, "moved"))
-            out.append("ok")
-        except OSError as e:
-            out.append(errno.errorcode[e.errno])
-        os.mkdir(os.path.join(m, "mine"))
-        os.rename(os.path.join(m, "mine"), os.path.join(m, "mine2"))
-        out.append(sorted(os.listdir(m)))
-        print(repr(out))
+        os.rename(os.path.join(m, "dir"), os.path.join(m, "moved"))
+        st = os.stat(os.path.join(m, "moved", "sub", "hard"))
+        print(repr([sorted(os.listdir(m)), st.st_nlink,
+                    os.stat(os.path.join(m, "file")).st_ino == st.st_ino]))
         """)
     try:
+        user.run(["sh", "-c", f"echo more > {mnt}/dir/new && rm {mnt}/dir/sub/keep && "
+                              f"cp -p {lower}/dir/sub/keep {mnt}/dir/sub/keep"], check=True)
         proc = user.python(code, mnt)
         assert proc.returncode == 0, proc.stderr
-        mv = user.run(["mv", f"{mnt}/dir", f"{mnt}/moved"])
-        assert mv.returncode == 0, mv.stderr
-        listing = user.run(["find", f"{mnt}/moved"], check=True).stdout
+        ours = user.run(["sh", "-c", LIST.format(m=mnt)], check=True).stdout
+        xattr = user.run(["getfattr", "--only-values", "-n", "user.mine", f"{mnt}/moved/gone"],
+                         check=True).stdout
     finally:
         user.unionfs("umount", mnt)
         force_unmount(mnt)
-    assert eval(proc.stdout) == ["EXDEV", ["dir", "file", "mine2"]]  # noqa: S307
-    assert sorted(listing.split()) == sorted(f"{mnt}/moved{p}" for p in
-                                             ("", "/gone", "/sub", "/sub/keep"))
+    assert eval(proc.stdout) == [["file", "moved"], 2, True]  # noqa: S307
+    assert xattr == "1"
+    assert "./moved/sub/keep" in ours and "./dir" not in ours
+    assert os.getxattr(os.path.join(upper, "moved"), "user.overlay.opaque") == b"y"
     assert not [a for a in os.listxattr(os.path.join(upper, "moved")) if "redirect" in a]
+    st = os.lstat(os.path.join(upper, "dir"))
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    inside = [os.lstat(os.path.join(p, n)) for p, _, names in os.walk(os.path.join(upper, "moved"))
+              for n in names]
+    assert inside and not [s for s in inside if stat.S_ISCHR(s.st_mode)]
+    script = _kernel_view_script(lower, upper, user.path("kwork"), user.path("kmnt"),
+                                 LIST.format(m=user.path("kmnt")))
+    assert user.run(["sh", "-c", script], userns=True, check=True).stdout == ours
+    # the same changes in the trusted format (a redirect), by root: the same diff
+    diffs = [user.unionfs("diff", upper, check=True).stdout]
+    tupper, tmnt = str(tmp_path / "u"), str(tmp_path / "m")
+    os.mkdir(tupper), os.mkdir(tmnt)
+    with unionfs_mount([lower], tupper, tmnt):
+        subprocess.run(["sh", "-c", f"set -e; echo more > {tmnt}/dir/new; rm {tmnt}/dir/sub/keep; "
+                                    f"cp -p {lower}/dir/sub/keep {tmnt}/dir/sub/keep; "
+                                    f"mv {tmnt}/dir {tmnt}/moved"], check=True)
+    assert os.getxattr(os.path.join(tupper, "moved"), "trusted.overlay.redirect")
+    diffs.append(subprocess.run([sys.executable, "-m", "unionfs", "diff", tupper],
+                                capture_output=True, text=True, check=True).stdout)
+    assert diffs[0] == diffs[1] and "D /dir\n" in diffs[0] and "A /moved/sub/keep\n" in diffs[0]
 
 
 MAPPING = "0:1000:1:1:110000:65536:200000:300000:10"   # the last range overlaps nothing

@@ -173,8 +173,9 @@ class Format:
     def __init__(self, prefix: bytes = TRUSTED, lower_prefixes: tuple[bytes, ...] | None = None,
                  redirects: bool = True) -> None:
         self.prefix = prefix
-        # renamed directories keep their lower contents by a redirect; without, such a
-        # rename is EXDEV (overlayfs's userxattr mode: it refuses redirect_dir=on there)
+        # renamed directories keep their lower contents by a redirect; without (as
+        # overlayfs's userxattr mode, which refuses redirect_dir=on), by copies
+        # (namespace.py)
         self.redirects = redirects
         self.opaque_key = prefix + b"opaque"
         self.whiteout_key = prefix + b"whiteout"

@@ -79,7 +79,8 @@ class Resolver:
         self.cache = cache
         self.fmt = fmt
         # upper st_ino -> identity of the copies this mount made that cannot carry the
-        # identity xattr (Format.keeps_identity): they keep their node until unmounted
+        # identity xattr (Format.keeps_identity), and of the directories a rename copied
+        # (namespace.Namespace._seal_tree): they keep their node until unmounted
         self.unmarked: dict[int, int] = {}
         # (lower dirs searched, name) found in none of them: lower layers never change
         # under a mount, so a name a LOOKUP missed is not probed again by the CREATE,
@@ -153,9 +154,11 @@ class Resolver:
                     return e
                 e.st, e.upper = st, True
                 own = parse_ino(self.fmt.identity(ufd, name))
-                if own is None and self.unmarked:
-                    own = self.unmarked.get(st.st_ino)
-                e.ino = own if own is not None else make_ino(0, st.st_ino)
+                kept = self.unmarked.get(st.st_ino) if own is None and self.unmarked else None
+                # a number this mount keeps for the object is believed as it is; a claim
+                # read from the disk is checked (_check_origin)
+                e.ino = own if own is not None else kept if kept is not None \
+                    else make_ino(0, st.st_ino)
                 if not stat.S_ISDIR(st.st_mode):
                     return e
                 if self.fmt.is_opaque(ufd, name):

@@ -7,7 +7,8 @@ leaves a whiteout (made atomically by RENAME_WHITEOUT or mknod, or in the xattr
 form where those are refused: format.Format.make_whiteout); a removed
 directory leaves through the work directory with any whiteouts inside it; a
 renamed directory with lower contents gets a redirect to them, so renaming
-is O(1) and never EXDEV.
+is O(1) and never EXDEV; in a format without redirects (userxattr) it is copied
+up whole where it is, made opaque and moved (Namespace._copy_tree_up).
 
 Namespace is a collaborator of union.Union, built with what it works on (the
 resolver, the node table, the workdir, copy-up, the changes log, the handle
@@ -15,6 +16,7 @@ table) and the few things it asks of the union as a whole (View, below).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -30,6 +32,7 @@ from .format import Format
 from .merge import Entry, Resolver
 from .nodes import NEW_OBJECT_ABSENT, ROOT_ID, Node, NodeTable, make_ino
 from .owners import Owners, StatOverride
+from .layers import walk_tree
 from .workdir import WorkDir, remove_tree_at
 
 log = logging.getLogger("unionfs")
@@ -358,13 +361,16 @@ class Namespace:
                 raise err(errno.ENOTDIR)
             if ddir and not sdir:
                 raise err(errno.EISDIR)
-        if not self.fmt.redirects and (self._needs_redirect(snode) or (
-                exchange and dnode is not None and self._needs_redirect(dnode))):
-            raise err(errno.EXDEV)  # as overlayfs without redirects: mv copies instead
         if dst.st is not None and not exchange:
             if ddir and dnode is not None and self.u.list_dir(dnode):
                 raise err(errno.ENOTEMPTY)
         yields = self.u.yields
+        # without redirects (the userxattr format) a directory with lower contents takes
+        # them along as copies: where overlayfs gives EXDEV and mv copies, the rename
+        # copies its tree up in place, and the directory moves whole as an opaque one
+        trees = [n for n in (snode, dnode if exchange else None)
+                 if n is not None and not self.fmt.redirects and self._needs_redirect(n)]
+        sealed = [await self._copy_tree_up(n) for n in trees]
         await self.u.ensure_upper(snode)
         if exchange and dnode is not None:
             await self.u.ensure_upper(dnode)
@@ -383,6 +389,8 @@ class Namespace:
         self.copyup.dir(p1)
         self.copyup.dir(p2)
         fd1, fd2 = self.r.upper_fd(p1), self.r.upper_fd(p2)
+        for node, dirs in zip(trees, sealed):
+            self._seal_tree(node, dirs)
         if exchange:
             assert dnode is not None
             syscalls.renameat2(fd1, n1, fd2, n2, syscalls.RENAME_EXCHANGE)
@@ -391,6 +399,8 @@ class Namespace:
             self.u.forget_redirects()
             self._renamed(snode, p1, n1, p2, n2)
             self._renamed(dnode, p2, n2, p1, n1)
+            for node in trees:
+                self._drop_whiteouts(node)
             self.journal.records((b"C", self._child_path(p1, n1), False),
                                  (b"C", self._child_path(p2, n2), False))
             return
@@ -422,7 +432,85 @@ class Namespace:
         if dst2.st is not None:
             self._names_left(dnode, dst2)
         self._renamed(snode, p1, n1, p2, n2)
+        for node in trees:
+            self._drop_whiteouts(node)
         self.journal.records((b"D", self._child_path(p1, n1), False), (b"A", snode.path(), sdir))
+
+    async def _copy_tree_up(self, top: Node) -> list[Node]:
+        """Copy everything the merged directory *top* shows, to the bottom, into the upper
+        where it is, by copy-up (data, owners, modes, times, xattrs; hard links stay one
+        inode, within the tree and beyond it). Nothing in the view changes, so a crash
+        at any point loses nothing: the old name still shows the whole directory. Returns
+        the directories copied that still have lower contents (see _seal_tree)."""
+        for _ in range(8):
+            dirs: list[Node] = []
+            todo: list[tuple[Node, bytes] | Node] = [top]
+            complete = True
+            while todo:
+                item = todo.pop()
+                if isinstance(item, Node):
+                    d = item
+                else:
+                    # looked up now, not when listed: a hard link's copy-up may have made
+                    # this directory in the upper since (it links the file's other names)
+                    e = self.r.resolve(*item)
+                    if e.st is None or not stat.S_ISDIR(e.st.st_mode):
+                        complete = False
+                        continue
+                    d = self.u.node_for(item[0], e)
+                await self.u.ensure_upper(d)
+                if d.opaque or not d.lowers:
+                    continue  # an upper-only directory: nothing below it to copy
+                dirs.append(d)
+                for name in self.u.list_dir(d):
+                    e = self.r.resolve(d, name)
+                    if e.st is None:
+                        continue
+                    if stat.S_ISDIR(e.st.st_mode):
+                        todo.append((d, name))
+                        continue
+                    child = self.u.node_for(d, e)
+                    if not child.upper:
+                        complete = False  # awaits below: look at the tree once more after
+                        await self.u.ensure_upper(child)
+            if complete:
+                return dirs
+        raise err(errno.EAGAIN, "the directory kept changing while it was copied")
+
+    def _seal_tree(self, top: Node, dirs: list[Node]) -> None:
+        """After _copy_tree_up, with no await since its last pass: *top* becomes opaque,
+        which changes nothing in the view (everything it shows is in the upper now), and
+        its directories stop reading lower layers, so it can move without a redirect."""
+        fd, name = self.r.loc(top)
+        syscalls.setxattr(fd, name, self.fmt.opaque_key, b"y")
+        top.opaque = True
+        for d in dirs:
+            d.lowers = []
+            # no lower directory backs its inode number any more: it keeps the number for
+            # this mount's life, and shows its own after a remount, as a copy would
+            dfd, dname = self.r.loc(d)
+            with contextlib.suppress(OSError):
+                syscalls.removexattr(dfd, dname, self.fmt.ino_key)
+            self.r.unmarked[syscalls.stat_at(dfd, dname).st_ino] = d.id
+        self.u.forget_redirects()
+
+    def _drop_whiteouts(self, top: Node) -> None:
+        """Below a sealed tree nothing is hidden any more: its whiteouts go (kernel
+        overlayfs lists a whiteout in a directory it does not merge as a name it cannot
+        stat). After the rename, so a crash before leaves them harmless."""
+        fd, name = self.r.loc(top)
+        sub = syscalls.open_dir_at(fd, name)
+        try:
+            for dfd, rel, cname, de in walk_tree(sub):
+                if not de.is_dir(follow_symlinks=False):
+                    st = de.stat(follow_symlinks=False)
+                    # the top's own mark is "y" now, no longer the "x" its xattr
+                    # whiteouts were made under (nothing else sets that xattr there)
+                    if self.fmt.whiteout_at(dfd, cname, st) or (b"/" not in rel and
+                            format.is_xwhiteout(dfd, cname, st, (self.fmt.whiteout_key,))):
+                        os.unlink(cname, dir_fd=dfd)
+        finally:
+            os.close(sub)
 
     def _rename_leaving(self, fd1: int, n1: bytes, fd2: int, n2: bytes, whiteout: bool) -> None:
         """rename(2), leaving a whiteout at the old name if asked."""

@@ -17,7 +17,9 @@ import hashlib
 import os
 import pickle
 import random
+import shutil
 import stat
+import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -415,6 +417,102 @@ def run_op(root: str, op: Op) -> Any:
                  for a in after)
     # The state of every path the op named, as root sees it afterwards.
     return (res, post_state(root, op.path), post_state(root, op.path2), same)
+
+
+def mv_fallback(root: str, op: Op, upper: str | None = None) -> Any:
+    """What mv(1) does where a rename gives EXDEV (kernel overlayfs without redirects, for a
+    directory with lower contents), as root so that everything is kept: the source copied
+    to the destination by `cp -a` (data, owners, modes, times, xattrs), then removed; an
+    exchange swaps two such copies. Then what a rename keeps and a copy would not: each
+    copied directory gets its source's mode back (cp leaves a set-gid bit a directory
+    inherits from its new parent), and each copied non-directory is one inode again with the names
+    it shared an inode with, inside the tree and beyond it (unionfs's copy-up links them
+    all). Which names are one inode is read in the kernel's *upper* where they are there
+    (overlayfs without index gives the names of one upper inode different st_inos). The
+    outcome is run_op's, without the inode identity (a copy is a new inode)."""
+    flags, = op.args
+    a, b = os.path.join(root, op.path), os.path.join(root, op.path2)
+
+    def inode(path: str, st: os.stat_result) -> tuple:
+        if upper is not None:
+            up = os.path.join(upper, os.path.relpath(path, root))
+            ust = os.lstat(up) if os.path.lexists(up) else None
+            if ust is not None and not stat.S_ISDIR(ust.st_mode):
+                return ("upper", ust.st_ino)
+        return ("view", st.st_ino)
+
+    def names_by_inode() -> dict[tuple, list[str]]:
+        out: dict[tuple, list[str]] = {}
+        for d, _dirs, files in os.walk(root):
+            for n in files:
+                path = os.path.join(d, n)
+                out.setdefault(inode(path, os.lstat(path)), []).append(path)
+        return out
+
+    def plan(tree: str, groups: dict[tuple, list[str]]) -> tuple[dict[str, int], dict[str, str]]:
+        """(dir modes, rel -> the name it is to be linked to) for *tree*."""
+        modes: dict[str, int] = {}
+        links: dict[str, str] = {}
+        if not stat.S_ISDIR(os.lstat(tree).st_mode):
+            return modes, links
+        for d, _dirs, files in os.walk(tree):
+            modes[os.path.relpath(d, tree)] = stat.S_IMODE(os.lstat(d).st_mode)
+            for n in files:
+                path = os.path.join(d, n)
+                group = sorted(groups.get(inode(path, os.lstat(path)), [path]))
+                if group[0] != path:
+                    links[os.path.relpath(path, tree)] = group[0]
+        return modes, links
+
+    def settle(tree: str, src: str, dst: str, modes: dict[str, int], links: dict[str, str]) -> None:
+        """Apply *plan*'s outcome to the copy of *src* now at *dst* (*tree*: where the
+        names inside the source tree are now: the copy itself)."""
+        for rel, mode in modes.items():
+            os.chmod(os.path.normpath(os.path.join(dst, rel)), mode)
+        for rel, other in links.items():
+            if other == src or other.startswith(src + "/"):
+                other = os.path.join(tree, os.path.relpath(other, src))
+            tmp = os.path.join(dst, rel) + ".difftest-ln"
+            os.link(other, tmp, follow_symlinks=False)
+            os.rename(tmp, os.path.join(dst, rel))
+
+    def cp(src: str, dst: str) -> None:
+        proc = subprocess.run(["cp", "-a", "--no-target-directory", src, dst],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise OSError(0, f"cp -a failed: {proc.stderr.strip()}")
+
+    def rm(path: str) -> None:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    try:
+        groups = names_by_inode()
+        if flags & RENAME_EXCHANGE:
+            ta, tb = a + ".difftest-mv", b + ".difftest-mv"
+            pa, pb = plan(a, groups), plan(b, groups)
+            for src, tmp in ((a, ta), (b, tb)):
+                if stat.S_ISDIR(os.lstat(src).st_mode):
+                    cp(src, tmp)
+                    rm(src)
+                else:
+                    os.rename(src, tmp)   # only a directory needs copying
+            os.rename(ta, b)
+            os.rename(tb, a)
+            settle(b, a, b, *pa)
+            settle(a, b, a, *pb)
+        else:
+            if os.path.lexists(b):
+                os.rmdir(b)   # rename's rule: an empty directory is replaced
+            pa = plan(a, groups)
+            cp(a, b)
+            rm(a)
+            settle(b, a, b, *pa)
+        res = "ok"
+    except OSError as e:
+        res = "E:" + errname(e)
+    return (res, post_state(root, op.path), post_state(root, op.path2), None)
 
 
 def _ino(root: str, rel: str | None) -> int | None:
