@@ -187,7 +187,6 @@ class Format:
         self.own_prefix = prefix + b"unionfs."
         self.ino_key = self.own_prefix + b"ino"
         self.lower_prefixes = lower_prefixes or (prefix,)
-        self._lower_opaque = tuple(p + b"opaque" for p in self.lower_prefixes)
         self._lower_redirect = tuple(p + b"redirect" for p in self.lower_prefixes)
         self._lower_xw = tuple((p + b"opaque", p + b"whiteout") for p in self.lower_prefixes)
         # both prefixes, whichever the upper uses: a lower layer may be in either format,
@@ -233,7 +232,8 @@ class Format:
         pairs = self._lower_xw if lower else self._upper_xw
         return tuple(wk for ok, wk in pairs if syscalls.getxattr(fd, b"", ok) == XWHITEOUTS)
 
-    def whiteout_at(self, fd: int, name: bytes, st: os.stat_result, lower: bool = False) -> bool:
+    def whiteout_at(self, fd: int, name: bytes, st: os.stat_result, lower: bool = False,
+                    xkeys: tuple[bytes, ...] | None = None) -> bool:
         """Is (fd, name), of lstat *st*, a whiteout, in either form? The one whiteout rule of
         every reader of layers (*lower*: read as a lower layer, in any of its prefixes).
         overlayfs honours the xattr form in every layer's lookups (its readdir skips the
@@ -242,17 +242,20 @@ class Format:
             return True
         if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
             return False
-        return is_xwhiteout(fd, name, st, self.xwhiteout_keys(fd, lower))
+        return is_xwhiteout(fd, name, st, self.xwhiteout_keys(fd, lower) if xkeys is None
+                            else xkeys)
 
-    def lower_hides(self, fd: int, name: bytes, st: os.stat_result | None) -> bool:
+    def lower_hides(self, fd: int, name: bytes, st: os.stat_result | None,
+                    xkeys: tuple[bytes, ...] | None = None) -> bool:
         """Is *name* whited out in this lower directory (for this layer and all below)?
-        *st*: its lstat (None: nothing there).
+        *st*: its lstat (None: nothing there); *xkeys*: the directory's xwhiteout_keys,
+        where known.
 
         A kernel whiteout is the entry itself. An OCI ``.wh.NAME`` hides NAME only in
         the layers below its own (the OCI spec), so an entry beside it still shows.
         """
         if st is not None:
-            return self.whiteout_at(fd, name, st, lower=True)
+            return self.whiteout_at(fd, name, st, lower=True, xkeys=xkeys)
         return oci_whiteout(fd, name)
 
     def scratch_whiteout(self, scratch: Scratch, target: int) -> bytes:
@@ -358,10 +361,19 @@ class Format:
 
     def lower_opaque(self, fd: int, name: bytes) -> bool:
         """A lower directory is opaque by the overlay xattr or by an OCI marker inside it."""
-        for key in self._lower_opaque:
-            if syscalls.getxattr(fd, name, key) == b"y":
-                return True
-        return oci_opaque(fd, name)
+        return self.lower_marks(fd, name)[0]
+
+    def lower_marks(self, fd: int, name: bytes) -> tuple[bool, tuple[bytes, ...]]:
+        """(is the lower directory (fd, name) opaque, its xwhiteout_keys), from one read
+        of each prefix's opaque xattr."""
+        xkeys = []
+        for okey, wkey in self._lower_xw:
+            value = syscalls.getxattr(fd, name, okey)
+            if value == b"y":
+                return True, ()
+            if value == XWHITEOUTS:
+                xkeys.append(wkey)
+        return oci_opaque(fd, name), tuple(xkeys)
 
     def lower_redirect(self, fd: int, name: bytes) -> bytes | None:
         """The valid redirect of a lower directory (one made from an upper), or None."""

@@ -88,6 +88,12 @@ class Resolver:
         self._absent: set[tuple[tuple[tuple[Layer, bytes], ...], bytes]] = set()
         # and what was found where something was (see _scan_lowers), the most recent ones
         self._found: OrderedDict[tuple[object, ...], _Found] = OrderedDict()
+        # (layer index, path) -> xwhiteout_keys of the lower directories that hold xattr
+        # whiteouts (few), noted where a lookup reads their opaque xattrs anyway: every
+        # lower directory of a node's stack was read so, or is a layer root, noted here
+        self._xdirs: dict[tuple[int, bytes], tuple[bytes, ...]] = {}
+        for layer in lowers:
+            self._note_marks(layer, b"", self.fmt.xwhiteout_keys(layer.fd, lower=True))
 
     def root_node(self) -> Node:
         """A root node of the view these layers make (its upper root opaque by the xattr)."""
@@ -237,7 +243,7 @@ class Resolver:
                 if not e.lowers:
                     e.origin = make_ino(layer.index, st.st_ino)
                 e.lowers.append((layer, path))
-            if self.fmt.lower_opaque(fd, lname):
+            if self._opaque(layer, path, fd, lname):
                 return True
             rd = self.fmt.lower_redirect(fd, lname)
             if rd is not None:
@@ -245,6 +251,19 @@ class Resolver:
                 self._scan_redirect(layer, rd, e)
                 return True
         return found
+
+    def _opaque(self, layer: Layer, path: bytes, fd: int, name: bytes) -> bool:
+        """Is the lower directory (fd, name), at *path* in *layer*, opaque? Notes whether
+        it holds xattr whiteouts, from the same read."""
+        opaque, xkeys = self.fmt.lower_marks(fd, name)
+        self._note_marks(layer, path, xkeys)
+        return opaque
+
+    def _note_marks(self, layer: Layer, path: bytes, xkeys: tuple[bytes, ...]) -> None:
+        if xkeys:
+            self._xdirs[(layer.index, path)] = xkeys
+        else:
+            self._xdirs.pop((layer.index, path), None)
 
     def forget_found(self) -> None:
         """Drop the remembered lower scans (after the kernel forgot most nodes: their
@@ -269,7 +288,7 @@ class Resolver:
             if st is None or not stat.S_ISDIR(st.st_mode):
                 return
             e.lowers.append((layer, target))
-            if self.fmt.lower_opaque(fd, lname):
+            if self._opaque(layer, target, fd, lname):
                 return
             rd = self.fmt.lower_redirect(fd, lname)
             if rd is not None:
@@ -300,7 +319,7 @@ class Resolver:
             except OSError:
                 continue
             st = syscalls.lstat_at(fd, name)
-            if self.fmt.lower_hides(fd, name, st):
+            if self.fmt.lower_hides(fd, name, st, self._xdirs.get((layer.index, dirpath), ())):
                 yield layer, dirpath, fd, None
                 return
             if st is not None:
@@ -327,7 +346,7 @@ class Resolver:
             except OSError:
                 continue
             hidden: list[bytes] = []
-            xkeys = self.fmt.xwhiteout_keys(fd, lower=True)
+            xkeys = self._xdirs.get((layer.index, path), ())
             for name, dtype in _scan(fd):
                 if format.is_oci_marker(name):
                     target = format.oci_hidden(name)
