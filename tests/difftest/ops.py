@@ -460,8 +460,11 @@ def mv_fallback(root: str, op: Op, upper: str | None = None) -> Any:
             for n in files:
                 path = os.path.join(d, n)
                 group = sorted(groups.get(inode(path, os.lstat(path)), [path]))
-                if group[0] != path:
-                    links[os.path.relpath(path, tree)] = group[0]
+                # a name that stays where it is, if there is one, else the tree's first
+                outside = [g for g in group if not (g + "/").startswith(tree + "/")]
+                anchor = (outside or group)[0]
+                if anchor != path:
+                    links[os.path.relpath(path, tree)] = anchor
         return modes, links
 
     def settle(tree: str, src: str, dst: str, modes: dict[str, int], links: dict[str, str]) -> None:
