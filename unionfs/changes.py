@@ -272,7 +272,9 @@ def write_log(workdir: str, records: Iterable[Record], sync: bool = True) -> int
         data = b"".join(buf)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            # not view[os.write(fd, view):]: mypyc (2.4) evaluates a slice's start twice
+            written = os.write(fd, view)
+            view = view[written:]
         if sync:
             os.fsync(fd)
     finally:

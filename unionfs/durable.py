@@ -144,7 +144,7 @@ class Syncer:
         self._failed = False                  # a batch could not be synced: hint at close
         self._stopping = False
         self._flushing = False                # the thread is syncing a batch
-        self._thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
 
     def tag(self, ino: int, size: int) -> bytes:
         """The identity xattr's value for a copy-up of *size* bytes whose data is complete
@@ -157,9 +157,9 @@ class Syncer:
             if self._dirty:
                 return  # the thread knows: waking it would cut its batch short
             self._dirty = True
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="unionfs-syncer", daemon=True)
-                self._thread.start()
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="unionfs-syncer", daemon=True)
+                self._worker.start()
             self._cond.notify_all()
 
     def fsync(self, fd: int, datasync: bool) -> None:
@@ -279,8 +279,8 @@ class Syncer:
         exits next need not call this (the thread holds nothing)."""
         with self._cond:
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
+        if self._worker is not None:
+            self._worker.join()
 
     def _hint(self) -> None:
         """After a failed batch: have the next mount walk the upper even if this stop

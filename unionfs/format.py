@@ -36,7 +36,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Protocol
+from typing import Final, Protocol
 
 from . import syscalls
 from .layers import walk_tree
@@ -50,7 +50,7 @@ OCI_WHITEOUT = b".wh."
 OCI_OPAQUE = b".wh..wh..opq"
 
 #: where fuse-overlayfs's xattr_permissions=2 keeps an owner and mode (owners.StatOverride)
-OVERRIDE_STAT = b"user.containers.override_stat"
+OVERRIDE_STAT: Final = b"user.containers.override_stat"
 
 #: the ``<prefix>opaque`` value of a directory that holds xattr whiteouts (not opaque)
 XWHITEOUTS = b"x"

@@ -223,7 +223,7 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
-        if all(v is None for v in vars(req).values()):
+        if req == SetAttr():  # nothing to change
             return self._attrs(node, self.u.stat(node))
         st = await self.u.setattr(node, req, fh)
         return self._attrs(node, st)

@@ -113,11 +113,12 @@ class Resolver:
             return self.upper.fd
         if node.pin is not None:
             return node.pin
-        if node.parent is None:
+        parent = node.parent
+        if parent is None:
             raise OSError(errno.ENOENT, "directory was removed")
 
         def opener() -> int:
-            return syscalls.open_dir_real(self.upper_fd(node.parent), node.name)
+            return syscalls.open_dir_real(self.upper_fd(parent), node.name)
 
         return self.cache.get(("u", node.id), opener)
 

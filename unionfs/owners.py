@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
+from typing import ClassVar
 
-from . import format, syscalls
+from . import syscalls
+from .format import OVERRIDE_STAT
 
 
 def overflow_id(kind: str) -> int:
@@ -94,8 +96,8 @@ class StatOverride:
     caller's or the origin's owner and mode there, and the object itself is the daemon's
     with its mode or'ed with 0755, so the daemon can always read it."""
 
-    KEY = format.OVERRIDE_STAT
-    DEFAULT = b"0:0:555"
+    KEY: ClassVar[bytes] = OVERRIDE_STAT
+    DEFAULT: ClassVar[bytes] = b"0:0:555"
 
     def __init__(self, layers: frozenset[int] = frozenset()) -> None:
         self.layers = layers        # indices (0: the upper) of the layers read with it

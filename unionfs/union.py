@@ -86,7 +86,7 @@ class Union:
         self.serving = 0
         self.journal = Journal(None)
         self._redirects: list[tuple[bytes, bytes]] | None = None  # see view_paths
-        if self.upper is not None and config.workdir:
+        if self.upper is not None and config.upper is not None and config.workdir:
             self.work = WorkDir(config.workdir)
             if self.work.dev != self.upper.dev:
                 raise ValueError("workdir and upper must be on the same filesystem")
