@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.machinery
 import json
 import os
 import re
@@ -27,6 +28,7 @@ BINDING = REPO / "unionfs" / "_pyfuse3"
 PATCHES = REPO / "patches" / "pyfuse3"
 HERE = Path(__file__).resolve().parent
 DATA = bytes(range(256)) * 1024  # 256 KiB, every offset distinguishable
+EXT = importlib.machinery.EXTENSION_SUFFIXES[0]
 
 
 class Counted:
@@ -351,6 +353,7 @@ def test_pip_install_gives_the_fast_daemon(tmp_path: Path) -> None:
     assert version.stdout.splitlines()[1] == (
         "FUSE binding: built-in pyfuse3 3.5.0 (unionfs._pyfuse3, patches/pyfuse3); "
         f"fast paths: {ALL_FAST_PATHS}"), version.stdout
+    assert version.stdout.splitlines()[2].startswith("modules: compiled by mypyc (13: "), version.stdout
     lower, upper, mnt = (tmp_path / n for n in ("lower", "upper", "mnt"))
     for d in (lower, upper, mnt):
         d.mkdir()
@@ -389,3 +392,74 @@ def test_a_build_without_libfuse_headers_says_so_in_one_line(tmp_path: Path) -> 
                     "or newer with its headers (Debian: apt-get install pkg-config libfuse3-dev)"], \
         pip.stdout + pip.stderr
     assert not (venv / "bin" / "unionfs").exists()
+
+
+# -- the modules mypyc compiles (docs/design.md, "Compiled modules") -------------------------
+
+COMPILED_TREE = (REPO / "unionfs" / "_compiled.txt").exists()
+
+
+def where_modules(tree: Path, **env: str) -> list[str]:
+    """What a python run from *tree* (PYTHONPATH) imports unionfs.union and unionfs.nodes
+    from, and why the modules are not compiled ("" when they are)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import unionfs, unionfs.union, unionfs.nodes; "
+         "print(unionfs.union.__file__, unionfs.nodes.__file__, repr(unionfs.compiled_why))"],
+        capture_output=True, text=True, timeout=60, cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree), "UNIONFS_PURE": "0", **env})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(maxsplit=2)
+
+
+@pytest.mark.skipif(not COMPILED_TREE, reason="this tree's modules were not compiled (UNIONFS_PURE=1 or no mypyc)")
+def test_compiled_modules_are_used_and_pure_asks_for_the_source(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO / "unionfs", tree / "unionfs", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("_compiled__mypyc", "_pyfuse3"):  # the shared extension sits in the package
+        assert any(p.name.startswith(name) for p in (tree / "unionfs").iterdir())
+    union, nodes, why = where_modules(tree)
+    assert union.endswith("/union" + EXT) and nodes.endswith("/nodes" + EXT) and why == "''"
+    union, nodes, why = where_modules(tree, UNIONFS_PURE="1")
+    assert union.endswith("/union.py") and nodes.endswith("/nodes.py") and "UNIONFS_PURE" in why
+
+
+@pytest.mark.skipif(not COMPILED_TREE, reason="this tree's modules were not compiled (UNIONFS_PURE=1 or no mypyc)")
+def test_a_source_changed_after_the_build_is_run_as_source(tmp_path: Path) -> None:
+    """A tree edited after `pip install -e .`, or run with PYTHONPATH: one changed module
+    makes every compiled module run from its .py, never the stale extensions, and
+    `--version` says why."""
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO / "unionfs", tree / "unionfs", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(tree / "unionfs" / "merge.py", "a") as f:
+        f.write("\nEDITED = True\n")
+    union, nodes, why = where_modules(tree)
+    assert union.endswith("/union.py") and nodes.endswith("/nodes.py"), (union, nodes)
+    assert "merge.py changed since the build" in why, why
+    version = subprocess.run([sys.executable, "-m", "unionfs", "--version"], capture_output=True,
+                             text=True, timeout=60, cwd=tree,
+                             env={**os.environ, "PYTHONPATH": str(tree), "UNIONFS_PURE": "0"})
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.splitlines()[2] == (
+        "modules: pure Python (merge.py changed since the build: reinstall to compile them again)")
+
+
+@pytest.mark.slow  # pip builds the binding: half a minute or more
+def test_a_build_mypyc_rejects_installs_pure_python_with_one_warning(tmp_path: Path) -> None:
+    """mypy refusing a module (as a mypy of another version might): pip still installs,
+    says so in one warning line, and the package runs its Python source."""
+    src = source_copy(tmp_path)
+    with open(src / "unionfs" / "nodes.py", "a") as f:
+        f.write("\nNOT_AN_INT: int = 'a str'\n")
+    venv = tmp_path / "v"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-v", str(src)],
+                         capture_output=True, text=True, timeout=900)
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    said = [line.strip() for line in (pip.stdout + pip.stderr).splitlines() if "unionfs: warning:" in line]
+    assert len(said) == 1 and said[0].startswith("unionfs: warning: mypyc could not compile the modules") \
+        and said[0].endswith("installing the pure-Python modules"), said
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "UNIONFS_BINDING", "UNIONFS_PURE")}
+    version = subprocess.run([str(venv / "bin" / "unionfs"), "--version"], capture_output=True,
+                             text=True, env=env, timeout=60)
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.splitlines()[2].startswith("modules: pure Python (not compiled"), version.stdout

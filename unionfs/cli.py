@@ -132,16 +132,18 @@ COMMANDS: dict[str, Command] = {
 # -- dispatch ---------------------------------------------------------------
 
 class VersionAction(argparse.Action):
-    """`--version`: ours, and which FUSE binding a mount would run on (loaded only here)."""
+    """`--version`: ours, whether the modules are compiled, and which FUSE binding a mount
+    would run on (loaded only here)."""
 
     def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
-        from . import binding
+        from . import binding, describe_modules
 
         try:
             fuse = binding.load().describe()
         except ImportError as e:
             fuse = f"none ({str(e).removeprefix('no FUSE binding: ')})"
-        sys.stdout.write(f"{PROG} {__version__}\nFUSE binding: {fuse}\n")
+        sys.stdout.write(f"{PROG} {__version__}\nFUSE binding: {fuse}\n"
+                         f"modules: {describe_modules()}\n")
         parser.exit()
 
 

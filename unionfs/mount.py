@@ -183,12 +183,13 @@ def _prepare(config: MountConfig) -> _Serving:
     locks = [_lock_dir(path, what) for path, what in
              ((config.upper, "upper layer"), (config.workdir, "workdir")) if path]
     try:
-        from . import binding, fs  # the core; imported late so CLI errors never need pyfuse3
+        from . import binding, describe_modules, fs  # the core; imported late so CLI errors never need pyfuse3
         fuse = binding.load()
     except ImportError as e:
         raise MountError(f"the filesystem core is not available ({e})") from None
     pyfuse3 = fuse.module
-    log.info("FUSE binding: %s; poll_us=%d", fuse.describe(), config.poll_us)
+    log.info("FUSE binding: %s; poll_us=%d; modules: %s", fuse.describe(), config.poll_us,
+             describe_modules())
     wanted, why_not = fs.passthrough_plan(config)
     if not wanted:
         if config.passthrough == "on":
