@@ -5,10 +5,12 @@ Everything else about the package is in pyproject.toml. The binding, unionfs._py
 by Cython against the system's libfuse 3 (found by pkg-config, as upstream's own build
 does).
 
-The modules a request runs through (COMPILED) are also compiled by mypyc into one
-extension, unionfs._compiled__mypyc, with a small extension per module beside its .py
-source, which stays installed. UNIONFS_PURE=1 at build time skips that; a failed mypyc
-build is a one-line warning and a pure-Python install. The build writes MANIFEST, the
+With UNIONFS_MYPYC=1 at build time, the modules a request runs through (COMPILED) are
+also compiled by mypyc into one extension, unionfs._compiled__mypyc, with a small
+extension per module beside its .py source, which stays installed. It is off by default:
+it did not pay in the benchmark and fails test_scale's memory test (docs/benchmarks.md,
+"Compiled modules (mypyc)"). A failed mypyc build is a one-line warning and a
+pure-Python install. The build writes MANIFEST, the
 source hash of each compiled module, which unionfs/__init__.py checks at import so that
 a tree whose sources changed after the build runs them, not the stale extensions
 (docs/design.md, "Compiled modules").
@@ -60,9 +62,9 @@ def warn(why):
 
 
 def mypyc_extensions():
-    """The extensions mypyc makes of COMPILED, or none (UNIONFS_PURE=1, or mypyc missing or
-    failing: the package then runs its Python source, only more slowly)."""
-    if os.environ.get("UNIONFS_PURE", "") not in ("", "0"):
+    """The extensions mypyc makes of COMPILED, or none (not asked for with UNIONFS_MYPYC=1,
+    or mypyc missing or failing: the package then runs its Python source)."""
+    if os.environ.get("UNIONFS_MYPYC", "") in ("", "0"):
         return ()
     try:
         from mypyc.build import mypycify

@@ -335,25 +335,31 @@ def source_copy(tmp_path: Path) -> Path:
     return src
 
 
-@pytest.mark.slow  # pip builds the binding: half a minute or more
-def test_pip_install_gives_the_fast_daemon(tmp_path: Path) -> None:
+@pytest.mark.slow  # pip builds the binding (and with mypyc the modules): half a minute or more
+@pytest.mark.parametrize("mypyc", [False, True], ids=["python", "mypyc"])
+def test_pip_install_gives_the_fast_daemon(tmp_path: Path, mypyc: bool) -> None:
     """`python3 -m venv v && v/bin/pip install .`, as a Python user installs things: the
-    package pip builds carries every module and the built-in binding, and mounts."""
+    package pip builds carries every module and the built-in binding, and mounts; with
+    UNIONFS_MYPYC=1 its modules are compiled, and a copy-up through them works."""
     src = source_copy(tmp_path)
     venv = tmp_path / "v"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(src)],
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "UNIONFS_MYPYC": "1" if mypyc else "0"})
     assert pip.returncode == 0, pip.stdout + pip.stderr
     shutil.rmtree(src)  # the install must not lean on the source tree
     unionfs = str(venv / "bin" / "unionfs")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "UNIONFS_BINDING")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "UNIONFS_BINDING", "UNIONFS_PURE")}
     version = subprocess.run([unionfs, "--version"], capture_output=True, text=True, env=env, timeout=60)
     assert version.returncode == 0, version.stderr
     assert version.stdout.splitlines()[1] == (
         "FUSE binding: built-in pyfuse3 3.5.0 (unionfs._pyfuse3, patches/pyfuse3); "
         f"fast paths: {ALL_FAST_PATHS}"), version.stdout
-    assert version.stdout.splitlines()[2].startswith("modules: compiled by mypyc (13: "), version.stdout
+    assert version.stdout.splitlines()[2] == (
+        "modules: compiled by mypyc (13: stack, layers, merge, namespace, union, nodes, copyup, "
+        "durable, changes, format, files, owners, workdir)" if mypyc else
+        "modules: pure Python (not compiled (built without UNIONFS_MYPYC=1, or mypyc failed))"), version.stdout
     lower, upper, mnt = (tmp_path / n for n in ("lower", "upper", "mnt"))
     for d in (lower, upper, mnt):
         d.mkdir()
@@ -397,6 +403,7 @@ def test_a_build_without_libfuse_headers_says_so_in_one_line(tmp_path: Path) -> 
 # -- the modules mypyc compiles (docs/design.md, "Compiled modules") -------------------------
 
 COMPILED_TREE = (REPO / "unionfs" / "_compiled.txt").exists()
+NOT_COMPILED = "this tree's modules were not compiled (UNIONFS_MYPYC=1 pip install -e .)"
 
 
 def where_modules(tree: Path, **env: str) -> list[str]:
@@ -411,7 +418,7 @@ def where_modules(tree: Path, **env: str) -> list[str]:
     return proc.stdout.strip().split(maxsplit=2)
 
 
-@pytest.mark.skipif(not COMPILED_TREE, reason="this tree's modules were not compiled (UNIONFS_PURE=1 or no mypyc)")
+@pytest.mark.skipif(not COMPILED_TREE, reason=NOT_COMPILED)
 def test_compiled_modules_are_used_and_pure_asks_for_the_source(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     shutil.copytree(REPO / "unionfs", tree / "unionfs", ignore=shutil.ignore_patterns("__pycache__"))
@@ -423,7 +430,7 @@ def test_compiled_modules_are_used_and_pure_asks_for_the_source(tmp_path: Path) 
     assert union.endswith("/union.py") and nodes.endswith("/nodes.py") and "UNIONFS_PURE" in why
 
 
-@pytest.mark.skipif(not COMPILED_TREE, reason="this tree's modules were not compiled (UNIONFS_PURE=1 or no mypyc)")
+@pytest.mark.skipif(not COMPILED_TREE, reason=NOT_COMPILED)
 def test_a_source_changed_after_the_build_is_run_as_source(tmp_path: Path) -> None:
     """A tree edited after `pip install -e .`, or run with PYTHONPATH: one changed module
     makes every compiled module run from its .py, never the stale extensions, and
@@ -453,7 +460,8 @@ def test_a_build_mypyc_rejects_installs_pure_python_with_one_warning(tmp_path: P
     venv = tmp_path / "v"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-v", str(src)],
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "UNIONFS_MYPYC": "1"})
     assert pip.returncode == 0, pip.stdout + pip.stderr
     said = [line.strip() for line in (pip.stdout + pip.stderr).splitlines() if "unionfs: warning:" in line]
     assert len(said) == 1 and said[0].startswith("unionfs: warning: mypyc could not compile the modules") \
@@ -463,3 +471,4 @@ def test_a_build_mypyc_rejects_installs_pure_python_with_one_warning(tmp_path: P
                              text=True, env=env, timeout=60)
     assert version.returncode == 0, version.stderr
     assert version.stdout.splitlines()[2].startswith("modules: pure Python (not compiled"), version.stdout
+

@@ -1,6 +1,7 @@
 """unionfs: a union-mount filesystem with a kernel-overlayfs-compatible upper directory.
 
-The modules a request runs through may be compiled by mypyc (setup.py): each then has
+The modules a request runs through may be compiled by mypyc (setup.py, UNIONFS_MYPYC=1
+at build time; off by default): each then has
 an extension module beside its .py source, and the build writes _compiled.txt, the hash
 of every compiled module's source. They are used only if every hash still matches its
 .py and UNIONFS_PURE is unset or 0; otherwise all of them are imported from their
@@ -47,7 +48,7 @@ def _check() -> tuple[tuple[str, ...], str, bool]:
         with open(_MANIFEST) as f:
             lines = [line.split() for line in f if line.strip()]
     except FileNotFoundError:
-        return (), "not compiled (UNIONFS_PURE=1 or a failed mypyc build at install, or a source tree)", False
+        return (), "not compiled (built without UNIONFS_MYPYC=1, or mypyc failed)", False
     why = _stale(lines)
     if why:
         return (), f"{why}: reinstall to compile them again", True
