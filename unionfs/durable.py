@@ -189,16 +189,20 @@ class Syncer:
                     self._cond.wait(BATCH_DELAY)  # close(), or a copy-up after a batch, notifies
                 if self._stopping:
                     return  # close() syncs what is pending itself, and closes the fds
-                if settle and self._dirty:
-                    continue  # a copy-up came meanwhile: its batch gets the whole delay
-                # No copy-up since the last batch: one more syncfs makes its record
-                # durable, so its files are settled (passthrough waits for that) without
-                # waiting for a next batch that may never come.
-                written = self._written
-                if not settle:
-                    batch, self.batch = self.batch, self.batch + 1
-                    self._dirty = False
-                self._flushing = True
+                # a copy-up came meanwhile: its batch gets the whole delay (the continue is
+                # outside the with: mypyc does not compile one inside a try/finally)
+                again = settle and self._dirty
+                if not again:
+                    # No copy-up since the last batch: one more syncfs makes its record
+                    # durable, so its files are settled (passthrough waits for that) without
+                    # waiting for a next batch that may never come.
+                    written = self._written
+                    if not settle:
+                        batch, self.batch = self.batch, self.batch + 1
+                        self._dirty = False
+                    self._flushing = True
+            if again:
+                continue
             if settle:
                 self._step(lambda: self._settle(written),
                            "syncing the record of synced copy-ups failed")

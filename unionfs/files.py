@@ -113,6 +113,7 @@ class Handles:
     def _backing_for(self, h: Handle) -> int:
         """The backing id *h* is opened with, or 0 (caching mode), by the rules above."""
         pt, node = self.passthrough, h.node
+        assert pt is not None  # add() asks only with passthrough on
         entry = self._backing.get(node)
         if entry is not None:
             entry[1] += 1
@@ -230,6 +231,7 @@ class Handles:
             entry[1] -= 1
             if not entry[1]:
                 del self._backing[node]
+                assert self.passthrough is not None  # a backing id exists only with it on
                 try:
                     self.passthrough.unregister(entry[0])
                 except OSError as e:
