@@ -42,10 +42,11 @@ def pkg_config(*args):
     return out.stdout.split()
 
 
-#: the modules mypyc compiles: those every request runs through (resolution, the node
-#: table, copy-up, the changes log, the format and the handle table). Not syscalls.py:
-#: thin wrappers of os and ctypes calls, and mypyc fails on its ctypes.Structure.
-COMPILED = ["stack", "layers", "merge", "namespace", "union", "nodes", "copyup", "durable",
+#: the modules mypyc compiles: those every request runs through (resolution, copy-up,
+#: the changes log, the format and the handle table). Not syscalls.py: thin wrappers of
+#: os and ctypes calls, and mypyc fails on its ctypes.Structure; not nodes.py: files.py
+#: keeps nodes in a WeakSet, and a native class has no weak references.
+COMPILED = ["stack", "layers", "merge", "namespace", "union", "copyup", "durable",
             "changes", "format", "files", "owners", "workdir"]
 GROUP = "unionfs._compiled"  # the shared extension is GROUP + "__mypyc"
 #: written beside the compiled modules: "module sha256-of-source" lines

@@ -357,7 +357,7 @@ def test_pip_install_gives_the_fast_daemon(tmp_path: Path, mypyc: bool) -> None:
         "FUSE binding: built-in pyfuse3 3.5.0 (unionfs._pyfuse3, patches/pyfuse3); "
         f"fast paths: {ALL_FAST_PATHS}"), version.stdout
     assert version.stdout.splitlines()[2] == (
-        "modules: compiled by mypyc (13: stack, layers, merge, namespace, union, nodes, copyup, "
+        "modules: compiled by mypyc (12: stack, layers, merge, namespace, union, copyup, "
         "durable, changes, format, files, owners, workdir)" if mypyc else
         "modules: pure Python (not compiled (built without UNIONFS_MYPYC=1, or mypyc failed))"), version.stdout
     lower, upper, mnt = (tmp_path / n for n in ("lower", "upper", "mnt"))
@@ -407,11 +407,11 @@ NOT_COMPILED = "this tree's modules were not compiled (UNIONFS_MYPYC=1 pip insta
 
 
 def where_modules(tree: Path, **env: str) -> list[str]:
-    """What a python run from *tree* (PYTHONPATH) imports unionfs.union and unionfs.nodes
+    """What a python run from *tree* (PYTHONPATH) imports unionfs.union and unionfs.copyup
     from, and why the modules are not compiled ("" when they are)."""
     proc = subprocess.run(
-        [sys.executable, "-c", "import unionfs, unionfs.union, unionfs.nodes; "
-         "print(unionfs.union.__file__, unionfs.nodes.__file__, repr(unionfs.compiled_why))"],
+        [sys.executable, "-c", "import unionfs, unionfs.union, unionfs.copyup; "
+         "print(unionfs.union.__file__, unionfs.copyup.__file__, repr(unionfs.compiled_why))"],
         capture_output=True, text=True, timeout=60, cwd=tree,
         env={**os.environ, "PYTHONPATH": str(tree), "UNIONFS_PURE": "0", **env})
     assert proc.returncode == 0, proc.stderr
@@ -425,9 +425,9 @@ def test_compiled_modules_are_used_and_pure_asks_for_the_source(tmp_path: Path) 
     for name in ("_compiled__mypyc", "_pyfuse3"):  # the shared extension sits in the package
         assert any(p.name.startswith(name) for p in (tree / "unionfs").iterdir())
     union, nodes, why = where_modules(tree)
-    assert union.endswith("/union" + EXT) and nodes.endswith("/nodes" + EXT) and why == "''"
+    assert union.endswith("/union" + EXT) and nodes.endswith("/copyup" + EXT) and why == "''"
     union, nodes, why = where_modules(tree, UNIONFS_PURE="1")
-    assert union.endswith("/union.py") and nodes.endswith("/nodes.py") and "UNIONFS_PURE" in why
+    assert union.endswith("/union.py") and nodes.endswith("/copyup.py") and "UNIONFS_PURE" in why
 
 
 @pytest.mark.skipif(not COMPILED_TREE, reason=NOT_COMPILED)
@@ -440,7 +440,7 @@ def test_a_source_changed_after_the_build_is_run_as_source(tmp_path: Path) -> No
     with open(tree / "unionfs" / "merge.py", "a") as f:
         f.write("\nEDITED = True\n")
     union, nodes, why = where_modules(tree)
-    assert union.endswith("/union.py") and nodes.endswith("/nodes.py"), (union, nodes)
+    assert union.endswith("/union.py") and nodes.endswith("/copyup.py"), (union, nodes)
     assert "merge.py changed since the build" in why, why
     version = subprocess.run([sys.executable, "-m", "unionfs", "--version"], capture_output=True,
                              text=True, timeout=60, cwd=tree,

@@ -56,22 +56,22 @@ def _check() -> tuple[tuple[str, ...], str, bool]:
 
 
 class _Source(importlib.machinery.PathFinder):
-    """Imports every module of the package that has a .py from that .py, never from an
-    extension module beside it."""
+    """Imports every module of the package that has a .py and is not among the compiled
+    ones in use from that .py, never from an extension module beside it (one an earlier
+    build left, say)."""
 
     @classmethod
     def find_spec(cls, fullname, path=None, target=None):  # type: ignore[override]
         package, _, module = fullname.rpartition(".")
         source = os.path.join(_HERE, module + ".py")
-        if package != __name__ or not os.path.exists(source):
+        if package != __name__ or module in compiled or not os.path.exists(source):
             return None
         return importlib.util.spec_from_file_location(
             fullname, source, loader=importlib.machinery.SourceFileLoader(fullname, source))
 
 
 compiled, compiled_why, stale = _check()
-if not compiled:
-    sys.meta_path.insert(0, _Source)
+sys.meta_path.insert(0, _Source)
 
 
 def describe_modules() -> str:
