@@ -449,10 +449,11 @@ def fuse_options(config: MountConfig) -> set[str]:
     return opts
 
 
-def make_operations(config: MountConfig) -> Operations:
-    """Open the layers and build the Operations for a mount (raises OSError/ValueError)."""
+def make_operations(config: MountConfig, passthrough: bool) -> Operations:
+    """Open the layers and build the Operations for a mount (raises OSError/ValueError);
+    *passthrough*: whether to ask the kernel for it (passthrough_plan)."""
     fmt = format.for_mount(config.userxattr, privileged())
     ops = Operations(Union(config, writeback=config.writeback, fmt=fmt), debug=config.debug)
     ops.poll_us = config.poll_us
-    ops.passthrough, _ = passthrough_plan(config)
+    ops.passthrough = passthrough
     return ops

@@ -200,7 +200,7 @@ def _prepare(config: MountConfig) -> _Serving:
                     "time per request; `pip install .` builds the built-in binding",
                     fuse.name, ", ".join(fuse.missing()), fuse.fallback_reason or "its own build")
     try:
-        ops = fs.make_operations(config)
+        ops = fs.make_operations(config, passthrough=wanted)
         options = set(fs.fuse_options(config)) | kernel_flag_options(config)
         options = {escape_fuse_option(o) for o in options}
     except MixedFormat as e:
