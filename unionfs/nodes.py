@@ -146,6 +146,7 @@ class NodeTable:
     def __init__(self, root: Node, on_drop, on_shrink=lambda: None) -> None:
         self._nodes: dict[int, Node] = {ROOT_ID: root}
         self._peak = 1
+        self._shrunk = 0  # the table's size at its last shrink (0: none yet)
         root.registered = True
         root.lookups = 1
         self._on_drop = on_drop
@@ -181,12 +182,15 @@ class NodeTable:
             return
         node.lookups = max(0, node.lookups - count)
         self._maybe_drop(node)
-        if self._peak >= self.SHRINK_FROM and len(self._nodes) < self._peak // 8:
+        left = len(self._nodes)
+        # and again each time what was left at the last shrink has gone down eightfold: the
+        # names the kernel forgets last hold as much heap for their number as the others
+        if (self._peak >= self.SHRINK_FROM and left < self._peak // 8) or left < self._shrunk // 8:
             self._shrink()
 
     def _shrink(self) -> None:
         self._nodes = dict(self._nodes)
-        self._peak = max(1, len(self._nodes))
+        self._peak = self._shrunk = max(1, len(self._nodes))
         self._on_shrink()
         _malloc_trim()
 
