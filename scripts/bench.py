@@ -23,6 +23,11 @@ unionfs@NAME run by COMMAND, compared in the table with the first of them):
     sudo .venv/bin/python scripts/bench.py --impl fuse-overlayfs \
         --unionfs-as setup=".venv/bin/python -m unionfs" --unionfs-as pip="/tmp/v/bin/unionfs"
 
+The same unionfs with mount options (each --unionfs-with adds unionfs@NAME, mounted with
+-o OPTIONS):
+
+    sudo .venv/bin/python scripts/bench.py --unionfs-with all=passthrough=all
+
 Everything it mounted is unmounted on exit, Ctrl-C and errors included.
 """
 from __future__ import annotations
@@ -100,6 +105,7 @@ class Impl:
     name: str
     unionfs_cmd: list[str]
     rundir: str  # UNIONFS_RUNDIR for our unionfs daemons, away from other mounts' pid files
+    options: str = ""  # mount options for unionfs (-o), from --unionfs-with
 
     @property
     def env(self) -> dict:
@@ -113,7 +119,8 @@ class Impl:
         elif self.name == "fuse-overlayfs":
             sh_quiet("fuse-overlayfs", "-o", f"lowerdir={low},upperdir={upper},workdir={work}", mnt)
         else:
-            sh_quiet(*self.unionfs_cmd, "mount", "--workdir", work, low, upper, mnt, env=self.env)
+            opts = ["-o", self.options] if self.options else []
+            sh_quiet(*self.unionfs_cmd, "mount", "--workdir", work, *opts, low, upper, mnt, env=self.env)
         if mnt not in mountpoints():
             raise RuntimeError(f"{self.name}: {mnt} is not mounted")
 
@@ -576,6 +583,9 @@ def main() -> int:
     ap.add_argument("--unionfs-as", action="append", default=[], metavar="NAME=COMMAND",
                     help="also run the unionfs install COMMAND as implementation unionfs@NAME "
                          "(repeatable: installs side by side, interleaved like the others)")
+    ap.add_argument("--unionfs-with", action="append", default=[], metavar="NAME=OPTIONS",
+                    help="also run unionfs mounted with -o OPTIONS as implementation unionfs@NAME "
+                         "(repeatable), e.g. all=passthrough=all")
     ap.add_argument("--requests", action="store_true",
                     help="also count the FUSE requests of each timed run (fusetrace) and print "
                          "them per workload, unionfs against fuse-overlayfs")
@@ -595,7 +605,13 @@ def main() -> int:
         if not sep or not name or not command.split():
             ap.error(f"--unionfs-as wants NAME=COMMAND, not {spec!r}")
         installs[f"unionfs@{name}"] = command.split()
-    impls += list(installs)
+    options: dict[str, str] = {}
+    for spec in args.unionfs_with:
+        name, sep, opts = spec.partition("=")
+        if not sep or not name or not opts:
+            ap.error(f"--unionfs-with wants NAME=OPTIONS, not {spec!r}")
+        options[f"unionfs@{name}"] = opts
+    impls += list(installs) + [i for i in options if i not in installs]
     wls = WORKLOADS
     if args.only:
         names = args.only.split(",")
@@ -616,12 +632,12 @@ def main() -> int:
         if args.upper_fs == "fresh":
             # sized for bigappend's copies (deleted at once) and the small uppers kept to the end
             stack.enter_context(fresh_fs(run_root, 64))
-        return run(args, wls, impls, modes, unionfs_cmd, installs, data, manifest, run_root)
+        return run(args, wls, impls, modes, unionfs_cmd, installs, options, data, manifest, run_root)
 
 
 def run(args: argparse.Namespace, wls: list[Workload], impls: list[str], modes: list[str],
-        unionfs_cmd: list[str], installs: dict[str, list[str]], data: str, manifest: dict,
-        run_root: str) -> int:
+        unionfs_cmd: list[str], installs: dict[str, list[str]], options: dict[str, str], data: str,
+        manifest: dict, run_root: str) -> int:
     """Every repetition, workload, mode and implementation, then the table (and JSON)."""
     ctx = Ctx(data, manifest, args.scale)
     if args.profile:
@@ -637,7 +653,8 @@ def run(args: argparse.Namespace, wls: list[Workload], impls: list[str], modes: 
     signal.signal(signal.SIGHUP, interrupt)
     interrupted = False
     os.makedirs(f"{run_root}/rundir")
-    objs = {i: Impl(i, installs.get(i, unionfs_cmd), f"{run_root}/rundir") for i in impls}
+    objs = {i: Impl(i, installs.get(i, unionfs_cmd), f"{run_root}/rundir", options.get(i, ""))
+            for i in impls}
     res: dict = {w.name: {m: {i: [] for i in impls} for m in modes} for w in wls}
     cpu: dict = {w.name: {m: {i: [] for i in impls} for m in modes} for w in wls}
     reqs: dict = {w.name: {m: {i: [] for i in impls} for m in modes} for w in wls}

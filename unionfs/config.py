@@ -34,7 +34,10 @@ class MountConfig:
     acl: bool = True                  # noacl: the kernel does not enforce POSIX ACLs
     writeback: bool = True            # the kernel's writeback cache (writeback=0: off)
     # FUSE passthrough: "auto" asks the kernel where the binding and privileges allow it
-    # (then no writeback cache), "on" insists, "off" never asks (see fs.passthrough_plan)
+    # (then no writeback cache), "on" insists, "off" never asks (see fs.passthrough_plan);
+    # lower files pass through only where nothing can copy them up (a read-only mount),
+    # unless "all": then also on a writable mount, where a read-only fd opened on a lower
+    # file keeps reading it after a copy-up (files.py)
     passthrough: str = "auto"
     poll_us: int = 200                # poll this long for the next request before sleeping
     foreground: bool = False
@@ -240,7 +243,7 @@ _STRING_FIELDS = {"upperdir", "workdir", "fsname"}
 _BOOLS: dict[str, tuple[str, bool]] = {
     "fsync": ("fsync", True), "noxattrs": ("xattrs", False), "writeback": ("writeback", True),
 }
-PASSTHROUGH = ("auto", "on", "off")
+PASSTHROUGH = ("auto", "on", "all", "off")
 _VALUED = {"lowerdir", "poll_us", "passthrough", "squash_to_uid", "squash_to_gid", "timeout", "uidmapping", "gidmapping",
            "xattr_permissions", "context", *_BOOLS}
 
@@ -322,7 +325,7 @@ def _apply_option(opts: MountOptions, item: str) -> None:
         opts.extra[name] = value  # no LSM here to apply the label: nothing to do
     elif name == "passthrough":
         if value not in PASSTHROUGH:
-            raise ConfigError(f"passthrough must be auto, on or off, not '{value}'")
+            raise ConfigError(f"passthrough must be auto, on, all or off, not '{value}'")
         opts.passthrough = value
     elif name == "poll_us":
         if not value.isdigit() or int(value) > MAX_POLL_US:

@@ -4,17 +4,26 @@ The handle table of a union (union.Union holds one); opening, which may copy up
 first, is the Union's, and so are read and fsync (fs.py).
 
 With FUSE passthrough (`Handles.passthrough`), the kernel reads and writes an open
-upper file itself. Its rules, which this table keeps: an inode has one backing file
-while it is open in passthrough mode, so every open of a node then gets the same
-backing id; and no open of an inode may keep the kernel's page cache (caching mode)
-while another is in passthrough mode, so a node that has handles of one kind gets only
+file's backing file itself. Its rules, which this table keeps per kernel inode (the node
+id an open came by: a node may have several, nodes.NodeTable.new_kid): an inode has one
+backing file while it is open in passthrough mode, so every open of it then gets the
+same backing id; and no open of an inode may keep the kernel's page cache (caching mode)
+while another is in passthrough mode, so an inode that has handles of one kind gets only
 more of that kind. A file whose copy-up is not yet durable does not pass through either:
 its syncs (an O_SYNC write, an msync) must reach the daemon, which drops the copy-up's tag
 so that no repair after a power loss copies the origin over synced data (durable.py).
-Open lower files never pass through: the kernel would open the
-lower file with the caller's flags, without O_NOATIME, and touch the lower layer's
-access times; and a read-only fd on a lower file must read the upper copy once the
-file is copied up (to_upper), which a backing file, fixed for the open, cannot.
+
+A read-only open of a lower file of 1 MiB or more passes through too, where lower files
+may (a read-only mount, or passthrough=all: fs.make_operations) and its layer was opened through
+a mount of its own that never updates access times (layers.Layer.noatime: the kernel
+opens the backing file by the registered fd's path, with the caller's flags, so our
+O_NOATIME would not reach it). The backing file stays the lower one for the whole open,
+as fuse-overlayfs leaves a read-only fd opened before a copy-up on the lower file (kernel
+overlayfs moves it to the upper copy, and so does a handle served by the daemon: to_upper;
+hence the choice is the user's on a writable mount). So a copy-up of a file whose inode
+has lower-backed opens gives the file a new kernel inode (`needs_new_inode`): opens that
+reach the old inode then fail with ESTALE, on which the kernel looks the name up again
+and finds the new one (Union.open).
 """
 from __future__ import annotations
 
@@ -30,6 +39,10 @@ from .merge import Resolver
 from .nodes import Node
 
 
+#: the size from which a lower file's read-only opens pass through (where they may)
+LOWER_PASSTHROUGH_MIN = 1 << 20
+
+
 class Handle:
     """An open file: a real fd on the upper or lower object.
 
@@ -37,11 +50,12 @@ class Handle:
     upper copy on its next read, so it never serves stale data.
     """
 
-    __slots__ = ("fd", "node", "on_upper", "flags", "backing")
+    __slots__ = ("fd", "node", "kid", "on_upper", "flags", "backing")
 
-    def __init__(self, fd: int, node: Node, on_upper: bool, flags: int) -> None:
+    def __init__(self, fd: int, node: Node, on_upper: bool, flags: int, kid: int) -> None:
         self.fd = fd
         self.node = node
+        self.kid = kid  # the kernel inode (node id) it was opened by
         self.on_upper = on_upper
         self.flags = flags
         self.backing = 0  # the backing id the kernel does this open's I/O with (0: none)
@@ -53,9 +67,14 @@ log = logging.getLogger("unionfs")
 class Passthrough:
     """The binding's FUSE_DEV_IOC_BACKING_OPEN and _CLOSE: fd -> backing id, and back."""
 
-    def __init__(self, register: Callable[[int], int], unregister: Callable[[int], None]) -> None:
+    def __init__(self, register: Callable[[int], int], unregister: Callable[[int], None],
+                 forget_attrs: Callable[[int], None] | None = None) -> None:
         self.register = register
         self.unregister = unregister
+        # node id -> the kernel drops its cached attributes of that inode (a notification
+        # written from a worker thread); None: no new kernel inodes (the binding cannot
+        # give an entry a node id apart from its st_ino), so no lower file passes through
+        self.forget_attrs = forget_attrs
         self.failed = False  # a registration failed (logged once)
         # fd -> False while its copy-up is not yet durable (durable.Syncer.settled): such a
         # file's syncs must reach the daemon, which then drops the copy-up's tag
@@ -73,12 +92,14 @@ class Handles:
         self.fds: dict[int, int] = {}
         self._lower: dict[Node, set[int]] = {}  # open read-only on the lower copy
         self._next_fh = 1
-        # FUSE passthrough, when the kernel does it (use_passthrough): per node with open
-        # handles, [backing id, handles] for passthrough ones, or the number of others
+        # FUSE passthrough, when the kernel does it (use_passthrough): per kernel inode
+        # (node id) with open handles, [backing id, handles, 1 if the backing file is a
+        # lower one] for passthrough ones, or the number of others
         self.passthrough: Passthrough | None = None
-        self._backing: dict[Node, list[int]] = {}
-        self._cached: dict[Node, int] = {}
+        self._backing: dict[int, list[int]] = {}
+        self._cached: dict[int, int] = {}
         self._passed: weakref.WeakSet[Node] = weakref.WeakSet()  # have had a passthrough open
+        self._no_backing: set[int] = set()  # lower layers whose files cannot be backing files
 
     def use_passthrough(self, pt: Passthrough) -> None:
         """From the first request on, the kernel does passthrough (and no writeback cache)."""
@@ -98,11 +119,12 @@ class Handles:
             flags &= ~os.O_APPEND
         return flags
 
-    def add(self, fd: int, node: Node, on_upper: bool, flags: int) -> int:
-        """A new handle for *fd*, open on *node*'s upper (else lower) object."""
+    def add(self, fd: int, node: Node, on_upper: bool, flags: int, kid: int = 0) -> int:
+        """A new handle for *fd*, open on *node*'s upper (else lower) object, by the kernel
+        inode *kid* (default: the node's current one)."""
         fh = self._next_fh
         self._next_fh += 1
-        h = self.handles[fh] = Handle(fd, node, on_upper, flags & os.O_ACCMODE)
+        h = self.handles[fh] = Handle(fd, node, on_upper, flags & os.O_ACCMODE, kid or node.kid)
         self.fds[fh] = fd
         if not on_upper:
             self._lower.setdefault(node, set()).add(fh)
@@ -112,27 +134,50 @@ class Handles:
 
     def _backing_for(self, h: Handle) -> int:
         """The backing id *h* is opened with, or 0 (caching mode), by the rules above."""
-        pt, node = self.passthrough, h.node
+        pt, node, kid = self.passthrough, h.node, h.kid
         assert pt is not None  # add() asks only with passthrough on
-        entry = self._backing.get(node)
+        entry = self._backing.get(kid)
         if entry is not None:
             entry[1] += 1
             return entry[0]
-        if h.on_upper and not self._cached.get(node) and pt.settled(h.fd):
+        if not self._cached.get(kid) and self._may_pass(h, pt):
             try:
                 backing = pt.register(h.fd)
             except OSError as e:
-                if not pt.failed:  # ELOOP: the upper is on a stacked filesystem, say
+                if not h.on_upper:  # this layer's files cannot be: do not try again
+                    self._no_backing.add(node.lowers[0][0].index)
+                if not pt.failed:  # ELOOP: the layer is on a stacked filesystem, say
                     pt.failed = True
                     log.warning("passthrough: %s cannot be a backing file (%s); such opens "
                                 "are served by the daemon", node.path().decode(errors="replace"),
                                 os.strerror(e.errno or 0))
             else:
-                self._backing[node] = [backing, 1]
+                self._backing[kid] = [backing, 1, 0 if h.on_upper else 1]
                 self._passed.add(node)
                 return backing
-        self._cached[node] = self._cached.get(node, 0) + 1
+        self._cached[kid] = self._cached.get(kid, 0) + 1
         return 0
+
+    def _may_pass(self, h: Handle, pt: Passthrough) -> bool:
+        if h.on_upper:
+            return pt.settled(h.fd)
+        layer = h.node.lowers[0][0]
+        # a smaller lower file is read in a few requests, or from the page cache the kernel
+        # keeps for caching opens; registering a backing file costs more at each open. Its
+        # size is fixed while it is a lower file, so an inode's opens all decide alike.
+        return (h.flags == os.O_RDONLY and pt.forget_attrs is not None and layer.noatime
+                and layer.index not in self._no_backing
+                and os.fstat(h.fd).st_size >= LOWER_PASSTHROUGH_MIN)
+
+    def lower_backed(self, kid: int) -> bool:
+        """Is the kernel inode *kid* open in passthrough mode on a lower file?"""
+        entry = self._backing.get(kid)
+        return entry is not None and entry[2] == 1
+
+    def needs_new_inode(self, node: Node) -> bool:
+        """*node* was just copied up: must the kernel see it as a new inode? (Its current
+        one keeps a lower backing file while such opens last.)"""
+        return self.lower_backed(node.kid)
 
     def reply(self, fh: int) -> tuple[bool, int]:
         """What the open's reply tells the kernel: (keep its page cache, backing id).
@@ -225,23 +270,23 @@ class Handles:
     def _release_mode(self, h: Handle) -> None:
         """The kernel has let go of this open's I/O mode before it sent RELEASE: once a
         node has no handles of a kind here, it has none of it in the kernel either."""
-        node = h.node
+        kid = h.kid
         if h.backing:
-            entry = self._backing[node]
+            entry = self._backing[kid]
             entry[1] -= 1
             if not entry[1]:
-                del self._backing[node]
+                del self._backing[kid]
                 assert self.passthrough is not None  # a backing id exists only with it on
                 try:
                     self.passthrough.unregister(entry[0])
                 except OSError as e:
                     log.warning("passthrough: closing backing id %d: %s", entry[0], os.strerror(e.errno or 0))
         else:
-            left = self._cached[node] - 1
+            left = self._cached[kid] - 1
             if left:
-                self._cached[node] = left
+                self._cached[kid] = left
             else:
-                del self._cached[node]
+                del self._cached[kid]
 
     def close(self) -> None:
         self.fds.clear()

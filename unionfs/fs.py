@@ -142,9 +142,15 @@ class Operations(pyfuse3.Operations):
         if not self.passthrough:
             return
         if pyfuse3.passthrough_offered():
-            self.u.use_passthrough(Passthrough(pyfuse3.backing_open, pyfuse3.backing_close))
-            log.info("passthrough: on (the kernel reads and writes open upper files itself; "
-                     "no writeback cache)")
+            # a new kernel inode for a copied-up file needs an entry's node id apart from
+            # its st_ino (patch 0011); without it only upper files pass through
+            lowers = hasattr(pyfuse3.EntryAttributes, "nodeid") and \
+                any(layer.noatime for layer in self.u.lowers)
+            self.u.use_passthrough(Passthrough(
+                pyfuse3.backing_open, pyfuse3.backing_close,
+                (lambda kid: pyfuse3.invalidate_inode(kid, True)) if lowers else None))
+            log.info("passthrough: on (the kernel reads and writes open upper files%s "
+                     "itself; no writeback cache)", " and lower files read" if lowers else "")
         else:
             log.warning("passthrough: off (the kernel did not offer FUSE passthrough)")
 
@@ -182,7 +188,18 @@ class Operations(pyfuse3.Operations):
     def _entry(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that hands the kernel a reference: counts it."""
         node = self.u.nodes.ref(node)
-        return self._attrs(node, st if st is not None else self.u.stat(node))
+        a = self._attrs(node, st if st is not None else self.u.stat(node))
+        if node.kid != node.id:
+            a.nodeid = node.kid
+        return a
+
+    def _attrs_of(self, inode: int, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """Attributes of the kernel inode *inode*: an old inode of a node (Union._new_inode)
+        may not cache them, since the node changes through its new one."""
+        a = self._attrs(node, st)
+        if inode != node.kid:
+            a.attr_timeout = 0
+        return a
 
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext):
@@ -209,7 +226,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):
         node = self.u.node(inode)
-        return self._attrs(node, self.u.stat(node))
+        return self._attrs_of(inode, node, self.u.stat(node))
 
     @fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -224,9 +241,9 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
         if req == SetAttr():  # nothing to change
-            return self._attrs(node, self.u.stat(node))
+            return self._attrs_of(inode, node, self.u.stat(node))
         st = await self.u.setattr(node, req, fh)
-        return self._attrs(node, st)
+        return self._attrs_of(inode, node, st)
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -276,7 +293,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext):
-        fh = await self.u.open(self.u.node(inode), flags, privileged=ctx.uid == 0)
+        fh = await self.u.open(self.u.node(inode), flags, privileged=ctx.uid == 0, kid=inode)
         keep, backing = self.u.files.reply(fh)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep, **_backing(backing))
 
@@ -316,7 +333,7 @@ class Operations(pyfuse3.Operations):
             # the kernel asks without writing its dirty pages back first, so the upper file
             # may lack written data (and length): invalidating the pages makes it write
             # them back, through this loop, which must go on serving meanwhile
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.id, False)
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.kid, False)
         return self.u.seek(fh, offset, whence)
 
     @fuse_errors
@@ -453,7 +470,11 @@ def make_operations(config: MountConfig, passthrough: bool) -> Operations:
     """Open the layers and build the Operations for a mount (raises OSError/ValueError);
     *passthrough*: whether to ask the kernel for it (passthrough_plan)."""
     fmt = format.for_mount(config.userxattr, privileged())
-    ops = Operations(Union(config, writeback=config.writeback, fmt=fmt), debug=config.debug)
+    # lower files pass through where no copy-up can leave an fd on the lower file behind
+    # the upper copy, or where the user chose that (files.py)
+    lowers = passthrough and (config.passthrough == "all" or not config.writable)
+    ops = Operations(Union(config, writeback=config.writeback, fmt=fmt, lower_passthrough=lowers),
+                     debug=config.debug)
     ops.poll_us = config.poll_us
     ops.passthrough = passthrough
     return ops

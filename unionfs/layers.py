@@ -21,19 +21,42 @@ from .syscalls import AT_FDCWD
 class Layer:
     """One directory of the stack: index 0 is the upper (if any), then lowers top-most first."""
 
-    __slots__ = ("path", "index", "writable", "fd", "dev")
+    __slots__ = ("path", "index", "writable", "fd", "dev", "noatime", "_tree")
 
-    def __init__(self, path: str, index: int, writable: bool) -> None:
+    def __init__(self, path: str, index: int, writable: bool, noatime: bool = False) -> None:
+        """*noatime*: open it through a mount of its own that never updates access times,
+        where the kernel allows (then `noatime` is true), so that files the kernel reopens
+        from our fds (FUSE passthrough's backing files) leave its access times alone too."""
         self.path = path
         self.index = index
         self.writable = writable
+        self.noatime = False
+        self._tree: int | None = None  # the O_PATH fd holding that mount
+        root, name = AT_FDCWD, os.fsencode(path)
+        if noatime:
+            try:
+                self._tree = root = syscalls.open_noatime_tree(name)
+                name = b"."
+                self.noatime = True
+            except OSError:  # EPERM without CAP_SYS_ADMIN, ENOSYS: before Linux 5.12
+                pass
         # every layer directory, root or not, is held open for real where the daemon may
         # read it (else O_PATH; see syscalls.open_dir_real); the user's path may be a symlink
-        self.fd = syscalls.open_dir_real(AT_FDCWD, os.fsencode(path), follow=True)
+        try:
+            self.fd = syscalls.open_dir_real(root, name, follow=True)
+        except BaseException:
+            self._close_tree()
+            raise
         self.dev = os.fstat(self.fd).st_dev
+
+    def _close_tree(self) -> None:
+        if self._tree is not None:
+            os.close(self._tree)
+            self._tree = None
 
     def close(self) -> None:
         os.close(self.fd)
+        self._close_tree()
 
     def __repr__(self) -> str:
         return f"Layer({self.path!r}, {self.index})"

@@ -25,6 +25,9 @@ _LAYER_SHIFT = 48
 # The top bit is never part of a number make_ino gives (layer indexes stay far below
 # 2**15): a lower object whose number an upper object claimed falsely takes it | ALT_INO.
 ALT_INO = 1 << 63
+# Node ids the kernel gets for an object it must see as a new inode (NodeTable.new_kid):
+# bits 63 and 62 together, which no number make_ino gives, | ALT_INO or not, has.
+_KID_BASE = (1 << 63) | (1 << 62)
 
 
 def make_ino(layer_index: int, st_ino: int) -> int:
@@ -77,11 +80,16 @@ def absent_bits(names: list[bytes]) -> int:
 class Node:
     """One object of the merged view."""
 
-    __slots__ = ("id", "kind", "parent", "name", "upper", "lowers", "opaque", "lookups",
-                 "child_refs", "pin", "lock", "registered", "aliases", "no_xattrs", "__weakref__")
+    __slots__ = ("id", "kid", "kind", "parent", "name", "upper", "lowers", "opaque", "lookups",
+                 "child_refs", "pin", "lock", "registered", "aliases", "no_xattrs", "old_kids",
+                 "__weakref__")
 
     def __init__(self, node_id: int, kind: int, parent: "Node | None", name: bytes) -> None:
-        self.id = node_id
+        self.id = node_id                   # its identity: the st_ino it reports
+        # the node id the kernel knows it by in new entries: its id, unless the kernel's
+        # inode of that id must stay as it is (NodeTable.new_kid)
+        self.kid = node_id
+        self.old_kids: list[int] | None = None  # earlier kids, whose kernel inodes may live on
         self.kind = kind                    # stat.S_IFMT of the object
         self.parent = parent                # a directory that names it (one of them, for links)
         self.name = name
@@ -137,6 +145,10 @@ class NodeTable:
     Counts rise only in lookup/create/readdir (``ref``) and fall only in
     forget (``forget``). ``on_drop`` lets the owner release per-node
     resources (cached fds) when a node leaves the table.
+
+    A node is found by its id (its identity) and by any kernel node id it was given
+    apart from that (``new_kid``); its lookup count is the sum over all of them, so it
+    stays while the kernel holds an inode of any.
     """
 
     # A dict keeps the table it grew to: after a walk of a million names is forgotten,
@@ -145,6 +157,8 @@ class NodeTable:
 
     def __init__(self, root: Node, on_drop, on_shrink=lambda: None) -> None:
         self._nodes: dict[int, Node] = {ROOT_ID: root}
+        self._kids: dict[int, Node] = {}  # node ids given apart from a node's id
+        self._next_kid = _KID_BASE
         self._peak = 1
         self._shrunk = 0  # the table's size at its last shrink (0: none yet)
         root.registered = True
@@ -156,10 +170,30 @@ class NodeTable:
         return len(self._nodes)
 
     def get(self, node_id: int) -> Node | None:
-        return self._nodes.get(node_id)
+        node = self._nodes.get(node_id)
+        if node is None and node_id >= _KID_BASE:
+            return self._kids.get(node_id)
+        return node
 
     def __getitem__(self, node_id: int) -> Node:
-        return self._nodes[node_id]
+        node = self.get(node_id)
+        if node is None:
+            raise KeyError(node_id)
+        return node
+
+    def new_kid(self, node: Node) -> int:
+        """Give *node* a new kernel node id for the entries it appears in from now on: the
+        kernel will take it for a new inode (its lookup of a name whose cached inode has
+        another id drops that dentry), while its inodes of the old ids live on as long as
+        the kernel keeps them. The old id still finds the node."""
+        assert node.registered and node.id != ROOT_ID
+        self._next_kid += 1
+        if node.old_kids is None:
+            node.old_kids = []
+        node.old_kids.append(node.kid)
+        node.kid = self._next_kid
+        self._kids[node.kid] = node
+        return node.kid
 
     def ref(self, node: Node) -> Node:
         """Count one more kernel reference, registering the node on its first."""
@@ -177,7 +211,7 @@ class NodeTable:
         return node
 
     def forget(self, node_id: int, count: int) -> None:
-        node = self._nodes.get(node_id)
+        node = self.get(node_id)
         if node is None or node_id == ROOT_ID:
             return
         node.lookups = max(0, node.lookups - count)
@@ -237,6 +271,11 @@ class NodeTable:
                and node.id != ROOT_ID):
             del self._nodes[node.id]
             node.registered = False
+            if node.old_kids is not None:  # no kernel inode of any of its ids is left
+                for kid in node.old_kids + [node.kid]:
+                    self._kids.pop(kid, None)
+                node.old_kids = None
+                node.kid = node.id
             self._on_drop(node)
             if node.pin is not None:
                 os.close(node.pin)

@@ -31,10 +31,13 @@ from .merge import Resolver
 class LayerStack:
     """Layer directories, opened: an optional upper (index 0), then the lowers, top-most
     first (index 1 on), with one cache of directory fds that every resolver over them
-    shares. *writable*: the upper is the daemon's to change."""
+    shares. *writable*: the upper is the daemon's to change. *noatime_lowers*: the lowers
+    are opened through mounts that never update access times, where the kernel allows
+    (layers.Layer: for the daemon's FUSE passthrough)."""
 
     def __init__(self, upper: str | None, lowers: Sequence[str], fmt: Format = OVERLAY, *,
-                 writable: bool = False, cache: FdCache | None = None) -> None:
+                 writable: bool = False, cache: FdCache | None = None,
+                 noatime_lowers: bool = False) -> None:
         self.fmt = fmt
         self.cache = cache if cache is not None else FdCache()
         self.upper: Layer | None = None
@@ -43,7 +46,7 @@ class LayerStack:
             if upper:
                 self.upper = Layer(upper, 0, writable)
             for i, path in enumerate(lowers):
-                self.lowers.append(Layer(path, i + 1, False))
+                self.lowers.append(Layer(path, i + 1, False, noatime=noatime_lowers))
         except BaseException:
             self.close()
             raise

@@ -58,11 +58,16 @@ class Union:
     handle table (files.py) and the namespace changes (namespace.py), which the
     methods below hand their requests to. Attributes, xattrs and opening are here."""
 
-    def __init__(self, config: MountConfig, writeback: bool = True, fmt: Format = OVERLAY) -> None:
+    def __init__(self, config: MountConfig, writeback: bool = True, fmt: Format = OVERLAY,
+                 lower_passthrough: bool = False) -> None:
+        """*lower_passthrough*: the mount asks the kernel for FUSE passthrough of lower files
+        too (fs.make_operations), so the lowers are opened such that their files can be
+        backing files (files.py)."""
         self.config = config
         self.fmt = fmt
         self.writeback = writeback
-        self.stack = LayerStack(config.upper, config.lowers, fmt, writable=True)
+        self.stack = LayerStack(config.upper, config.lowers, fmt, writable=True,
+                                noatime_lowers=lower_passthrough)
         self.upper, self.lowers, self.cache = self.stack.upper, self.stack.lowers, self.stack.cache
         self.readonly = self.upper is None or config.readonly
         self.owners = Owners.for_config(config)
@@ -336,6 +341,20 @@ class Union:
             lock.release()
         if node.upper:
             self.files.to_upper(node)
+            if self.files.needs_new_inode(node):
+                await self._new_inode(node)
+
+    async def _new_inode(self, node: Node) -> None:
+        """The kernel's inode of *node* keeps its lower backing file while its opens last:
+        new entries name the node by a new node id, so the kernel makes a new inode for
+        what opens it next. The old inode's cached attributes (size, times) are dropped,
+        and from now on given with no time to live (Operations.getattr), so that fstat of
+        an fd still on it shows the file as it is, as kernel overlayfs shows it."""
+        old = node.kid
+        self.nodes.new_kid(node)
+        pt = self.files.passthrough
+        assert pt is not None and pt.forget_attrs is not None  # lower backings need both
+        await trio.to_thread.run_sync(pt.forget_attrs, old)
 
     async def setattr(self, node: Node, attrs: SetAttr, fh: int | None) -> os.stat_result:
         self.writable()
@@ -397,13 +416,23 @@ class Union:
 
     # -- open files (the handle table is files.py's) ---------------------------------------
 
-    async def open(self, node: Node, flags: int, privileged: bool = True) -> int:
+    async def open(self, node: Node, flags: int, privileged: bool = True, kid: int = 0) -> int:
         """Open for I/O; a write open copies up first. *privileged*: the caller may keep
-        set-id bits when truncating (CAP_FSETID; we go by uid 0)."""
+        set-id bits when truncating (CAP_FSETID; we go by uid 0). *kid*: the kernel inode
+        (node id) it came by, if not the node's current one.
+
+        ESTALE where that inode is open in passthrough mode on the lower file while the
+        open needs the upper copy (files.py): the node has a new kernel inode by then
+        (after the copy-up this open makes, if none did before), which the kernel finds
+        when it retries the open, looking the name up again."""
+        kid = kid or node.kid
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         if writing:
             self.writable()
             await self.ensure_upper(node, data=not flags & os.O_TRUNC)
+        if node.upper and self.files.lower_backed(kid):
+            assert kid != node.kid
+            raise err(errno.ESTALE)
         real = self.files.open_flags(flags)
         if not node.upper:
             real |= os.O_NOATIME  # reading through the union leaves the lower layers untouched
@@ -412,7 +441,7 @@ class Union:
             kill_setid(fd)
         if writing:
             self.journal.record(b"C", node.path())
-        return self.files.add(fd, node, node.upper, self.files.open_flags(flags))
+        return self.files.add(fd, node, node.upper, self.files.open_flags(flags), kid)
 
     def handle(self, fh: int) -> Handle:
         return self.files.get(fh)

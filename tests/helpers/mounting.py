@@ -53,6 +53,18 @@ def kernel_overlay(lowers: Sequence[str], upper: str, work: str, mnt: str,
     return _overlay(opts + "," + extra if extra else opts, mnt)
 
 
+@contextlib.contextmanager
+def fuse_overlayfs(lowers: Sequence[str], upper: str, work: str, mnt: str) -> Iterator[str]:
+    """Debian's fuse-overlayfs over the same layers: the peer, where unionfs follows it
+    rather than the kernel."""
+    subprocess.run(["fuse-overlayfs", "-o", f"lowerdir={':'.join(lowers)},upperdir={upper},"
+                    f"workdir={work}", mnt], check=True, capture_output=True, timeout=60)
+    try:
+        yield mnt
+    finally:
+        force_unmount(mnt)
+
+
 def kernel_view(layers: Sequence[str], mnt: str) -> contextlib.AbstractContextManager[str]:
     """Kernel overlayfs's read-only view of *layers* (top-most first), e.g. a unionfs upper
     above its lowers: what the format means, read by the kernel rather than by unionfs.

@@ -72,6 +72,7 @@ class SetattrFields:
 
 class EntryAttributes:
     st_ino: InodeT
+    nodeid: InodeT
     generation: int
     entry_timeout: Union[float, int]
     attr_timeout: Union[float, int]

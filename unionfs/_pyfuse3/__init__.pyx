@@ -109,8 +109,8 @@ __version__ = _pyfuse3.__version__
 #: 1 enable_dont_mask, enable_cache_symlinks, cache_readdir; 2 no_opendir; 3 queued
 #: requests taken without waiting; 4 poll_us; 5 read_fds; 6 idle tasks end only when
 #: they find the queue empty, and poll_us polls only while no task is in a handler; 7 the
-#: fallocate and lseek handlers
-UNIONFS_PATCH = 7
+#: fallocate and lseek handlers; 8 EntryAttributes.nodeid (a node id apart from st_ino)
+UNIONFS_PATCH = 8
 
 _NANOS_PER_SEC = 1000000000
 
@@ -219,6 +219,15 @@ cdef class EntryAttributes:
     def st_ino(self, val):
         self.fuse_param.ino = val
         self.attr.st_ino = val
+
+    @property
+    def nodeid(self):
+        '''The node id an entry reply gives the kernel, where it is not st_ino (set it
+        after st_ino, which sets both)'''
+        return self.fuse_param.ino
+    @nodeid.setter
+    def nodeid(self, val):
+        self.fuse_param.ino = val
 
     @property
     def generation(self):
