@@ -277,17 +277,17 @@ def open_noatime_tree(path: bytes) -> int:
     Linux 5.12+, CAP_SYS_ADMIN). Files opened below it keep that mount, whoever reopens
     them. Mounts below *path* come along (recursively), noatime too, so the tree reads as
     it does through *path*. Raises OSError where the kernel refuses."""
-    fd = _libc.syscall(ctypes.c_long(428), ctypes.c_int(AT_FDCWD), path,
-                       ctypes.c_uint(_OPEN_TREE_CLONE | _AT_RECURSIVE | os.O_CLOEXEC))
-    if fd < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), path)
+    fd = _check(_libc.syscall(ctypes.c_long(428), ctypes.c_int(AT_FDCWD), path,
+                              ctypes.c_uint(_OPEN_TREE_CLONE | _AT_RECURSIVE | os.O_CLOEXEC)),
+                "open_tree", path)
     attr = _MountAttr(_MOUNT_ATTR_NOATIME, _MOUNT_ATTR__ATIME, 0, 0)
-    if _libc.syscall(ctypes.c_long(442), ctypes.c_int(fd), b"", ctypes.c_uint(AT_EMPTY_PATH | _AT_RECURSIVE),
-                     ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))) != 0:
-        e = ctypes.get_errno()
+    try:
+        _check(_libc.syscall(ctypes.c_long(442), ctypes.c_int(fd), b"",
+                             ctypes.c_uint(AT_EMPTY_PATH | _AT_RECURSIVE), ctypes.byref(attr),
+                             ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr", path)
+    except OSError:
         os.close(fd)
-        raise OSError(e, os.strerror(e), path)
+        raise
     return fd
 
 
