@@ -21,7 +21,7 @@ O_NOATIME would not reach it). The backing file stays the lower one for the whol
 as fuse-overlayfs leaves a read-only fd opened before a copy-up on the lower file (kernel
 overlayfs moves it to the upper copy, and so does a handle served by the daemon: to_upper;
 hence the choice is the user's on a writable mount). So a copy-up of a file whose inode
-has lower-backed opens gives the file a new kernel inode (`needs_new_inode`): opens that
+has lower-backed opens gives the file a new kernel inode (Union._new_inode): opens that
 reach the old inode then fail with ESTALE, on which the kernel looks the name up again
 and finds the new one (Union.open).
 """
@@ -173,11 +173,6 @@ class Handles:
         """Is the kernel inode *kid* open in passthrough mode on a lower file?"""
         entry = self._backing.get(kid)
         return entry is not None and entry[2] == 1
-
-    def needs_new_inode(self, node: Node) -> bool:
-        """*node* was just copied up: must the kernel see it as a new inode? (Its current
-        one keeps a lower backing file while such opens last.)"""
-        return self.lower_backed(node.kid)
 
     def reply(self, fh: int) -> tuple[bool, int]:
         """What the open's reply tells the kernel: (keep its page cache, backing id).

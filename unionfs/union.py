@@ -341,7 +341,7 @@ class Union:
             lock.release()
         if node.upper:
             self.files.to_upper(node)
-            if self.files.needs_new_inode(node):
+            if self.files.lower_backed(node.kid):  # that inode keeps its lower backing file
                 await self._new_inode(node)
 
     async def _new_inode(self, node: Node) -> None:
