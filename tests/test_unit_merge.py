@@ -7,12 +7,15 @@ kernel overlayfs format.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import subprocess
 
 import pytest
 
+from helpers.mounting import force_unmount
 from helpers.unit_helpers import do, is_whiteout, read, walk, xattr
 from unionfs.union import Caller
 
@@ -375,6 +378,59 @@ def test_rename_lower_file(layers, union):
     with open(layers.u("dir/a2.txt"), "rb") as f:
         assert f.read() == b"bottom-a\n"
     assert work_leftovers(layers) == []
+
+
+@contextlib.contextmanager
+def private_ext4(path: str):
+    """A new ext4 of its own at *path*: the lowest free inode number of a group is the next
+    one given, with nothing else on the machine taking it first."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a loop mount)")
+    img = path + ".img"
+    subprocess.run(["truncate", "-s", "32M", img], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", img], check=True, capture_output=True)
+    os.makedirs(path)
+    subprocess.run(["mount", "-o", "loop", img, path], check=True)
+    try:
+        yield path
+    finally:
+        force_unmount(path)
+        os.unlink(img)
+
+
+def test_a_new_file_never_takes_the_identity_of_a_deleted_copy(layers, tmp_path):
+    """Without redirects (userxattr) a renamed directory is copied, and a copied symlink,
+    which cannot carry the identity xattr, is known by its upper inode number. Once it is
+    deleted, the upper's filesystem gives that number to a new file: the file keeps the
+    inode number it was created with, as kernel overlayfs' does."""
+    from unionfs import format
+    from unionfs.config import MountConfig
+    from unionfs.union import Union
+    os.makedirs(os.path.join(layers.bottom, "sdir"))
+    os.symlink("target", os.path.join(layers.bottom, "sdir", "link"))
+    with private_ext4(str(tmp_path / "fs")) as fs:
+        upper, work = os.path.join(fs, "upper"), os.path.join(fs, "work")
+        os.makedirs(upper)
+        os.makedirs(work)
+        u = Union(MountConfig(lowers=list(layers.lowers), upper=upper, workdir=work,
+                              mountpoint=layers.mnt),
+                  fmt=format.for_mount(userxattr=True, privileged=True))
+        try:
+            rename(u, "sdir", "sdir2")
+            freed = os.lstat(os.path.join(upper, "sdir2", "link")).st_ino
+            assert freed in u.r.unmarked   # what makes the case: the copy known by its number
+            do(u.unlink, walk(u, "sdir2"), b"link")
+            for i in range(64):   # the numbers freed before it are given first
+                node, fh = do(u.create, walk(u, "sdir2"), b"f%d" % i, 0o644, os.O_WRONLY, ROOT)
+                u.release(fh)
+                again, _st = u.lookup(walk(u, "sdir2"), b"f%d" % i)
+                assert again.id == node.id, f"f{i}: {again.id:#x} != {node.id:#x}"
+                if os.lstat(os.path.join(upper, "sdir2", f"f{i}")).st_ino == freed:
+                    break
+            else:
+                pytest.fail("the new ext4 never gave the freed inode number again")
+        finally:
+            u.close()
 
 
 def test_rename_lower_dir_sets_redirect(layers, union):

@@ -124,6 +124,9 @@ class Namespace:
         return syscalls.stat_at(self.r.upper_fd(parent), name)
 
     def _new_node(self, parent: Node, name: bytes, st: os.stat_result, opaque: bool = False) -> Node:
+        # the upper's filesystem may give the number of a deleted copy that could not carry
+        # its identity (Resolver.unmarked): that entry is the dead copy's, not this object's
+        self.r.unmarked.pop(st.st_ino, None)
         node = Node(make_ino(0, st.st_ino), stat.S_IFMT(st.st_mode), parent, name)
         node.upper = True
         node.opaque = opaque

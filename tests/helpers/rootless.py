@@ -58,8 +58,10 @@ class User:
         return prefix + list(args)
 
     def environ(self) -> dict[str, str]:
+        # PYTHONHASHSEED passes: a run whose outcome hung on set order repeats with it
+        keep = {k: os.environ[k] for k in ("PYTHONHASHSEED",) if k in os.environ}
         return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name, "PATH": PATH,
-                "XDG_RUNTIME_DIR": self.runtime_dir, "PYTHONPATH": REPO, **self.env}
+                "XDG_RUNTIME_DIR": self.runtime_dir, "PYTHONPATH": REPO, **keep, **self.env}
 
     def run(self, args: Sequence[str], userns: bool = False, check: bool = False,
             timeout: float = 120, **kw) -> subprocess.CompletedProcess:
