@@ -169,10 +169,11 @@ def test_directory_copy_up_reads_its_origins_xattrs_through_the_fd(layers, union
     xattrs through that fd (no /proc/self/fd path for the kernel to resolve), and still
     copies them."""
     os.setxattr(os.path.join(layers.bottom, "wdir"), "user.tag", b"kept")
+    node = walk(union, "wdir/z.txt")   # the lookups list a lower directory's xattrs by name
     listed = []
     real = os.listxattr
     monkeypatch.setattr(os, "listxattr", lambda p, **kw: (listed.append(p), real(p, **kw))[1])
-    up(union, "wdir/z.txt")
+    do(union.ensure_upper, node)
     assert os.getxattr(layers.u("wdir"), "user.tag") == b"kept"
     assert listed and all(isinstance(p, int) for p in listed), listed
 

@@ -380,6 +380,39 @@ def test_rename_lower_file(layers, union):
     assert work_leftovers(layers) == []
 
 
+def test_lookups_after_a_listing_resolve_as_lookups_alone(layers, make_union):
+    """A listing of a lower directory spares the lookups that follow it the layers a name is
+    not in (Resolver._listed): every name of the view, and a name each layer lacks, resolves
+    the same as through a union that never lists, whiteouts and OCI markers included."""
+    listing, alone = make_union(), make_union()
+
+    def seen(u, node, name):
+        child, st = u.lookup(node, name)
+        if child is None:
+            return None
+        return (child.id, child.kind, st.st_size, child.upper, child.opaque,
+                [(layer.index, path) for layer, path in child.lowers])
+
+    checked = 0
+    pending = [("", listing.root, alone.root)]
+    while pending:
+        path, a, b = pending.pop()
+        names = set(listing.list_dir(a)) | {b"absent", b".wh.absent"}
+        for layer in layers.lowers:   # and the names whiteouts and markers hide
+            d = os.path.join(layer, path.lstrip("/"))
+            if os.path.isdir(d) and not os.path.islink(d):
+                names.update(n.removeprefix(b".wh.") for n in os.listdir(os.fsencode(d)))
+        for name in sorted(names):
+            got = seen(listing, a, name)
+            assert got == seen(alone, b, name), (path, name)
+            checked += 1
+            if got is not None and stat.S_ISDIR(got[1]):
+                ca, _ = listing.lookup(a, name)
+                cb, _ = alone.lookup(b, name)
+                pending.append((f"{path}/{name.decode()}", listing.nodes.ref(ca), alone.nodes.ref(cb)))
+    assert checked > 50
+
+
 @contextlib.contextmanager
 def private_ext4(path: str):
     """A new ext4 of its own at *path*: the lowest free inode number of a group is the next

@@ -133,14 +133,7 @@ def oci_whiteout(fd: int, name: bytes) -> bool:
 
 def oci_opaque(fd: int, name: bytes) -> bool:
     """Does directory (fd, name) hold the OCI opaque marker?"""
-    try:
-        sub = syscalls.open_dir_at(fd, name)
-    except OSError:
-        return False
-    try:
-        return syscalls.lstat_at(sub, OCI_OPAQUE) is not None
-    finally:
-        os.close(sub)
+    return syscalls.exists_below(fd, name, OCI_OPAQUE)
 
 
 # -- redirects -----------------------------------------------------------------------
@@ -361,27 +354,29 @@ class Format:
 
     def lower_opaque(self, fd: int, name: bytes) -> bool:
         """A lower directory is opaque by the overlay xattr or by an OCI marker inside it."""
-        return self.lower_marks(fd, name)[0]
+        return self.lower_dir(fd, name)[0]
 
-    def lower_marks(self, fd: int, name: bytes) -> tuple[bool, tuple[bytes, ...]]:
-        """(is the lower directory (fd, name) opaque, its xwhiteout_keys), from one read
-        of each prefix's opaque xattr."""
+    def lower_dir(self, fd: int, name: bytes) -> tuple[bool, tuple[bytes, ...], bytes | None]:
+        """What a lower directory (fd, name) says of the layers below it: (is it opaque, its
+        xwhiteout_keys, its valid redirect or None; no redirect is read of an opaque one).
+        One listxattr tells which of the overlay xattrs are there at all: most lower
+        directories have none, and then one call answers where a read of each would be
+        one each."""
+        present = syscalls.listxattr(fd, name)
         xkeys = []
         for okey, wkey in self._lower_xw:
-            value = syscalls.getxattr(fd, name, okey)
+            value = syscalls.getxattr(fd, name, okey) if okey in present else None
             if value == b"y":
-                return True, ()
+                return True, (), None
             if value == XWHITEOUTS:
                 xkeys.append(wkey)
-        return oci_opaque(fd, name), tuple(xkeys)
-
-    def lower_redirect(self, fd: int, name: bytes) -> bytes | None:
-        """The valid redirect of a lower directory (one made from an upper), or None."""
+        if oci_opaque(fd, name):
+            return True, tuple(xkeys), None
         for key in self._lower_redirect:
-            rd = syscalls.getxattr(fd, name, key)
+            rd = syscalls.getxattr(fd, name, key) if key in present else None
             if rd is not None and valid_redirect(rd):
-                return rd
-        return None
+                return False, tuple(xkeys), rd
+        return False, tuple(xkeys), None
 
 
 #: the format kernel overlayfs writes by default (trusted.overlay.*)

@@ -27,13 +27,14 @@ from collections import OrderedDict
 from typing import Iterator, NamedTuple, Sequence
 
 from . import format, syscalls
-from .format import Format
+from .format import OCI_WHITEOUT, Format
 from .layers import FdCache, Layer, walk_dir
 from .nodes import ROOT_ID, Node, make_ino, parse_ino
 
 ABSENT_CACHE = 65536  # names remembered absent from the lower layers (Resolver._absent)
 FOUND_CACHE = 4096  # lower scans that found something, remembered (Resolver._found): each
                     # holds a stat, so few enough that forgotten nodes still free memory
+LISTED_CACHE = 256  # lower directories whose names are remembered from a listing (Resolver._listed)
 
 
 @dataclass
@@ -92,6 +93,10 @@ class Resolver:
         # whiteouts (few), noted where a lookup reads their opaque xattrs anyway: every
         # lower directory of a node's stack was read so, or is a layer root, noted here
         self._xdirs: dict[tuple[int, bytes], tuple[bytes, ...]] = {}
+        # (layer index, path) -> the names a listing of that lower directory gave, the most
+        # recent ones: the lookups of a READDIRPLUS that follow skip the layers a name is
+        # not in (an lstat and an OCI check each) without a syscall
+        self._listed: OrderedDict[tuple[int, bytes], frozenset[bytes]] = OrderedDict()
         for layer in lowers:
             self._note_marks(layer, b"", self.fmt.xwhiteout_keys(layer.fd, lower=True))
 
@@ -244,21 +249,22 @@ class Resolver:
                 if not e.lowers:
                     e.origin = make_ino(layer.index, st.st_ino)
                 e.lowers.append((layer, path))
-            if self._opaque(layer, path, fd, lname):
+            opaque, rd = self._lower_dir(layer, path, fd, lname)
+            if opaque:
                 return True
-            rd = self.fmt.lower_redirect(fd, lname)
             if rd is not None:
                 # the remaining layers are searched at the redirect target
                 self._scan_redirect(layer, rd, e)
                 return True
         return found
 
-    def _opaque(self, layer: Layer, path: bytes, fd: int, name: bytes) -> bool:
-        """Is the lower directory (fd, name), at *path* in *layer*, opaque? Notes whether
-        it holds xattr whiteouts, from the same read."""
-        opaque, xkeys = self.fmt.lower_marks(fd, name)
+    def _lower_dir(self, layer: Layer, path: bytes, fd: int, name: bytes
+                   ) -> tuple[bool, bytes | None]:
+        """(is the lower directory (fd, name), at *path* in *layer*, opaque; its redirect).
+        Notes whether it holds xattr whiteouts, from the same read."""
+        opaque, xkeys, rd = self.fmt.lower_dir(fd, name)
         self._note_marks(layer, path, xkeys)
-        return opaque
+        return opaque, rd
 
     def _note_marks(self, layer: Layer, path: bytes, xkeys: tuple[bytes, ...]) -> None:
         if xkeys:
@@ -266,10 +272,19 @@ class Resolver:
         else:
             self._xdirs.pop((layer.index, path), None)
 
+    def _note_listing(self, layer: Layer, path: bytes, scanned: list[tuple[bytes, int | None]]
+                      ) -> None:
+        key = (layer.index, path)
+        self._listed[key] = frozenset(name for name, _ in scanned)
+        self._listed.move_to_end(key)
+        if len(self._listed) > LISTED_CACHE:
+            self._listed.popitem(last=False)
+
     def forget_found(self) -> None:
         """Drop the remembered lower scans (after the kernel forgot most nodes: their
         stats, spread over the heap, would keep the pages a walk took from going back)."""
         self._found.clear()
+        self._listed.clear()
 
     def _search_dirs(self, parent: Node, name: bytes, redirect: bytes | None):
         """(layer, directory path) pairs in which to look for the lower objects of a name."""
@@ -289,9 +304,9 @@ class Resolver:
             if st is None or not stat.S_ISDIR(st.st_mode):
                 return
             e.lowers.append((layer, target))
-            if self._opaque(layer, target, fd, lname):
+            opaque, rd = self._lower_dir(layer, target, fd, lname)
+            if opaque:
                 return
-            rd = self.fmt.lower_redirect(fd, lname)
             if rd is not None:
                 # a lower layer made from an upper with its own renames: follow on, as
                 # overlayfs does (each step goes strictly down the stack, so it ends)
@@ -315,6 +330,9 @@ class Resolver:
         that lack the directory: yields (layer, dir path, dir fd, stat) where something is
         there; a whiteout is yielded with stat None, and ends the search."""
         for layer, dirpath in dirs:
+            listed = self._listed.get((layer.index, dirpath))
+            if listed is not None and name not in listed and OCI_WHITEOUT + name not in listed:
+                continue
             try:
                 fd = self.lower_fd(layer, dirpath)
             except OSError:
@@ -348,7 +366,9 @@ class Resolver:
                 continue
             hidden: list[bytes] = []
             xkeys = self._xdirs.get((layer.index, path), ())
-            for name, dtype in _scan(fd):
+            scanned = _scan(fd)
+            self._note_listing(layer, path, scanned)
+            for name, dtype in scanned:
                 if format.is_oci_marker(name):
                     target = format.oci_hidden(name)
                     if target is not None:

@@ -262,6 +262,44 @@ _fchmodat2 = _NewSyscall(452)   # Linux 6.6+
 _cachestat = _NewSyscall(451)   # Linux 6.5+
 
 
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x02, 0x04, 0x08
+_openat2_available = True
+
+
+def exists_below(dirfd: int, name: bytes, child: bytes) -> bool:
+    """Is there an entry *child* in the directory (dirfd, name)? One openat2(2) of
+    "name/child" that may not leave *dirfd* nor pass a symlink (RESOLVE_BENEATH,
+    RESOLVE_NO_SYMLINKS), where an open of the directory, an lstat and a close would be
+    three calls. Before Linux 5.6, or where the answer is a symlink (ELOOP), it is
+    those three calls."""
+    global _openat2_available
+    if _openat2_available:
+        how = _OpenHow(os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
+                       _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+        fd = _libc.syscall(ctypes.c_long(437), ctypes.c_int(dirfd), name + b"/" + child,
+                           ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+        if fd >= 0:
+            os.close(fd)
+            return True
+        e = ctypes.get_errno()
+        if e in (errno.ENOENT, errno.ENOTDIR):
+            return False
+        if e == errno.ENOSYS:
+            _openat2_available = False
+    try:
+        sub = open_dir_at(dirfd, name)
+    except OSError:
+        return False
+    try:
+        return lstat_at(sub, child) is not None
+    finally:
+        os.close(sub)
+
+
 class _MountAttr(ctypes.Structure):
     _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
