@@ -623,3 +623,30 @@ def test_a_lower_name_found_once_is_not_probed_again(union, monkeypatch):
     up = union.r.resolve(union.root, b"merged")
     assert up.upper and up.lowers == merged.lowers and up.origin == merged.ino
     assert ls(union, "merged") == listed
+
+
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "before-openat2"])
+def test_exists_below_stays_in_the_directory(tmp_path, monkeypatch, openat2):
+    """The OCI opaque check looks two components down in one call (syscalls.exists_below;
+    three calls where openat2 is missing): a symlink on the way is never followed; a marker
+    that is itself a symlink still counts."""
+    from unionfs import syscalls
+    monkeypatch.setattr(syscalls, "_openat2_available", openat2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / ".wh..wh..opq").touch()
+    layer = tmp_path / "layer"
+    (layer / "plain").mkdir(parents=True)
+    (layer / "marked").mkdir()
+    (layer / "marked" / ".wh..wh..opq").touch()
+    (layer / "linkmarked").mkdir()
+    os.symlink("nowhere", layer / "linkmarked" / ".wh..wh..opq")
+    os.symlink(outside, layer / "escape")
+    fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        found = {name: syscalls.exists_below(fd, name.encode(), b".wh..wh..opq")
+                 for name in ("plain", "marked", "linkmarked", "escape", "absent")}
+    finally:
+        os.close(fd)
+    assert found == {"plain": False, "marked": True, "linkmarked": True, "escape": False,
+                     "absent": False}

@@ -2,7 +2,9 @@
 
 Everything here takes a directory fd and a single name (or an fd alone), never
 a joined path, so no caller can be walked out of a layer by a symlink: names
-are resolved with AT_SYMLINK_NOFOLLOW / O_NOFOLLOW, one component at a time.
+are resolved with AT_SYMLINK_NOFOLLOW / O_NOFOLLOW, one component at a time. The
+one two-component path (exists_below) is resolved by openat2 with
+RESOLVE_BENEATH and RESOLVE_NO_SYMLINKS, which refuse the same.
 Extended attributes have no *at syscalls in Python, so they go through the
 /proc/self/fd magic link of the directory plus one name, with the final
 component never followed.
