@@ -36,7 +36,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Final, Protocol
+from typing import Callable, Final, Protocol
 
 from . import syscalls
 from .layers import walk_tree
@@ -257,14 +257,8 @@ class Format:
         zero-size file with the whiteout xattr, *target* marked as holding such first (so
         the file is a whiteout the moment it lands, never an empty file of the view)."""
         tmp = scratch.tmpname()
-        if not self.mknod_refused:
-            try:
-                make_whiteout(scratch.fd, tmp)
-                return tmp
-            except OSError as e:
-                if e.errno not in REFUSED:
-                    raise
-                self.mknod_refused = True
+        if self._device_form(lambda: make_whiteout(scratch.fd, tmp)):
+            return tmp
         self.mark_xwhiteouts(target)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o000,
                      dir_fd=scratch.fd)
@@ -277,6 +271,21 @@ class Format:
             os.close(fd)
         return tmp
 
+    def _device_form(self, make: Callable[[], object], remember: bool = True) -> bool:
+        """Make a whiteout in the device form by *make*: False where the device form is
+        refused (REFUSED), and then, with *remember*, not tried again by this Format."""
+        if self.mknod_refused:
+            return False
+        try:
+            make()
+            return True
+        except OSError as e:
+            if e.errno not in REFUSED:
+                raise
+            if remember:
+                self.mknod_refused = True
+            return False
+
     def mark_xwhiteouts(self, target: int) -> None:
         """Mark the upper directory *target* as one that holds xattr whiteouts."""
         mark = syscalls.getxattr(target, b"", self.opaque_key)
@@ -287,14 +296,8 @@ class Format:
 
     def make_whiteout(self, dirfd: int, name: bytes, scratch: Scratch) -> None:
         """Make a whiteout at the free name (dirfd, name) of the upper."""
-        if not self.mknod_refused:
-            try:
-                make_whiteout(dirfd, name)
-                return
-            except OSError as e:
-                if e.errno not in REFUSED:
-                    raise
-                self.mknod_refused = True
+        if self._device_form(lambda: make_whiteout(dirfd, name)):
+            return
         tmp = self.scratch_whiteout(scratch, dirfd)
         try:
             syscalls.renameat2(scratch.fd, tmp, dirfd, name, syscalls.RENAME_NOREPLACE)
@@ -306,14 +309,12 @@ class Format:
         """rename(2) of (fd1, n1) to (fd2, n2) that leaves a whiteout at the old name: in one
         step by RENAME_WHITEOUT; where that is refused, the object moves first and a
         whiteout of the xattr form lands at the old name after (a crash between shows the
-        lower object at the old name again, and loses nothing)."""
-        if not self.mknod_refused:
-            try:
-                syscalls.renameat2(fd1, n1, fd2, n2, syscalls.RENAME_WHITEOUT)
-                return
-            except OSError as e:
-                if e.errno not in REFUSED:
-                    raise
+        lower object at the old name again, and loses nothing). A filesystem may refuse
+        RENAME_WHITEOUT and still make 0/0 devices: its refusal is not remembered."""
+        if self._device_form(lambda: syscalls.renameat2(fd1, n1, fd2, n2,
+                                                         syscalls.RENAME_WHITEOUT),
+                             remember=False):
+            return
         tmp = self.scratch_whiteout(scratch, fd1)
         try:
             syscalls.renameat2(fd1, n1, fd2, n2)
